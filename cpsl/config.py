@@ -1,0 +1,272 @@
+"""Dataclass configs with the defaults of docs/method.md, presets, YAML/JSON load/save and
+``section.key=value`` overrides. Unknown keys are errors that name the key."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import CPSLError
+
+MODALITIES = ("text", "audio", "vision")
+
+
+@dataclass
+class DataConfig:
+    path: str = "synth"           # "synth" (embedded generator) or an MMSA .pkl path
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    synth_seed: int = 0           # seed of the embedded generator when path == "synth"
+
+
+@dataclass
+class ModelConfig:
+    d: int = 128                  # hidden size
+    heads: int = 4
+    dropout: float = 0.1
+    text_layers: int = 1          # AME temporal encoder depth per modality
+    audio_layers: int = 2
+    vision_layers: int = 2
+    text_kernel: int = 1          # AME projection conv kernel per modality
+    audio_kernel: int = 3
+    vision_kernel: int = 3
+    norm_momentum: float = 0.1    # running statistics of the adaptive input normalisation
+    max_len: int = 512            # longest sequence the positional encoding covers
+    ame: bool = True              # False: plain projection + mean pooling
+    fusion: str = "gcf"           # "gcf" (gated cross-modal fusion) | "concat"
+    head_hidden: int = 0          # hidden width of the heads (0: = d)
+    # End-to-end text: run a pretrained encoder on text_bert ids ("" = use the text features).
+    text_encoder: str = ""        # "", "minilm" or a local Hugging Face folder
+    finetune_text: bool = False   # fine-tune the encoder (else frozen)
+
+
+@dataclass
+class LossConfig:
+    task: str = "l1"              # l1 | mse | smoothl1
+    aux: float = 0.1
+    rec: float = 0.1
+    sl: float = 0.05
+    div: float = 0.01
+    sl_out: float = 0.1           # λ_out: batch statistics of predictions vs labels
+    warmup_epochs: int = 3        # λ_SL and λ_div ramp linearly from 0 over these epochs
+    eps: float = 1e-4
+
+
+@dataclass
+class CPConfig:
+    modulation: str = "cp"        # cp | ogm_ge | none
+    backend: str = "auto"         # auto (native if built, else foreach) | native | foreach | reference
+    mode: str = "update"          # update (per-group lr, default with AdamW) | grad
+    tau: float = 1.2
+    penalty: str = "tanh"         # tanh | fixed
+    alpha: float = 0.5
+    k_min: float = 0.1
+    beta: float = 0.5
+    normalize: bool = False
+    start_epoch: int = 0
+    ramp_epochs: int = 0
+    end_epoch: int = 1_000_000
+    ge_noise: float = 0.0         # σ_GE of the optional generalisation noise (0 = off)
+    ogm_alpha: float = 0.1        # OGM-GE's α
+    # parameter groups: modality -> module-name prefixes ("" = the modality's AME encoder)
+    groups: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    patience: int = 8
+    lr: float = 1e-3
+    text_lr: float = 2e-5         # learning rate of a fine-tuned pretrained text encoder
+    weight_decay: float = 1e-4
+    clip: float = 1.0             # max grad norm (0 = off)
+    seeds: list = field(default_factory=lambda: [1])
+    device: str = "cpu"
+    num_threads: int = 0          # torch CPU threads (0 = leave torch's default)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cp: CPConfig = field(default_factory=CPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        d = self.to_dict()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            path.write_text(yaml.safe_dump(d, sort_keys=False))
+        else:
+            path.write_text(json.dumps(d, indent=2))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        merge(cfg, d)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path, base: "Config | None" = None) -> "Config":
+        cfg = base or cls()
+        merge(cfg, load_mapping(path))
+        return cfg
+
+
+PRESETS: dict[str, dict] = {
+    "teacher": {},
+    "student": {
+        "model": {"d": 32, "heads": 2, "text_layers": 1, "audio_layers": 1, "vision_layers": 1,
+                  "dropout": 0.1, "head_hidden": 32},
+    },
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise CPSLError(f"unknown preset {name!r} (choose from: {', '.join(PRESETS)})")
+    return Config.from_dict(PRESETS[name])
+
+
+def load_mapping(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CPSLError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            d = yaml.safe_load(text)
+        else:
+            d = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise CPSLError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise CPSLError(f"config {path} must hold a mapping of sections")
+    return d
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Coerce ``value`` to the type of the field's current value."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise CPSLError(f"config key {key}: expected true/false, got {value!r}")
+    if isinstance(current, int) and not isinstance(current, bool):
+        try:
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        except (TypeError, ValueError):
+            raise CPSLError(f"config key {key}: expected an integer, got {value!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise CPSLError(f"config key {key}: expected a number, got {value!r}") from None
+    if isinstance(current, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+            try:
+                return [int(v) for v in value]
+            except ValueError:
+                return value
+        if not isinstance(value, (list, tuple)):
+            raise CPSLError(f"config key {key}: expected a list, got {value!r}")
+        return list(value)
+    if isinstance(current, dict):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise CPSLError(f"config key {key}: expected a JSON mapping, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise CPSLError(f"config key {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(current, str):
+        return str(value)
+    return value
+
+
+def merge(cfg: Config, d: dict) -> Config:
+    """Merge a nested mapping into ``cfg`` in place; unknown sections/keys raise CPSLError."""
+    sections = {f.name for f in fields(cfg)}
+    for sec, vals in d.items():
+        if sec not in sections:
+            raise CPSLError(f"unknown config section {sec!r} (known: {', '.join(sorted(sections))})")
+        if not isinstance(vals, dict):
+            raise CPSLError(f"config section {sec!r} must be a mapping")
+        obj = getattr(cfg, sec)
+        keys = {f.name for f in fields(obj)}
+        for k, v in vals.items():
+            if k not in keys:
+                raise CPSLError(f"unknown config key {sec}.{k}")
+            setattr(obj, k, _coerce(v, getattr(obj, k), f"{sec}.{k}"))
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
+    import yaml
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise CPSLError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        sec, k = key.strip().split(".", 1)
+        try:
+            val = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            val = raw
+        merge(cfg, {sec: {k: val}})
+    return cfg
+
+
+_CHOICES = {
+    ("loss", "task"): ("l1", "mse", "smoothl1"),
+    ("model", "fusion"): ("gcf", "concat"),
+    ("cp", "modulation"): ("cp", "ogm_ge", "none"),
+    ("cp", "backend"): ("auto", "native", "foreach", "reference"),
+    ("cp", "mode"): ("update", "grad"),
+    ("cp", "penalty"): ("tanh", "fixed"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for (sec, k), choices in _CHOICES.items():
+        v = getattr(getattr(cfg, sec), k)
+        if v not in choices:
+            raise CPSLError(f"config key {sec}.{k}: {v!r} is not one of {', '.join(choices)}")
+    if cfg.model.d % cfg.model.heads:
+        raise CPSLError(f"config: model.d ({cfg.model.d}) must be divisible by model.heads ({cfg.model.heads})")
+    if cfg.train.epochs < 1:
+        raise CPSLError("config key train.epochs must be >= 1")
+
+
+def build_config(preset_name: str = "teacher", config_file: str | None = None,
+                 overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    cfg = preset(preset_name)
+    if config_file:
+        merge(cfg, load_mapping(config_file))
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def copy_config(cfg: Config) -> Config:
+    return Config.from_dict(dataclasses.asdict(cfg))

@@ -1,0 +1,62 @@
+"""Data: the MMSA pickle format, the embedded synthetic generator, real-data builders, batching."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CPSLError
+from .mmsa import MMSAData, Split, load_mmsa, save_mmsa
+from .synthetic import SynthSpec, generate
+
+__all__ = ["MMSAData", "Split", "load_mmsa", "save_mmsa", "SynthSpec", "generate", "load_data", "describe"]
+
+
+def synth_spec_from_args(seed=0, imbalance=None, text_memo=None, av_noise=None, sizes=None, knobs=()) -> SynthSpec:
+    spec = SynthSpec(seed=int(seed))
+    for k, v in (("imbalance", imbalance), ("text_memo", text_memo), ("av_noise", av_noise)):
+        if v is not None:
+            setattr(spec, k, float(v))
+    if sizes:
+        try:
+            a, b, c = (int(x) for x in str(sizes).split(","))
+        except ValueError:
+            raise CPSLError(f"--sizes must be three integers like 1284,229,686, got {sizes!r}") from None
+        spec.n_train, spec.n_valid, spec.n_test = a, b, c
+    for kv in knobs:
+        if "=" not in kv:
+            raise CPSLError(f"synthetic knob {kv!r} must look like name=value")
+        k, v = kv.split("=", 1)
+        if not hasattr(spec, k):
+            raise CPSLError(f"unknown synthetic knob {k!r} (known: {', '.join(spec.to_dict())})")
+        cur = getattr(spec, k)
+        try:
+            setattr(spec, k, tuple(int(x) for x in v.split(",")) if isinstance(cur, tuple) else type(cur)(v))
+        except ValueError:
+            raise CPSLError(f"synthetic knob {k}: bad value {v!r}") from None
+    return spec
+
+
+def load_data(path: str, synth_seed: int = 0) -> MMSAData:
+    """``'synth'`` (or ``'synth:SEED'``) gives the embedded generator; anything else is an MMSA pickle."""
+    if path == "synth" or str(path).startswith("synth:"):
+        seed = int(str(path).split(":", 1)[1]) if ":" in str(path) else synth_seed
+        return generate(SynthSpec(seed=seed))
+    return load_mmsa(path)
+
+
+def describe(d: MMSAData) -> dict:
+    out = {"path": d.path, "modalities": list(d.modalities), "dims": d.dims, "cleaned": d.cleaned, "splits": {}}
+    for name, s in d.splits.items():
+        y = s.labels
+        sd = {"n": len(s), "labels": {
+            "mean": float(y.mean()) if len(y) else 0.0, "std": float(y.std()) if len(y) else 0.0,
+            "min": float(y.min()) if len(y) else 0.0, "max": float(y.max()) if len(y) else 0.0,
+            "zeros": int((y == 0).sum()), "positive": int((y > 0).sum())}, "modalities": {}}
+        for m in d.modalities:
+            ln = s.lengths[m]
+            sd["modalities"][m] = {"shape": list(s.features[m].shape), "lengths": {
+                "min": int(ln.min()) if len(ln) else 0, "mean": float(ln.mean()) if len(ln) else 0.0,
+                "max": int(ln.max()) if len(ln) else 0}}
+        if s.text_bert is not None:
+            sd["text_bert"] = list(s.text_bert.shape)
+        out["splits"][name] = sd
+    return out

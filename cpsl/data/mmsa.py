@@ -1,0 +1,198 @@
+"""Read and write the MMSA pickle format (thuiar/MMSA) exactly.
+
+A file is a pickled dict ``{"train": S, "valid": S, "test": S}``; each split ``S`` is a dict:
+
+=====================  ==============================================================
+``text``               float32 ``(N, L_t, d_t)`` (BERT features in MMSA), back-padded
+``audio``              float32 ``(N, L_a, d_a)``                                  (optional)
+``vision``             float32 ``(N, L_v, d_v)``                                  (optional)
+``audio_lengths``      ``(N,)`` valid steps (unaligned files)                     (optional)
+``vision_lengths``     ``(N,)``                                                   (optional)
+``text_bert``          int ``(N, 3, L)``: token ids, attention mask, segment ids   (optional)
+``regression_labels``  float ``(N,)`` in [-3, 3]
+``id``                 ``(N,)`` segment ids (``video$_$clip`` in MMSA)
+``raw_text``           ``(N,)`` transcripts
+=====================  ==============================================================
+
+Masks come from the lengths when present (``text_lengths`` for text, a cpsl extension, or
+the ``text_bert`` attention mask); aligned files without lengths use every step, as MMSA
+does. A modality key may be absent (two-modality data). Utterance-level features given as
+``(N, d)`` are read as ``(N, 1, d)``. ``-inf``/``+inf``/NaN are replaced by 0 and counted.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import MODALITIES
+from ..errors import CPSLError
+
+SPLITS = ("train", "valid", "test")
+REQUIRED_KEYS = ("regression_labels", "id", "raw_text")
+
+
+@dataclass
+class Split:
+    name: str
+    features: dict[str, np.ndarray]          # modality -> (N, L, d) float32
+    lengths: dict[str, np.ndarray]           # modality -> (N,) int64, 1 <= len <= L
+    labels: np.ndarray                       # (N,) float32
+    ids: np.ndarray                          # (N,) str
+    raw_text: np.ndarray                     # (N,) str
+    text_bert: np.ndarray | None = None      # (N, 3, L) int64
+    cleaned: int = 0                         # non-finite values replaced by 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def masks(self, mod: str) -> np.ndarray:
+        L = self.features[mod].shape[1]
+        return np.arange(L)[None, :] < self.lengths[mod][:, None]
+
+
+@dataclass
+class MMSAData:
+    splits: dict[str, Split]
+    modalities: tuple[str, ...]
+    path: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        s = next(iter(self.splits.values()))
+        return {m: int(s.features[m].shape[2]) for m in self.modalities}
+
+    @property
+    def cleaned(self) -> int:
+        return sum(s.cleaned for s in self.splits.values())
+
+    def __getitem__(self, name: str) -> Split:
+        if name not in self.splits:
+            raise CPSLError(f"split {name!r} not in {self.path or 'the data'} (has: {', '.join(self.splits)})")
+        return self.splits[name]
+
+
+def _as_3d(a, key: str, split: str, path: str) -> np.ndarray:
+    try:
+        arr = np.asarray(a, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise CPSLError(f"{path}: {split}/{key} is not a numeric array") from None
+    if arr.ndim == 2:
+        arr = arr[:, None, :]
+    if arr.ndim != 3:
+        raise CPSLError(f"{path}: {split}/{key} must have shape (N, L, d) or (N, d), got {arr.shape}")
+    return arr
+
+
+def _lengths(raw: dict, mod: str, arr: np.ndarray, split: str, path: str) -> np.ndarray:
+    n, L = arr.shape[:2]
+    lens = None
+    if f"{mod}_lengths" in raw and raw[f"{mod}_lengths"] is not None:
+        lens = np.asarray(raw[f"{mod}_lengths"]).astype(np.int64).reshape(-1)
+    elif mod == "text" and raw.get("text_bert") is not None:
+        tb = np.asarray(raw["text_bert"])
+        if tb.ndim == 3 and tb.shape[0] == n and tb.shape[2] == L:
+            lens = tb[:, 1, :].astype(bool).sum(1).astype(np.int64)
+    if lens is None:
+        return np.full(n, L, dtype=np.int64)
+    if lens.shape[0] != n:
+        raise CPSLError(f"{path}: {split}/{mod}_lengths has {lens.shape[0]} entries but {mod} has {n} samples")
+    return np.clip(lens, 1, L)
+
+
+def _read_split(raw, name: str, path: str) -> Split:
+    if not isinstance(raw, dict):
+        raise CPSLError(f"{path}: split {name!r} is not a dict")
+    for k in REQUIRED_KEYS:
+        if k not in raw:
+            raise CPSLError(f"{path}: split {name!r} has no key {k!r}")
+    labels = np.asarray(raw["regression_labels"], dtype=np.float32).reshape(-1)
+    n = labels.shape[0]
+    if not np.all(np.isfinite(labels)):
+        raise CPSLError(f"{path}: {name}/regression_labels holds non-finite values")
+    if n and (labels.min() < -3.0 - 1e-6 or labels.max() > 3.0 + 1e-6):
+        raise CPSLError(f"{path}: {name}/regression_labels outside [-3, 3] "
+                        f"(min {labels.min():.3f}, max {labels.max():.3f})")
+    feats, lens, cleaned = {}, {}, 0
+    for mod in MODALITIES:
+        if mod not in raw or raw[mod] is None:
+            continue
+        arr = _as_3d(raw[mod], mod, name, path)
+        if arr.shape[0] != n:
+            raise CPSLError(f"{path}: {name}/{mod} has {arr.shape[0]} samples but regression_labels has {n}")
+        bad = ~np.isfinite(arr)
+        nbad = int(bad.sum())
+        if nbad:
+            arr = np.where(bad, np.float32(0), arr)
+            cleaned += nbad
+        feats[mod] = np.ascontiguousarray(arr)
+        lens[mod] = _lengths(raw, mod, arr, name, path)
+    ids = np.asarray(raw["id"]).astype(str).reshape(-1)
+    raw_text = np.asarray(raw["raw_text"]).astype(str).reshape(-1)
+    for key, arr in (("id", ids), ("raw_text", raw_text)):
+        if arr.shape[0] != n:
+            raise CPSLError(f"{path}: {name}/{key} has {arr.shape[0]} entries but regression_labels has {n}")
+    tb = raw.get("text_bert")
+    if tb is not None:
+        tb = np.asarray(tb).astype(np.int64)
+        if tb.ndim != 3 or tb.shape[0] != n or tb.shape[1] != 3:
+            raise CPSLError(f"{path}: {name}/text_bert must have shape (N, 3, L), got {tb.shape}")
+    return Split(name, feats, lens, labels, ids, raw_text, tb, cleaned)
+
+
+def load_mmsa(path: str | Path, require_splits=SPLITS) -> MMSAData:
+    """Load an MMSA pickle; raises :class:`CPSLError` with one clear line on bad input."""
+    path = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise CPSLError(f"data file not found: {path}")
+    if p.is_dir():
+        raise CPSLError(f"data path is a folder, expected an MMSA .pkl file: {path}")
+    try:
+        with open(p, "rb") as f:
+            raw = pickle.load(f)
+    except Exception as e:  # noqa: BLE001 - anything unpicklable is the user's file
+        raise CPSLError(f"{path} is not a readable pickle ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise CPSLError(f"{path}: expected a dict of splits, got {type(raw).__name__}")
+    missing = [s for s in require_splits if s not in raw]
+    if missing:
+        raise CPSLError(f"{path}: missing split(s) {', '.join(missing)} (has: {', '.join(map(str, raw))})")
+    splits = {s: _read_split(raw[s], s, path) for s in SPLITS if s in raw}
+    mods = [m for m in MODALITIES if all(m in s.features for s in splits.values())]
+    if len(mods) < 2:
+        raise CPSLError(f"{path}: needs at least two modalities of {', '.join(MODALITIES)}, found {mods or 'none'}")
+    for m in mods:
+        dims = {s.name: s.features[m].shape[2] for s in splits.values()}
+        if len(set(dims.values())) != 1:
+            raise CPSLError(f"{path}: {m} feature size differs between splits: {dims}")
+    return MMSAData(splits, tuple(mods), path)
+
+
+def split_to_raw(s: Split) -> dict:
+    raw = {m: s.features[m] for m in s.features}
+    for m in s.features:
+        if m == "text":
+            raw["text_lengths"] = s.lengths[m]
+        else:
+            raw[f"{m}_lengths"] = s.lengths[m]
+    raw["regression_labels"] = s.labels.astype(np.float32)
+    raw["id"] = s.ids
+    raw["raw_text"] = s.raw_text
+    if s.text_bert is not None:
+        raw["text_bert"] = s.text_bert
+    return raw
+
+
+def save_mmsa(data: MMSAData | dict, path: str | Path) -> None:
+    """Write an MMSA pickle (a plain dict of dicts of numpy arrays, readable by MMSA)."""
+    if isinstance(data, MMSAData):
+        raw = {name: split_to_raw(s) for name, s in data.splits.items()}
+    else:
+        raw = data
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(raw, f, protocol=4)

@@ -1,0 +1,116 @@
+"""Embedded synthetic MSA data: a deterministic generator in the MMSA format.
+
+Generative story (every number below is a knob of :class:`SynthSpec`):
+
+1. Each segment ``i`` has three independent latent sentiment cues ``z_t, z_a, z_v ~ N(0, 1)``:
+   what is said (lexical), how it is said (prosody) and what the face shows.
+2. The label depends on all three, text most (``imbalance``):
+   ``y* = imbalance·z_t + z_a + z_v + interaction·z_a·z_v + N(0, label_noise²)``, scaled so that
+   ``std(y*) = 1.3``, clipped to [-3, 3] and rounded to multiples of 0.2 (five annotators'
+   mean, like CMU-MOSI; exact zeros occur).
+3. **Text** (dominant, easy): each of ``L_t`` tokens is ``z_t·u_t + N(0, text_noise²)`` with a
+   fixed direction ``u_t``, plus a per-segment random *identity code* of norm ``text_memo``
+   repeated on every token. The code carries no label information, but a model with enough
+   capacity can memorise training labels through it: text alone can drive the *training*
+   loss down (the greedy-learning trap of docs/method.md §8).
+4. **Audio / vision** (weak, complementary): only a random ``cue_frac`` of the ``L_a``/``L_v``
+   valid frames carry ``z_a·u_a`` (resp. ``z_v·u_v``) under heavy noise ``av_noise``; the rest is
+   noise. They hold the part of the label text cannot explain, but it takes temporal
+   aggregation (attention/mean pooling) to read it.
+5. Lengths vary per segment (uniform in ``[min_len, max_len]`` per modality); sequences are
+   back-padded with zeros; lengths are stored as ``text_lengths``/``audio_lengths``/``vision_lengths``.
+
+Default sizes follow CMU-MOSI's standard folds: 1284 / 229 / 686 segments.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .mmsa import MMSAData, Split
+
+
+@dataclass
+class SynthSpec:
+    seed: int = 0
+    n_train: int = 1284
+    n_valid: int = 229
+    n_test: int = 686
+    d_text: int = 64
+    d_audio: int = 16
+    d_vision: int = 20
+    text_len: tuple = (8, 40)       # (min, max) valid steps
+    audio_len: tuple = (16, 50)
+    vision_len: tuple = (16, 50)
+    imbalance: float = 1.6          # weight of z_t relative to z_a, z_v in the label
+    interaction: float = 0.3        # weight of the z_a·z_v term (needs both weak modalities)
+    label_noise: float = 0.25
+    text_noise: float = 0.5         # per-token noise of text
+    text_memo: float = 3.0          # norm of the per-segment identity code in text (memorisation capacity)
+    av_noise: float = 1.0           # per-frame noise of audio/visual
+    cue_frac: float = 0.3           # fraction of audio/visual frames that carry the cue
+    cue_gain: float = 1.0           # amplitude of the audio/visual cue
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unit(rng: np.random.Generator, d: int) -> np.ndarray:
+    u = rng.standard_normal(d).astype(np.float32)
+    return u / np.linalg.norm(u)
+
+
+def _sequences(rng, n, d, lens, per_step_signal, noise):
+    """(n, L, d) back-padded: signal rows (n, L, d) broadcast + noise on valid steps."""
+    L = int(lens.max()) if n else 1
+    x = per_step_signal[:, :L] + noise * rng.standard_normal((n, L, d)).astype(np.float32)
+    valid = np.arange(L)[None, :] < lens[:, None]
+    x *= valid[:, :, None]
+    return x.astype(np.float32)
+
+
+def generate(spec: SynthSpec | None = None, **overrides) -> MMSAData:
+    """Generate the three splits deterministically from ``spec.seed``."""
+    spec = spec or SynthSpec()
+    for k, v in overrides.items():
+        if not hasattr(spec, k):
+            raise ValueError(f"unknown synthetic knob {k!r}")
+        setattr(spec, k, v)
+    root = np.random.default_rng(spec.seed)
+    u_t, u_a, u_v = _unit(root, spec.d_text), _unit(root, spec.d_audio), _unit(root, spec.d_vision)
+    # Label scale fixed on a large draw so every split shares one mapping.
+    zz = root.standard_normal((3, 100_000))
+    ref = spec.imbalance * zz[0] + zz[1] + zz[2] + spec.interaction * zz[1] * zz[2]
+    scale = 1.3 / np.sqrt(ref.var() + spec.label_noise ** 2)
+
+    splits = {}
+    for si, (name, n) in enumerate((("train", spec.n_train), ("valid", spec.n_valid), ("test", spec.n_test))):
+        rng = np.random.default_rng([spec.seed, si + 1])
+        z = rng.standard_normal((3, n)).astype(np.float32)
+        y = spec.imbalance * z[0] + z[1] + z[2] + spec.interaction * z[1] * z[2]
+        y = y + spec.label_noise * rng.standard_normal(n)
+        y = np.clip(np.round(scale * y * 5.0) / 5.0, -3.0, 3.0).astype(np.float32)
+
+        lt = rng.integers(spec.text_len[0], spec.text_len[1] + 1, n)
+        la = rng.integers(spec.audio_len[0], spec.audio_len[1] + 1, n)
+        lv = rng.integers(spec.vision_len[0], spec.vision_len[1] + 1, n)
+
+        Lt = int(spec.text_len[1])
+        code = rng.standard_normal((n, spec.d_text)).astype(np.float32)
+        code *= spec.text_memo / np.linalg.norm(code, axis=1, keepdims=True)
+        sig_t = (z[0][:, None, None] * u_t[None, None, :] + code[:, None, :]) * np.ones((1, Lt, 1), np.float32)
+        text = _sequences(rng, n, spec.d_text, lt, sig_t.astype(np.float32), spec.text_noise)
+
+        feats = {"text": text}
+        lens = {"text": lt.astype(np.int64)}
+        for mod, zi, u, lm, d in (("audio", 1, u_a, la, spec.d_audio), ("vision", 2, u_v, lv, spec.d_vision)):
+            Lm = int(getattr(spec, f"{mod}_len")[1])
+            carry = (rng.random((n, Lm)) < spec.cue_frac).astype(np.float32)
+            sig = spec.cue_gain * z[zi][:, None, None] * carry[:, :, None] * u[None, None, :] * 3.0
+            feats[mod] = _sequences(rng, n, d, lm, sig.astype(np.float32), spec.av_noise)
+            lens[mod] = lm.astype(np.int64)
+        ids = np.array([f"synth{spec.seed}_{name}$_${i:05d}" for i in range(n)])
+        raw_text = np.array([f"synthetic segment {i}" for i in range(n)])
+        splits[name] = Split(name, feats, lens, y, ids, raw_text)
+    return MMSAData(splits, ("text", "audio", "vision"), path="synth")

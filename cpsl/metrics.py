@@ -1,0 +1,86 @@
+"""MMSA-exact regression metrics (thuiar/MMSA ``MetricsTop.__eval_mosei_regression``).
+
+* ``Has0_acc_2`` / ``Has0_F1_score``: all samples, class = (value >= 0); weighted F1.
+* ``Non0_acc_2`` / ``Non0_F1_score``: samples with label != 0 only, class = (value > 0).
+* ``Mult_acc_5`` / ``Mult_acc_7``: clip predictions and labels to [-2, 2] / [-3, 3], then
+  ``np.round`` (half to even) both and compare.
+* ``MAE``: mean absolute error of the *unclipped* predictions; ``Corr``: Pearson r.
+
+MMSA rounds each value to 4 decimals for display; :func:`mmsa_metrics` returns full
+precision unless ``rounded=True``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+METRIC_KEYS = ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score",
+               "Mult_acc_5", "Mult_acc_7", "MAE", "Corr")
+HIGHER_IS_BETTER = {k: k != "MAE" for k in METRIC_KEYS}
+
+
+def _multiclass_acc(pred: np.ndarray, true: np.ndarray) -> float:
+    return float(np.sum(np.round(pred) == np.round(true)) / float(len(true)))
+
+
+def mmsa_metrics(pred, label, rounded: bool = False) -> dict[str, float]:
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    true = np.asarray(label, dtype=np.float64).reshape(-1)
+    if pred.shape != true.shape or pred.size == 0:
+        raise ValueError(f"pred and label must be non-empty and the same length ({pred.size} vs {true.size})")
+    mae = float(np.mean(np.abs(pred - true)))
+    if np.std(pred) == 0 or np.std(true) == 0:
+        corr = float("nan")
+    else:
+        corr = float(np.corrcoef(pred, true)[0][1])
+    a7 = _multiclass_acc(np.clip(pred, -3.0, 3.0), np.clip(true, -3.0, 3.0))
+    a5 = _multiclass_acc(np.clip(pred, -2.0, 2.0), np.clip(true, -2.0, 2.0))
+    nz = true != 0
+    if nz.any():
+        nz_true, nz_pred = true[nz] > 0, pred[nz] > 0
+        non0_acc = float(accuracy_score(nz_true, nz_pred))
+        non0_f1 = float(f1_score(nz_true, nz_pred, average="weighted"))
+    else:
+        non0_acc = non0_f1 = float("nan")
+    b_true, b_pred = true >= 0, pred >= 0
+    out = {
+        "Has0_acc_2": float(accuracy_score(b_true, b_pred)),
+        "Has0_F1_score": float(f1_score(b_true, b_pred, average="weighted")),
+        "Non0_acc_2": non0_acc,
+        "Non0_F1_score": non0_f1,
+        "Mult_acc_5": a5,
+        "Mult_acc_7": a7,
+        "MAE": mae,
+        "Corr": corr,
+    }
+    if rounded:
+        out = {k: round(v, 4) for k, v in out.items()}
+    return out
+
+
+def format_table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> str:
+    """A plain-text table: one row per entry (e.g. split or variant), one column per metric."""
+    name_w = max([len("") + 4] + [len(r) for r in rows])
+    head = " " * name_w + "  " + "  ".join(f"{k:>13}" for k in keys)
+    lines = [head]
+    for name, m in rows.items():
+        cells = []
+        for k in keys:
+            v = m.get(k)
+            if isinstance(v, dict):
+                cells.append(f"{v['mean']:.4f}±{v['std']:.4f}".rjust(13))
+            elif v is None:
+                cells.append(" " * 13)
+            else:
+                cells.append(f"{v:13.4f}")
+        lines.append(f"{name:<{name_w}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def mean_std(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and population std (ddof=0) over seeds, per metric."""
+    out = {}
+    for k in values[0]:
+        arr = np.array([v[k] for v in values], dtype=np.float64)
+        out[k] = {"mean": float(np.mean(arr)), "std": float(np.std(arr)), "values": arr.tolist()}
+    return out
