@@ -167,6 +167,8 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and value in (0, 1):
             return bool(value)
         raise CPSLError(f"config key {key}: expected true/false, got {value!r}")
+    if isinstance(current, (int, float)) and isinstance(value, bool):
+        raise CPSLError(f"config key {key}: expected a number, got {value!r}")
     if isinstance(current, int) and not isinstance(current, bool):
         try:
             f = float(value)
@@ -187,6 +189,8 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
                 return [int(v) for v in value]
             except ValueError:
                 return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [value]            # train.seeds=7 -> [7]
         if not isinstance(value, (list, tuple)):
             raise CPSLError(f"config key {key}: expected a list, got {value!r}")
         return list(value)
@@ -223,8 +227,11 @@ def merge(cfg: Config, d: dict) -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars).
+
+    All overrides are merged before validation, so ``model.d=30 model.heads=3`` works in any order."""
     import yaml
+    upd: dict[str, dict] = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise CPSLError(f"override {item!r} must look like section.key=value")
@@ -234,7 +241,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             val = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             val = raw
-        merge(cfg, {sec: {k: val}})
+        upd.setdefault(sec, {})[k] = val
+    merge(cfg, upd)
     return cfg
 
 

@@ -87,11 +87,18 @@ def _as_3d(a, key: str, split: str, path: str) -> np.ndarray:
     return arr
 
 
+def _numeric(a, dtype, what: str, path: str) -> np.ndarray:
+    try:
+        return np.asarray(a).astype(dtype)
+    except (TypeError, ValueError):
+        raise CPSLError(f"{path}: {what} is not a numeric array") from None
+
+
 def _lengths(raw: dict, mod: str, arr: np.ndarray, split: str, path: str) -> np.ndarray:
     n, L = arr.shape[:2]
     lens = None
     if f"{mod}_lengths" in raw and raw[f"{mod}_lengths"] is not None:
-        lens = np.asarray(raw[f"{mod}_lengths"]).astype(np.int64).reshape(-1)
+        lens = _numeric(raw[f"{mod}_lengths"], np.int64, f"{split}/{mod}_lengths", path).reshape(-1)
     elif mod == "text" and raw.get("text_bert") is not None:
         tb = np.asarray(raw["text_bert"])
         if tb.ndim == 3 and tb.shape[0] == n and tb.shape[2] == L:
@@ -109,7 +116,7 @@ def _read_split(raw, name: str, path: str) -> Split:
     for k in REQUIRED_KEYS:
         if k not in raw:
             raise CPSLError(f"{path}: split {name!r} has no key {k!r}")
-    labels = np.asarray(raw["regression_labels"], dtype=np.float32).reshape(-1)
+    labels = _numeric(raw["regression_labels"], np.float32, f"{name}/regression_labels", path).reshape(-1)
     n = labels.shape[0]
     if not np.all(np.isfinite(labels)):
         raise CPSLError(f"{path}: {name}/regression_labels holds non-finite values")
@@ -137,7 +144,7 @@ def _read_split(raw, name: str, path: str) -> Split:
             raise CPSLError(f"{path}: {name}/{key} has {arr.shape[0]} entries but regression_labels has {n}")
     tb = raw.get("text_bert")
     if tb is not None:
-        tb = np.asarray(tb).astype(np.int64)
+        tb = _numeric(tb, np.int64, f"{name}/text_bert", path)
         if tb.ndim != 3 or tb.shape[0] != n or tb.shape[1] != 3:
             raise CPSLError(f"{path}: {name}/text_bert must have shape (N, 3, L), got {tb.shape}")
     return Split(name, feats, lens, labels, ids, raw_text, tb, cleaned)

@@ -1,0 +1,149 @@
+"""The Conflict-aware Penalty API (docs/method.md §5): architecture-agnostic gradient modulation.
+
+    cp = ConflictAwarePenalty(model.modality_parameters(), cfg.cp, optimizer=opt)
+    loss.backward()
+    stats = cp.step(epoch)          # after backward, before clipping and optimizer.step()
+
+``cp.step`` returns a :class:`StepStats` whose tensors stay on the device (no host sync).
+Mode ``grad`` scales the gradients of penalised groups; mode ``update`` (the default with
+Adam/AdamW) scales the learning rate of the group's optimizer param group instead, kept as a
+device tensor, because an adaptive optimizer divides a constant gradient factor away.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .core import CPStats, PenaltyParams, get_backend
+
+
+def schedule_weight(epoch: int, start_epoch: int, ramp_epochs: int, end_epoch: int) -> float:
+    """w(e): 0 before ``start_epoch``; ``(e − start + 1) / ramp_epochs`` during the ramp (so the
+    first penalised epoch has weight 1/ramp and epoch ``start + ramp − 1`` reaches 1); 1 until
+    ``end_epoch`` (inclusive); 0 after."""
+    if epoch < start_epoch or epoch > end_epoch:
+        return 0.0
+    if ramp_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch - start_epoch + 1) / ramp_epochs)
+
+
+@dataclass
+class StepStats:
+    names: tuple[str, ...]
+    ghat: torch.Tensor         # (G,)
+    r: torch.Tensor            # (G,)
+    k: torch.Tensor            # (G,)
+    conflict: torch.Tensor     # (G,) 0/1
+    guard: torch.Tensor        # () 0/1
+    w: float
+
+
+def resolve_backend(name: str, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """``auto`` → ``native`` when the extension has the path for ``device``, else ``foreach``.
+    Returns (backend name, a note: '' or why it fell back)."""
+    if name != "auto":
+        return name, ""
+    try:
+        be = get_backend("native")
+        ok, why = be.available(device) if _takes_device(be) else be.available()
+    except ValueError:
+        ok, why = False, "cpsl._C has no CP kernels in this build"
+    if ok:
+        return "native", ""
+    return "foreach", why
+
+
+def _takes_device(be) -> bool:
+    import inspect
+    try:
+        return len(inspect.signature(be.available).parameters) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+class ConflictAwarePenalty:
+    def __init__(self, groups: dict[str, list[torch.nn.Parameter]], cfg, optimizer=None,
+                 backend: str | None = None, device=None):
+        self.names = tuple(groups)
+        self.params: list[torch.nn.Parameter] = []
+        self.group_index: list[int] = []
+        for gi, name in enumerate(self.names):
+            for p in groups[name]:
+                self.params.append(p)
+                self.group_index.append(gi)
+        self.cfg = cfg
+        self.p = PenaltyParams.from_config(cfg)
+        dev = device or (self.params[0].device if self.params else "cpu")
+        name, why = resolve_backend(backend or cfg.backend, dev)
+        if why:
+            warnings.warn(f"CP backend 'native' unavailable ({why}); using 'foreach'", stacklevel=2)
+        self.backend_name = name
+        self.backend = get_backend(name)
+        self.mode = cfg.mode
+        self.optimizer = optimizer
+        self._lr_slots: dict[int, list[tuple[dict, torch.Tensor]]] = {}
+        if self.mode == "update":
+            if optimizer is None:
+                raise ValueError("CP mode 'update' needs the optimizer (per-group learning rates)")
+            self._bind_optimizer(optimizer)
+
+    # ------------------------------------------------------------------ update mode plumbing
+    def _bind_optimizer(self, opt) -> None:
+        """Each CP group must be the union of whole optimizer param groups with tensor ``lr``s
+        (e.g. a text AME group plus a pretrained encoder group with its own learning rate)."""
+        pg_ids = [({id(p) for p in pg["params"]}, pg) for pg in opt.param_groups]
+        for gi, name in enumerate(self.names):
+            ids = {id(p) for p, g in zip(self.params, self.group_index) if g == gi}
+            if not ids:
+                continue
+            mine = [pg for s, pg in pg_ids if s and s <= ids]
+            covered = set().union(*[{id(p) for p in pg["params"]} for pg in mine]) if mine else set()
+            if covered != ids:
+                raise ValueError(f"CP mode 'update': group {name!r} is not a union of optimizer param groups "
+                                 "(build the optimizer with cpsl.train.build_optimizer)")
+            slots = []
+            for pg in mine:
+                if not torch.is_tensor(pg["lr"]):
+                    raise ValueError(f"CP mode 'update': a param group of {name!r} needs a tensor lr")
+                if "base_lr" not in pg:
+                    pg["base_lr"] = pg["lr"].detach().clone()
+                slots.append((pg, pg["base_lr"]))
+            self._lr_slots[gi] = slots
+
+    def _grads(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.params]
+
+    # ------------------------------------------------------------------ the step
+    def compute(self, epoch: int) -> tuple[torch.Tensor, float]:
+        w = schedule_weight(epoch, self.cfg.start_epoch, self.cfg.ramp_epochs, self.cfg.end_epoch)
+        return self.backend.compute(self._grads(), self.group_index, len(self.names), self.p, w), w
+
+    def step(self, epoch: int, terms: dict | None = None) -> StepStats:
+        stats, w = self.compute(epoch)
+        st = CPStats.unpack(stats, len(self.names))
+        grads = self._grads()
+        if self.cfg.ge_noise > 0:
+            self._ge_noise(grads, st)
+        if self.mode == "grad":
+            self.backend.scale_(grads, self.group_index, stats, len(self.names))
+        else:
+            for gi, slots in self._lr_slots.items():
+                for pg, base in slots:
+                    pg["lr"].copy_(base * st.k[gi].to(base.dtype))
+        return StepStats(self.names, st.ghat, st.r, st.k, st.conflict, st.guard, w)
+
+    def _ge_noise(self, grads, st: CPStats) -> None:
+        """OGM-GE-style generalisation noise N(0, σ_GE² var(∇p)) on penalised groups (device-side)."""
+        for g, gi in zip(grads, self.group_index):
+            if g is None or g.numel() < 2:
+                continue
+            on = (st.conflict[gi] * (st.k[gi] < 1).to(st.k.dtype)).to(g.dtype)
+            g.add_(torch.randn_like(g) * (self.cfg.ge_noise * g.std() * on))
+
+    def reset_lr(self) -> None:
+        for slots in self._lr_slots.values():
+            for pg, base in slots:
+                pg["lr"].copy_(base)

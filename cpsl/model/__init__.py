@@ -1,0 +1,3 @@
+from .cpsl import CPSLModel, ExportWrapper, ModelOutput
+
+__all__ = ["CPSLModel", "ExportWrapper", "ModelOutput"]

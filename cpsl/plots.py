@@ -1,0 +1,47 @@
+"""PNG plots of training curves and modality-balance trajectories (matplotlib, Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    for k in history[0]["train"]:
+        if not k.startswith("aux_"):
+            ax[0, 0].plot(ep, [h["train"][k] for h in history], label=k)
+    ax[0, 0].set_yscale("log"); ax[0, 0].set_title("train loss terms (unweighted)"); ax[0, 0].legend(fontsize=7)
+    ax[0, 1].plot(ep, [h["valid"]["MAE"] for h in history], label="valid MAE")
+    ax[0, 1].plot(ep, [h["train"]["task"] for h in history], label="train task loss")
+    ax[0, 1].set_title("MAE"); ax[0, 1].legend(fontsize=7)
+    for k in ("Corr", "Non0_acc_2", "Has0_acc_2"):
+        ax[1, 0].plot(ep, [h["valid"][k] for h in history], label=k)
+    ax[1, 0].set_title("valid metrics"); ax[1, 0].legend(fontsize=7)
+    for m in history[0]["valid_aux"]:
+        ax[1, 1].plot(ep, [h["valid_aux"][m]["MAE"] for h in history], label=f"{m} head")
+    ax[1, 1].set_title("valid MAE of the unimodal auxiliary heads"); ax[1, 1].legend(fontsize=7)
+    for a in ax.flat:
+        a.set_xlabel("epoch"); a.grid(alpha=0.3)
+    fig.suptitle(title); fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)
+
+
+def plot_balance(history: list[dict], path: Path, title: str = "") -> None:
+    hs = [h for h in history if h.get("balance")]
+    fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
+    if hs:
+        ep = [h["epoch"] for h in hs]
+        for m in hs[0]["balance"]["ghat"]:
+            ax[0].plot(ep, [h["balance"]["ghat"][m] for h in hs], label=m)
+            ax[1].plot(ep, [h["balance"]["r"][m] for h in hs], label=m)
+            ax[2].plot(ep, [h["balance"]["k"][m] for h in hs], label=m)
+            ax[3].plot(ep, [h["balance"]["conflict_rate"][m] for h in hs], label=m)
+    for a, t in zip(ax, ("mean ĝ (gradient norm)", "mean r = ĝ/ḡ", "mean penalty k", "conflict rate")):
+        a.set_title(t); a.set_xlabel("epoch"); a.grid(alpha=0.3); a.legend(fontsize=7)
+    if not hs:
+        ax[0].text(0.5, 0.5, "no modulation in this run", ha="center", transform=ax[0].transAxes)
+    fig.suptitle(title); fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)

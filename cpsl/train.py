@@ -1,0 +1,337 @@
+"""One explicit training loop: seed → epochs (train, valid, early stop, checkpoint) → test once.
+
+    loss.backward()
+    stats = modulator.step(epoch, terms)   # ← gradient modulation (CP / OGM-GE / none)
+    clip_grad_norm_(...)
+    optimizer.step()
+
+Per seed ``DIR/seed{N}/`` holds ``best.pt`` (selected on validation loss), ``last.pt`` (for
+``--resume``), ``log.jsonl`` (one line per epoch), ``curves.png`` and ``balance.png``;
+``DIR/results.json`` aggregates the seeds (mean ± std of MMSA metrics).
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .cp.baselines import OGMGE, NoModulation, ogm_scores
+from .cp.penalty import ConflictAwarePenalty
+from .data.batch import iterate, n_batches
+from .data.mmsa import MMSAData, Split
+from .errors import CPSLError
+from .losses import task_loss, total_loss
+from .metrics import METRIC_KEYS, mean_std, mmsa_metrics
+from .model import CPSLModel
+
+CKPT_FORMAT = "cpsl-ckpt-1"
+
+
+# ---------------------------------------------------------------------------- set-up
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config, data: MMSAData) -> CPSLModel:
+    return CPSLModel(data.dims, cfg.model)
+
+
+def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list]) -> torch.optim.Optimizer:
+    """AdamW with one param group per modality group (per-group tensor lr: CP's ``update`` mode
+    scales it on the device), a group for a pretrained text encoder (``train.text_lr``) and one
+    for the rest. Fused AdamW (CPU and CUDA) reads tensor learning rates without host sync."""
+    dev = next(model.parameters()).device
+    assigned: set[int] = set()
+    pgs = []
+
+    def add(params, lr, name):
+        params = [p for p in params if p.requires_grad and id(p) not in assigned]
+        if params:
+            assigned.update(id(p) for p in params)
+            pgs.append({"params": params, "lr": torch.tensor(float(lr), device=dev), "name": name})
+
+    backbone = {id(p) for p in model.text_backbone.parameters()} if model.text_backbone is not None else set()
+    for name, params in groups.items():
+        add([p for p in params if id(p) in backbone], cfg.train.text_lr, f"{name}/pretrained")
+        add([p for p in params if id(p) not in backbone], cfg.train.lr, name)
+    add([p for p in model.parameters() if id(p) in backbone], cfg.train.text_lr, "pretrained")
+    add(model.parameters(), cfg.train.lr, "shared")
+    return torch.optim.AdamW(pgs, weight_decay=cfg.train.weight_decay, fused=True)
+
+
+def build_modulator(cfg: Config, model: CPSLModel, optimizer, device):
+    groups = model.modality_parameters(cfg.cp.groups or None)
+    if cfg.cp.modulation == "none":
+        return NoModulation(groups)
+    if cfg.cp.modulation == "ogm_ge":
+        return OGMGE(groups, cfg.cp)
+    return ConflictAwarePenalty(groups, cfg.cp, optimizer=optimizer if cfg.cp.mode == "update" else None,
+                                device=device)
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: CPSLModel, split: Split, batch_size: int, device, mask_modality: str | None = None):
+    """Fused and unimodal predictions on a split: (pred (N,), aux {m: (N,)}, labels (N,))."""
+    model.eval()
+    preds, aux, = [], {m: [] for m in model.modalities}
+    for b in iterate(split, batch_size, modalities=model.modalities):
+        b = b.to(device)
+        if mask_modality:
+            B = len(b)
+            b.x[mask_modality] = torch.zeros(B, 1, b.x[mask_modality].shape[-1], device=device)
+            b.mask[mask_modality] = torch.ones(B, 1, dtype=torch.bool, device=device)
+        out = model(b.x, b.mask, b.text_bert)
+        preds.append(out.pred.float().cpu())
+        for m in model.modalities:
+            aux[m].append(out.aux[m].float().cpu())
+    return (torch.cat(preds).numpy(), {m: torch.cat(v).numpy() for m, v in aux.items()},
+            split.labels.astype(np.float32))
+
+
+def evaluate(model, split, cfg: Config, device, mask_modality=None) -> dict:
+    pred, aux, y = predict(model, split, cfg.data.eval_batch_size, device, mask_modality)
+    res = mmsa_metrics(pred, y)
+    res["loss"] = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), cfg.loss.task))
+    return {"metrics": res, "aux": {m: mmsa_metrics(p, y) for m, p in aux.items()}, "pred": pred, "aux_pred": aux}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, cfg: Config, epoch: int, extra: dict) -> None:
+    ck = {"format": CKPT_FORMAT, "config": cfg.to_dict(), "modalities": list(model.modalities),
+          "dims": dict(model.dims), "model": model.state_dict(),
+          "optimizer": optimizer.state_dict() if optimizer is not None else None,
+          "epoch": epoch, "rng": _rng_state()}
+    ck.update(extra)
+    tmp = path.with_suffix(".tmp")
+    torch.save(ck, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CPSLError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
+        raise CPSLError(f"{path} is not a readable cpsl checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise CPSLError(f"{path} is not a cpsl checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck).__name__})")
+    return ck
+
+
+def load_model(path: str | Path, device="cpu") -> tuple[CPSLModel, Config, dict]:
+    ck = read_checkpoint(path)
+    cfg = Config.from_dict(ck["config"])
+    dims = dict(ck["dims"])
+    if cfg.model.text_encoder and "text" in dims:
+        dims["text"] = 1  # replaced by the backbone's hidden size inside the model
+    try:
+        model = CPSLModel(dims, cfg.model)
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CPSLError(f"{path}: checkpoint weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return model.to(device), cfg, ck
+
+
+def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpoint") -> None:
+    if tuple(model.modalities) != tuple(data.modalities):
+        raise CPSLError(f"{ckpt_path} was trained on modalities {list(model.modalities)} "
+                        f"but the data has {list(data.modalities)}")
+    for m in model.modalities:
+        if m == "text" and model.text_backbone is not None:
+            if next(iter(data.splits.values())).text_bert is None:
+                raise CPSLError(f"{ckpt_path} runs a text encoder on token ids but the data has no text_bert")
+            continue
+        if model.dims[m] != data.dims[m]:
+            raise CPSLError(f"{ckpt_path} expects {m} features of size {model.dims[m]} but the data has {data.dims[m]}")
+
+
+# ---------------------------------------------------------------------------- one seed
+class _Balance:
+    """Per-epoch device-side sums of the modulation statistics (one host sync per epoch)."""
+
+    def __init__(self, names):
+        self.names = tuple(names)
+        self.sums = None
+        self.steps = 0
+
+    def add(self, st) -> None:
+        if st is None:
+            return
+        v = torch.stack([st.ghat.double(), st.r.double(), st.k.double(), st.conflict.double()])  # (4, G)
+        g = st.guard.double().reshape(1).expand(len(self.names))
+        v = torch.cat([v, g.unsqueeze(0)])
+        self.sums = v if self.sums is None else self.sums + v
+        self.steps += 1
+
+    def summary(self) -> dict | None:
+        if self.sums is None:
+            return None
+        s = (self.sums / self.steps).cpu().tolist()
+        ghat = dict(zip(self.names, s[0]))
+        pos = [v for v in ghat.values() if v > 0]
+        return {"ghat": ghat, "r": dict(zip(self.names, s[1])), "k": dict(zip(self.names, s[2])),
+                "conflict_rate": dict(zip(self.names, s[3])), "guard_rate": s[4][0],
+                "imbalance": (max(pos) / min(pos)) if len(pos) >= 2 else None}
+
+
+def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool = False,
+               log=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.train.device)
+    set_seed(seed)
+    model = build_model(cfg, data).to(device)
+    optimizer_groups = model.modality_parameters(cfg.cp.groups or None)
+    optimizer = build_optimizer(model, cfg, optimizer_groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
+        modulator = build_modulator(cfg, model, optimizer, device)
+    train_split, valid_split = data["train"], data["valid"]
+    start_epoch, best_val, best_epoch, bad_epochs = 0, float("inf"), -1, 0
+    log_path = out / "log.jsonl"
+    history: list[dict] = []
+    if resume and (out / "last.pt").is_file():
+        ck = read_checkpoint(out / "last.pt")
+        if ck.get("config", {}).get("model") != cfg.to_dict()["model"]:
+            raise CPSLError(f"{out / 'last.pt'} was written with a different model config; cannot resume")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        start_epoch = ck["epoch"] + 1
+        best_val, best_epoch, bad_epochs = ck["best_val"], ck["best_epoch"], ck["bad_epochs"]
+        history = ck.get("history", [])
+        _set_rng_state(ck["rng"])
+        log(f"seed {seed}: resuming after epoch {ck['epoch']}")
+    elif resume:
+        log(f"seed {seed}: nothing to resume in {out}; starting fresh")
+    log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    from tqdm.auto import tqdm
+    stopped = bad_epochs >= cfg.train.patience
+    bar = tqdm(range(start_epoch, cfg.train.epochs), desc=f"seed {seed}", unit="ep",
+               disable=not cfg.train.progress or stopped, leave=False, dynamic_ncols=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for epoch in bar:
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        sums: dict[str, torch.Tensor] = {}
+        balance = _Balance(getattr(modulator, "names", ()))
+        nb = 0
+        for b in iterate(train_split, cfg.data.batch_size, shuffle=True, generator=gen, modalities=model.modalities):
+            b = b.to(device)
+            out_ = model(b.x, b.mask, b.text_bert)
+            loss, terms = total_loss(out_, b.y, cfg.loss, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if isinstance(modulator, OGMGE):
+                terms.update(ogm_scores(out_.aux, b.y, cfg.loss.task))
+            balance.add(modulator.step(epoch, terms))          # ← gradient modulation hook
+            if cfg.train.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
+            optimizer.step()
+            for k, v in terms.items():
+                if not k.startswith("ogm_score"):
+                    sums[k] = sums.get(k, 0.0) + v
+            nb += 1
+        train_terms = {k: float(v) / nb for k, v in sums.items()}
+        ev = evaluate(model, valid_split, cfg, device)
+        val_loss = ev["metrics"]["loss"]
+        improved = val_loss < best_val - 1e-9
+        if improved:
+            best_val, best_epoch, bad_epochs = val_loss, epoch, 0
+        else:
+            bad_epochs += 1
+        rec = {"epoch": epoch, "train": train_terms, "valid": ev["metrics"],
+               "valid_aux": ev["aux"], "balance": balance.summary(),
+               "cp_weight": (balance.summary() or {}) and None, "time_s": time.perf_counter() - t0}
+        rec.pop("cp_weight")
+        history.append(rec)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        extra = {"best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                 "history": history, "seed": seed, "data_path": data.path}
+        if improved:
+            save_checkpoint(out / "best.pt", model, optimizer, cfg, epoch, extra)
+        save_checkpoint(out / "last.pt", model, optimizer, cfg, epoch, extra)
+        bar.set_postfix(loss=f"{train_terms['task']:.3f}", val_mae=f"{ev['metrics']['MAE']:.3f}",
+                        best=best_epoch)
+        if bad_epochs >= cfg.train.patience:
+            log(f"seed {seed}: early stop at epoch {epoch} (best {best_epoch})")
+            break
+    bar.close()
+    # the selected checkpoint, evaluated once on valid and test
+    best, _, _ = load_model(out / "best.pt", device)
+    res = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history),
+           "backend": getattr(modulator, "backend_name", "none"), "ckpt": str(out / "best.pt")}
+    for split in ("valid", "test"):
+        if split in data.splits and len(data[split]):
+            ev = evaluate(best, data[split], cfg, device)
+            res[split] = {k: ev["metrics"][k] for k in METRIC_KEYS}
+            res[f"{split}_aux"] = ev["aux"]
+    try:
+        from .plots import plot_balance, plot_curves
+        plot_curves(history, out / "curves.png", title=f"seed {seed}")
+        plot_balance(history, out / "balance.png", title=f"seed {seed}")
+    except Exception as e:  # noqa: BLE001 - plots must never sink a finished run
+        log(f"warning: plots not written ({e})")
+    return res
+
+
+# ---------------------------------------------------------------------------- seeds
+def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=print) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    cfg.save(out / "config.json")
+    if cfg.cp.modulation == "cp":
+        from .cp.penalty import resolve_backend
+        be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
+        if why:
+            log(f"warning: CP backend 'native' unavailable ({why}); using '{be}'")
+    per_seed = []
+    for seed in cfg.train.seeds:
+        r = train_seed(cfg, data, int(seed), out / f"seed{seed}", resume=resume, log=log)
+        per_seed.append(r)
+        msg = f"seed {seed}: best epoch {r['best_epoch']}"
+        for split in ("valid", "test"):
+            if split in r:
+                msg += f" | {split} MAE {r[split]['MAE']:.4f} Corr {r[split]['Corr']:.4f} Non0_acc_2 {r[split]['Non0_acc_2']:.4f}"
+        log(msg)
+    results = {"data": data.path, "modalities": list(data.modalities), "seeds": list(cfg.train.seeds),
+               "modulation": cfg.cp.modulation, "backend": per_seed[0]["backend"],
+               "config": cfg.to_dict(), "per_seed": per_seed}
+    for split in ("valid", "test"):
+        if all(split in r for r in per_seed):
+            results[split] = mean_std([r[split] for r in per_seed])
+            results[f"{split}_aux"] = {m: mean_std([r[f"{split}_aux"][m] for r in per_seed])
+                                       for m in data.modalities}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
