@@ -44,7 +44,7 @@ def build_model(cfg: Config, data: MMSAData) -> CPSLModel:
     return CPSLModel(data.dims, cfg.model)
 
 
-def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list]) -> torch.optim.Optimizer:
+def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list], extra_params=()) -> torch.optim.Optimizer:
     """AdamW with one param group per modality group (per-group tensor lr: CP's ``update`` mode
     scales it on the device), a group for a pretrained text encoder (``train.text_lr``) and one
     for the rest. Fused AdamW (CPU and CUDA) reads tensor learning rates without host sync."""
@@ -63,7 +63,7 @@ def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list]) -> t
         add([p for p in params if id(p) in backbone], cfg.train.text_lr, f"{name}/pretrained")
         add([p for p in params if id(p) not in backbone], cfg.train.lr, name)
     add([p for p in model.parameters() if id(p) in backbone], cfg.train.text_lr, "pretrained")
-    add(model.parameters(), cfg.train.lr, "shared")
+    add(list(model.parameters()) + list(extra_params), cfg.train.lr, "shared")
     return torch.optim.AdamW(pgs, weight_decay=cfg.train.weight_decay, fused=True)
 
 
@@ -201,16 +201,18 @@ class _Balance:
 
 
 def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool = False,
-               log=print) -> dict:
+               log=print, extra_loss=None) -> dict:
+    """Train one seed. ``extra_loss`` (optional ``nn.Module``, e.g. distillation) is called as
+    ``extra_loss(model_output, batch) -> (loss, terms)``; its parameters train with the model."""
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.train.device)
     set_seed(seed)
     model = build_model(cfg, data).to(device)
     optimizer_groups = model.modality_parameters(cfg.cp.groups or None)
-    optimizer = build_optimizer(model, cfg, optimizer_groups)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
-        modulator = build_modulator(cfg, model, optimizer, device)
+    if extra_loss is not None:
+        extra_loss.to(device)
+    extra_params = [p for p in extra_loss.parameters() if p.requires_grad] if extra_loss is not None else []
+    optimizer = build_optimizer(model, cfg, optimizer_groups, extra_params)
     train_split, valid_split = data["train"], data["valid"]
     start_epoch, best_val, best_epoch, bad_epochs = 0, float("inf"), -1, 0
     log_path = out / "log.jsonl"
@@ -220,6 +222,8 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
         if ck.get("config", {}).get("model") != cfg.to_dict()["model"]:
             raise CPSLError(f"{out / 'last.pt'} was written with a different model config; cannot resume")
         model.load_state_dict(ck["model"])
+        if extra_loss is not None and ck.get("extra_loss") is not None:
+            extra_loss.load_state_dict(ck["extra_loss"])
         optimizer.load_state_dict(ck["optimizer"])
         start_epoch = ck["epoch"] + 1
         best_val, best_epoch, bad_epochs = ck["best_val"], ck["best_epoch"], ck["bad_epochs"]
@@ -229,6 +233,10 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     elif resume:
         log(f"seed {seed}: nothing to resume in {out}; starting fresh")
     log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    # built after any optimizer state is loaded: update mode holds the live param groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
+        modulator = build_modulator(cfg, model, optimizer, device)
 
     from tqdm.auto import tqdm
     stopped = bad_epochs >= cfg.train.patience
@@ -248,6 +256,11 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
             b = b.to(device)
             out_ = model(b.x, b.mask, b.text_bert)
             loss, terms = total_loss(out_, b.y, cfg.loss, epoch)
+            if extra_loss is not None:
+                extra_loss.train()
+                l2, t2 = extra_loss(out_, b)
+                loss = loss + l2
+                terms.update({k: v.detach() for k, v in t2.items()})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if isinstance(modulator, OGMGE):
@@ -276,7 +289,8 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         extra = {"best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                 "history": history, "seed": seed, "data_path": data.path}
+                 "history": history, "seed": seed, "data_path": data.path,
+                 "extra_loss": extra_loss.state_dict() if extra_loss is not None else None}
         if improved:
             save_checkpoint(out / "best.pt", model, optimizer, cfg, epoch, extra)
         save_checkpoint(out / "last.pt", model, optimizer, cfg, epoch, extra)
@@ -305,7 +319,10 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
 
 
 # ---------------------------------------------------------------------------- seeds
-def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=print) -> dict:
+def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=print,
+        extra_loss_factory=None) -> dict:
+    """Train every seed of ``cfg.train.seeds`` and write ``out/results.json``.
+    ``extra_loss_factory(seed) -> nn.Module`` adds a loss term per seed (see :func:`train_seed`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads:
@@ -318,7 +335,8 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
             log(f"warning: CP backend 'native' unavailable ({why}); using '{be}'")
     per_seed = []
     for seed in cfg.train.seeds:
-        r = train_seed(cfg, data, int(seed), out / f"seed{seed}", resume=resume, log=log)
+        extra = extra_loss_factory(int(seed)) if extra_loss_factory is not None else None
+        r = train_seed(cfg, data, int(seed), out / f"seed{seed}", resume=resume, log=log, extra_loss=extra)
         per_seed.append(r)
         msg = f"seed {seed}: best epoch {r['best_epoch']}"
         for split in ("valid", "test"):

@@ -1,0 +1,193 @@
+"""Trainer and train/eval CLI: determinism, resume, results layout, eval CSV, bad input."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cpsl.cli import main
+from cpsl.data.mmsa import save_mmsa
+from cpsl.data.synthetic import SynthSpec, generate
+
+TINY = ["--set", "model.d=16", "--set", "model.heads=2", "--set", "model.audio_layers=1",
+        "--set", "model.vision_layers=1", "--set", "data.batch_size=16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pkl(tmp_path_factory):
+    p = tmp_path_factory.mktemp("d") / "tiny.pkl"
+    save_mmsa(generate(SynthSpec(n_train=64, n_valid=24, n_test=24, d_text=12, d_audio=5, d_vision=7,
+                                 text_len=(3, 9), audio_len=(4, 12), vision_len=(4, 12))), p)
+    return p
+
+
+def cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return r
+
+
+def read(p):
+    return json.loads(p.read_text())
+
+
+def strip_volatile(res):
+    """results.json minus paths and timings."""
+    res = json.loads(json.dumps(res))
+    for r in res["per_seed"]:
+        r.pop("ckpt")
+    res["config"]["data"].pop("path", None)
+    return res
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny_pkl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("a")
+    r = cli("train", "--data", tiny_pkl, "--out", out, "--epochs", 3, "--seeds", "1,2", "--cp-backend", "foreach", *TINY)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_results_layout(run_a):
+    res = read(run_a / "results.json")
+    assert res["seeds"] == [1, 2]
+    for split in ("valid", "test"):
+        for k in ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5", "Mult_acc_7", "MAE", "Corr"):
+            v = res[split][k]
+            assert set(v) == {"mean", "std", "values"} and len(v["values"]) == 2
+            assert v["mean"] == pytest.approx(np.mean(v["values"]))
+    assert res["config"]["cp"]["modulation"] == "cp"
+    for s in (1, 2):
+        d = run_a / f"seed{s}"
+        assert (d / "best.pt").is_file() and (d / "curves.png").is_file() and (d / "balance.png").is_file()
+        lines = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+        assert [x["epoch"] for x in lines] == [0, 1, 2]
+        for x in lines:
+            assert {"task", "aux", "rec", "sl", "div"} <= set(x["train"])
+            assert set(x["valid_aux"]) == {"text", "audio", "vision"}
+            assert set(x["balance"]["ghat"]) == {"text", "audio", "vision"}
+        ck = torch.load(d / "best.pt", weights_only=False)
+        assert {"config", "model", "optimizer", "epoch", "rng"} <= set(ck)
+
+
+def test_same_seed_gives_identical_results(run_a, tiny_pkl, tmp_path):
+    r = cli("train", "--data", tiny_pkl, "--out", tmp_path, "--epochs", 3, "--seeds", "1,2", "--cp-backend", "foreach", *TINY)
+    assert r.exit_code == 0, r.output
+    assert strip_volatile(read(tmp_path / "results.json")) == strip_volatile(read(run_a / "results.json"))
+
+
+def test_resume_equals_uninterrupted(run_a, tiny_pkl, tmp_path):
+    r = cli("train", "--data", tiny_pkl, "--out", tmp_path, "--epochs", 1, "--seeds", "1,2", "--cp-backend", "foreach", *TINY)
+    assert r.exit_code == 0, r.output
+    r = cli("train", "--data", tiny_pkl, "--out", tmp_path, "--epochs", 3, "--seeds", "1,2", "--cp-backend", "foreach",
+            "--resume", *TINY)
+    assert r.exit_code == 0, r.output
+    assert "resuming after epoch 0" in r.output
+    assert strip_volatile(read(tmp_path / "results.json")) == strip_volatile(read(run_a / "results.json"))
+    a = [json.loads(x) for x in (run_a / "seed2" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "seed2" / "log.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b):
+        x.pop("time_s"), y.pop("time_s")
+    assert a == b
+
+
+def _independent_metrics(pred, label):
+    """A second implementation of MMSA's metrics (no sklearn) for the eval cross-check."""
+    pred, label = np.asarray(pred, float), np.asarray(label, float)
+
+    def wf1(t, p):
+        f = 0.0
+        for c in (False, True):
+            tp = np.sum((p == c) & (t == c)); fp = np.sum((p == c) & (t != c)); fn = np.sum((p != c) & (t == c))
+            f1 = 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+            f += f1 * np.sum(t == c) / len(t)
+        return f
+
+    nz = label != 0
+    return {
+        "MAE": np.abs(pred - label).mean(),
+        "Corr": np.sum((pred - pred.mean()) * (label - label.mean())) / math.sqrt(np.sum((pred - pred.mean()) ** 2) * np.sum((label - label.mean()) ** 2)),
+        "Has0_acc_2": np.mean((pred >= 0) == (label >= 0)),
+        "Has0_F1_score": wf1(label >= 0, pred >= 0),
+        "Non0_acc_2": np.mean((pred[nz] > 0) == (label[nz] > 0)),
+        "Non0_F1_score": wf1(label[nz] > 0, pred[nz] > 0),
+        "Mult_acc_5": np.mean(np.round(np.clip(pred, -2, 2)) == np.round(np.clip(label, -2, 2))),
+        "Mult_acc_7": np.mean(np.round(np.clip(pred, -3, 3)) == np.round(np.clip(label, -3, 3))),
+    }
+
+
+def test_eval_csv_recomputes_to_the_printed_metrics(run_a, tiny_pkl, tmp_path):
+    csv_path = tmp_path / "preds.csv"
+    r = cli("eval", "--ckpt", run_a / "seed1" / "best.pt", "--data", tiny_pkl, "--split", "test", "--out", csv_path)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(csv_path)))
+    assert list(rows[0]) == ["id", "label", "pred", "pred_text", "pred_audio", "pred_vision"]
+    assert len(rows) == 24
+    got = json.loads((tmp_path / "preds.csv.json").read_text())["metrics"]
+    mine = _independent_metrics([float(x["pred"]) for x in rows], [float(x["label"]) for x in rows])
+    for k, v in mine.items():
+        assert got[k] == pytest.approx(v, abs=1e-4), k
+    # and the selected checkpoint's test metrics in results.json are the same numbers
+    res = read(run_a / "results.json")
+    assert res["per_seed"][0]["test"]["MAE"] == pytest.approx(got["MAE"], abs=1e-6)
+
+
+def test_eval_mask_modality_reports_the_drop(run_a, tiny_pkl):
+    r = cli("eval", "--ckpt", run_a / "seed1" / "best.pt", "--data", tiny_pkl, "--split", "valid",
+            "--mask-modality", "text", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["mask_modality"] == "text"
+    assert d["drop"]["MAE"] == pytest.approx(d["unmasked"]["MAE"] - d["metrics"]["MAE"])
+    assert d["metrics"]["MAE"] != d["unmasked"]["MAE"]
+
+
+@pytest.mark.parametrize("case", ["corrupt", "missing", "split", "dims", "mods", "maskmod"])
+def test_eval_bad_input_exits_2(run_a, tiny_pkl, tmp_path, case):
+    ck = run_a / "seed1" / "best.pt"
+    data = tiny_pkl
+    args = {"split": "test"}
+    if case == "corrupt":
+        bad = tmp_path / "c.pt"; bad.write_bytes(ck.read_bytes()[:1000]); ck = bad
+    elif case == "missing":
+        ck = tmp_path / "nope.pt"
+    elif case == "split":
+        args["split"] = "bogus"
+    elif case == "dims":
+        data = tmp_path / "d.pkl"
+        save_mmsa(generate(SynthSpec(n_train=8, n_valid=8, n_test=8, d_text=13)), data)
+    elif case == "mods":
+        from cpsl.data.mmsa import load_mmsa
+        d = load_mmsa(tiny_pkl)
+        for s in d.splits.values():
+            s.features.pop("vision"); s.lengths.pop("vision")
+        d.modalities = ("text", "audio")
+        data = tmp_path / "two.pkl"; save_mmsa(d, data)
+    extra = ["--mask-modality", "smell"] if case == "maskmod" else []
+    r = CliRunner().invoke(main, ["eval", "--ckpt", str(ck), "--data", str(data), "--split", args["split"], *extra])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().count("\n") == 0 and r.output.startswith("error:"), r.output
+
+
+def test_train_bad_input_exits_2(tmp_path):
+    for args in (["--data", tmp_path / "missing.pkl"], ["--set", "model.bogus=1"], ["--seeds", "a,b"],
+                 ["--set", "cp.mode=sideways"]):
+        r = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "o"), *[str(a) for a in args]])
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.startswith("error:") and r.output.strip().count("\n") == 0, r.output
+
+
+def test_two_modality_training(tmp_path):
+    d = generate(SynthSpec(n_train=32, n_valid=16, n_test=16, d_text=6, d_audio=4, d_vision=4,
+                           text_len=(2, 5), audio_len=(2, 5), vision_len=(2, 5)))
+    for s in d.splits.values():
+        s.features.pop("vision"); s.lengths.pop("vision")
+    d.modalities = ("text", "audio")
+    p = tmp_path / "two.pkl"
+    save_mmsa(d, p)
+    r = cli("train", "--data", p, "--out", tmp_path / "o", "--epochs", 1, *TINY)
+    assert r.exit_code == 0, r.output
+    res = read(tmp_path / "o" / "results.json")
+    assert res["modalities"] == ["text", "audio"] and set(res["test_aux"]) == {"text", "audio"}
