@@ -132,4 +132,33 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
         click.echo(f"wrote {out}")
 
 
-COMMANDS = [train, eval_cmd]
+@click.command()
+@click.option("--data", "data_path", default="synth", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seeds", default="1,2,3", show_default=True)
+@click.option("--epochs", type=int)
+@click.option("--preset", default="teacher", show_default=True, type=click.Choice(["teacher", "student"]))
+@click.option("--config", type=click.Path())
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--variants", help="Comma-separated subset of: full,-CP,-SL,-CP-SL,-AME,-GCF,OGM-GE (default all).")
+@click.option("--cp-backend", type=click.Choice(["auto", "native", "foreach", "reference"]))
+@click.option("--quiet", is_flag=True)
+def ablate(data_path, out, seeds, epochs, preset, config, sets, variants, cp_backend, quiet):
+    """Run the ablation variants and write OUT/ablation.md, ablation.json and a trajectory figure."""
+    from .ablate import VARIANTS, run_ablation
+    from .data import load_data
+    cfg = _common_config(preset, config, sets, seeds, epochs, cp_backend=cp_backend)
+    if quiet:
+        cfg.train.progress = False
+    names = [v.strip() for v in variants.split(",")] if variants else list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    data = load_data(data_path, cfg.data.synth_seed)
+    cfg.data.path = data_path
+    run_ablation(cfg, data, out, names, log=click.echo)
+    click.echo((Path(out) / "ablation.md").read_text())
+    click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json")
+
+
+COMMANDS = [train, eval_cmd, ablate]

@@ -1,0 +1,99 @@
+"""Cost of CP inside a real training step: the teacher model on the synthetic data, one step =
+forward + loss + backward + [modulation] + clip + AdamW, with modulation none / CP foreach /
+CP native (update mode, the default). Median over many steps after warm-up.
+
+    python bench/train_step.py [--device cpu|cuda] [--steps 30] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--preset", default="teacher")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+
+    from cpsl.config import preset
+    from cpsl.cp.penalty import resolve_backend
+    from cpsl.data.batch import make_batch
+    from cpsl.data.synthetic import generate
+    from cpsl.losses import total_loss
+    from cpsl.train import build_model, build_modulator, build_optimizer, set_seed
+
+    dev = torch.device(a.device)
+    data = generate()
+    rows = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(0)).numpy()
+    batches = [make_batch(data["train"], rows[i:i + a.batch_size]).to(dev)
+               for i in range(0, a.batch_size * 8, a.batch_size)]
+    variants = [("none", "none", None), ("cp", "foreach", "update")]
+    be, why = resolve_backend("auto", dev)
+    if be == "native":
+        variants.append(("cp", "native", "update"))
+    results = []
+    for modulation, backend, mode in variants:
+        cfg = preset(a.preset)
+        cfg.cp.modulation = modulation
+        cfg.cp.backend = backend if modulation == "cp" else "auto"
+        cfg.train.device = a.device
+        set_seed(0)
+        model = build_model(cfg, data).to(dev).train()
+        opt = build_optimizer(model, cfg, model.modality_parameters())
+        mod = build_modulator(cfg, model, opt, dev)
+        params = [p for p in model.parameters() if p.requires_grad]
+        times = []
+        for i in range(a.warmup + a.steps):
+            b = batches[i % len(batches)]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model(b.x, b.mask)
+            loss, terms = total_loss(out, b.y, cfg.loss, 5)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            mod.step(5, terms)
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
+            opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= a.warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+        name = "none" if modulation == "none" else f"cp-{backend}"
+        results.append({"variant": name, "device": a.device, "ms_median": statistics.median(times),
+                        "ms_p10": sorted(times)[len(times) // 10], "steps": a.steps,
+                        "params": sum(p.numel() for p in params)})
+        print(f"{name:12s} {statistics.median(times):8.2f} ms/step (median of {a.steps})", flush=True)
+    base = results[0]["ms_median"]
+    for r in results[1:]:
+        r["overhead_pct"] = 100.0 * (r["ms_median"] - base) / base
+        print(f"{r['variant']:12s} overhead vs none: {r['overhead_pct']:+.2f}%")
+    if be != "native":
+        print(f"native backend not available here: {why}")
+    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "batch_size": a.batch_size, "preset": a.preset}
+    if dev.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(dev)
+    else:
+        try:
+            meta["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
