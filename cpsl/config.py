@@ -19,6 +19,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     synth_seed: int = 0           # seed of the embedded generator when path == "synth"
+    synth: dict = field(default_factory=dict)  # SynthSpec knob overrides, e.g. {"text_memo": 0}
 
 
 @dataclass

@@ -63,7 +63,7 @@ def train(data_path, out, preset, config, sets, seeds, epochs, modulation, no_sl
     _device_check(cfg.train.device)
     if quiet:
         cfg.train.progress = False
-    data = load_data(data_path, cfg.data.synth_seed)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
     cfg.data.path = data_path
     from .cp.penalty import resolve_backend
     if cfg.cp.modulation == "cp":
@@ -97,7 +97,7 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
     if split not in ("train", "valid", "test"):
         raise CPSLError(f"unknown split {split!r} (choose train, valid or test)")
     model, cfg, _ = load_model(ckpt, device)
-    data = load_data(data_path, cfg.data.synth_seed)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
     check_compatible(model, data, ckpt)
     if mask_modality and mask_modality not in model.modalities:
         raise CPSLError(f"--mask-modality {mask_modality!r} is not one of the model's modalities {list(model.modalities)}")
@@ -154,7 +154,7 @@ def ablate(data_path, out, seeds, epochs, preset, config, sets, variants, cp_bac
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    data = load_data(data_path, cfg.data.synth_seed)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
     cfg.data.path = data_path
     run_ablation(cfg, data, out, names, log=click.echo)
     click.echo((Path(out) / "ablation.md").read_text())

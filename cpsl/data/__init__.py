@@ -35,11 +35,20 @@ def synth_spec_from_args(seed=0, imbalance=None, text_memo=None, av_noise=None, 
     return spec
 
 
-def load_data(path: str, synth_seed: int = 0) -> MMSAData:
-    """``'synth'`` (or ``'synth:SEED'``) gives the embedded generator; anything else is an MMSA pickle."""
+def load_data(path: str, synth_seed: int = 0, synth: dict | None = None) -> MMSAData:
+    """``'synth'`` (or ``'synth:SEED'``) gives the embedded generator (``synth``: knob overrides);
+    anything else is an MMSA pickle."""
     if path == "synth" or str(path).startswith("synth:"):
-        seed = int(str(path).split(":", 1)[1]) if ":" in str(path) else synth_seed
-        return generate(SynthSpec(seed=seed))
+        try:
+            seed = int(str(path).split(":", 1)[1]) if ":" in str(path) else synth_seed
+        except ValueError:
+            raise CPSLError(f"bad synthetic data spec {path!r} (use synth or synth:SEED)") from None
+        spec = SynthSpec(seed=seed)
+        for k, v in (synth or {}).items():
+            if not hasattr(spec, k):
+                raise CPSLError(f"unknown synthetic knob {k!r} in data.synth (known: {', '.join(spec.to_dict())})")
+            setattr(spec, k, tuple(v) if isinstance(getattr(spec, k), tuple) else type(getattr(spec, k))(v))
+        return generate(spec)
     return load_mmsa(path)
 
 

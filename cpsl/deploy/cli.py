@@ -64,7 +64,7 @@ def distill(teacher, data_path, out, preset, config, sets, seeds, epochs, lambda
     if not any(s.strip().startswith("data.synth_seed") for s in sets):
         cfg.data.synth_seed = int(tck.get("config", {}).get("data", {}).get("synth_seed", cfg.data.synth_seed))
     del tck
-    data = load_data(data_path, cfg.data.synth_seed)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
     cfg.data.path = data_path
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
@@ -95,11 +95,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_checked(path, synth_seed, model, ckpt, what):
+def _load_checked(path, synth_seed, model, ckpt, what, synth=None):
     from ..data import load_data
     from ..train import check_compatible
     try:
-        d = load_data(path, synth_seed)
+        d = load_data(path, synth_seed, synth)
     except CPSLError as e:
         raise CPSLError(f"{what}: {e}") from None
     except (OSError, EOFError, ValueError, TypeError) as e:
@@ -205,14 +205,14 @@ def export(ckpt, onnx_path, precision, data_path, calib_data, calib_batches, cal
         data_path = ck.get("data_path") or cfg.data.path or "synth"
         if data_path != "synth" and not str(data_path).startswith("synth:") and not Path(data_path).is_file():
             raise CPSLError(f"the checkpoint's data {data_path} is not here; pass --data")
-    data = _load_checked(data_path, cfg.data.synth_seed, model, ckpt, "--data")
+    data = _load_checked(data_path, cfg.data.synth_seed, model, ckpt, "--data", cfg.data.synth)
     valid = data["valid"]
     if len(valid) == 0:
         raise CPSLError(f"the valid split of {data_path} is empty")
     calib = None
     if precision == "int8":
         cpath = calib_data or data_path
-        cd = data if cpath == data_path else _load_checked(cpath, cfg.data.synth_seed, model, ckpt, "--calib-data")
+        cd = data if cpath == data_path else _load_checked(cpath, cfg.data.synth_seed, model, ckpt, "--calib-data", cfg.data.synth)
         if len(cd["train"]) == 0:
             raise CPSLError(f"the train split of {cpath} is empty: nothing to calibrate on")
         calib = _calib_feeds(cd["train"], mods, calib_batches, calib_batch_size)

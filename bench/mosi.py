@@ -1,0 +1,148 @@
+"""Real-data experiments: CMU-MOSI (standard folds, valid split) with MiniLM text + openSMILE
+audio, and the tri-modal bc-LSTM feature set on its own split.
+
+    python bench/mosi.py [--data-dir ../shared/data] [--seeds 1,2,3] [--out bench/results/mosi]
+                         [--variants frozen_none,frozen_cpsl,ft_none,ft_cpsl] [--epochs N] [--bclstm]
+
+Variants (each over the seeds, valid metrics of the checkpoint selected on valid loss —
+MOSI's test fold is not in the data pack):
+  frozen_none   frozen MiniLM token states, --modulation none --no-sl
+  frozen_cpsl   frozen MiniLM token states, CP + SL (defaults)
+  ft_none       MiniLM fine-tuned end to end on text_bert (lr 2e-5), --modulation none --no-sl
+  ft_cpsl       fine-tuned, CP + SL
+plus the text-only auxiliary head of each run and a ridge regression on frozen mean-pooled
+MiniLM sentence embeddings (the reference line). Writes OUT/mosi.md and OUT/mosi.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "frozen_none": ["--modulation", "none", "--no-sl"],
+    "frozen_cpsl": [],
+    "ft_none": ["--modulation", "none", "--no-sl", "--set", "model.text_encoder=minilm", "--set", "model.finetune_text=true"],
+    "ft_cpsl": ["--set", "model.text_encoder=minilm", "--set", "model.finetune_text=true"],
+}
+KEYS = ("MAE", "Corr", "Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "Mult_acc_7")
+
+
+def sh(cmd, log):
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}; see {log}")
+    return time.time() - t0
+
+
+def ridge_baseline(pkl: Path, text_key="text") -> dict:
+    """Ridge on masked mean-pooled text features (for MiniLM token states: the sentence embedding)."""
+    from sklearn.linear_model import RidgeCV
+
+    from cpsl.data.mmsa import load_mmsa
+    from cpsl.metrics import mmsa_metrics
+    d = load_mmsa(pkl)
+
+    def pool(s):
+        x, m = s.features[text_key], s.masks(text_key)
+        return (x * m[..., None]).sum(1) / m.sum(1, keepdims=True)
+
+    r = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(pool(d["train"]), d["train"].labels)
+    return mmsa_metrics(r.predict(pool(d["valid"])), d["valid"].labels) | {"alpha": float(r.alpha_)}
+
+
+def epoch_times(run_dir: Path) -> list[float]:
+    out = []
+    for p in sorted(run_dir.glob("seed*/log.jsonl")):
+        out += [json.loads(x)["time_s"] for x in p.read_text().splitlines()]
+    return out
+
+
+def table(rows: dict, title: str) -> str:
+    lines = [f"### {title}", "", "| variant | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
+    for name, m in rows.items():
+        cells = []
+        for k in KEYS:
+            v = m.get(k)
+            cells.append("" if v is None else f"{v['mean']:.4f} ± {v['std']:.4f}" if isinstance(v, dict) else f"{v:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_set(name, pkl, variants, seeds, epochs, out, extra=()):
+    res, timing = {}, {}
+    for v in variants:
+        d = out / f"{name}_{v}"
+        cmd = [sys.executable, "-m", "cpsl", "train", "--data", str(pkl), "--out", str(d), "--seeds", seeds,
+               "--quiet", *VARIANTS[v], *extra]
+        if epochs:
+            cmd += ["--epochs", str(epochs)]
+        print(f"[{name}] {v} ...", flush=True)
+        wall = sh(cmd, out / f"{name}_{v}.log")
+        r = json.loads((d / "results.json").read_text())
+        res[v] = r["valid"]
+        res[f"{v}: text head"] = r["valid_aux"]["text"]
+        et = epoch_times(d)
+        timing[v] = {"wall_s": wall, "epoch_s_median": float(np.median(et)) if et else None, "epochs": len(et)}
+        print(f"[{name}] {v}: valid MAE {r['valid']['MAE']['mean']:.4f} ± {r['valid']['MAE']['std']:.4f}, "
+              f"Non0_acc_2 {r['valid']['Non0_acc_2']['mean']:.4f}; {timing[v]['epoch_s_median']:.1f} s/epoch", flush=True)
+    return res, timing
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("CPSL_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--bclstm", action="store_true", help="Also run the bc-LSTM set (frozen variants only).")
+    ap.add_argument("--work", default="/tmp/cpsl_mosi", help="Pickles and run folders (outside the repo).")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mosi"))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="Extra --set for every run.")
+    a = ap.parse_args(argv)
+    data = Path(a.data_dir)
+    if not (data / "mosi" / "labels.csv").is_file():
+        raise SystemExit(f"the data pack is not at {data} (pass --data-dir or set CPSL_DATA_DIR)")
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [x for s in a.sets for x in ("--set", s)]
+    report = {"seeds": a.seeds, "split": "valid", "machine": os.uname().machine, "nproc": os.cpu_count()}
+    mosi = work / "mosi_minilm.pkl"
+    if not mosi.is_file():
+        sh([sys.executable, "-m", "cpsl", "data", "build-mosi", "--labels", str(data / "mosi/labels.csv"),
+            "--audio", str(data / "mosi/audio_opensmile.csv"), "--quiet", "--out", str(mosi)], work / "build_mosi.log")
+    rows = {"ridge on frozen mean-pooled MiniLM": ridge_baseline(mosi)}
+    res, timing = run_set("mosi", mosi, [v for v in a.variants.split(",") if v], a.seeds, a.epochs, work, extra)
+    rows.update(res)
+    report["mosi"] = {"rows": rows, "timing": timing}
+    md = ["# CMU-MOSI (standard folds; valid split, mean ± std over seeds " + a.seeds + ")", "",
+          table(rows, "MOSI: MiniLM text + openSMILE audio"),
+          "Wall time per epoch (2-core CPU unless stated): " +
+          ", ".join(f"{k} {v['epoch_s_median']:.1f} s" for k, v in timing.items() if v["epoch_s_median"]), ""]
+    if a.bclstm:
+        bc = work / "bclstm.pkl"
+        if not bc.is_file():
+            sh([sys.executable, "-m", "cpsl", "data", "build-bclstm", "--train", str(data / "mosi/bclstm/train.csv"),
+                "--out", str(bc)], work / "build_bclstm.log")
+        brows = {"ridge on text features": ridge_baseline(bc)}
+        bres, btiming = run_set("bclstm", bc, ["frozen_none", "frozen_cpsl"], a.seeds, a.epochs, work, extra)
+        brows.update(bres)
+        report["bclstm"] = {"rows": brows, "timing": btiming}
+        md += [table(brows, "bc-LSTM tri-modal utterance features (its own split; validation carved by video)")]
+    (out / "mosi.json").write_text(json.dumps(report, indent=2))
+    (out / "mosi.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
