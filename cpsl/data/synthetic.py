@@ -13,6 +13,12 @@ Generative story (every number below is a knob of :class:`SynthSpec`):
    repeated on every token. The code carries no label information, but a model with enough
    capacity can memorise training labels through it: text alone can drive the *training*
    loss down (the greedy-learning trap of docs/method.md §8).
+   **Memorisation shortcut** (``text_shortcut``): in the *training* split only, text also
+   carries ``text_shortcut · s_i · u_s`` where ``s_i`` is the standardised part of the label
+   that text cannot know (``z_a + z_v + interaction·z_a·z_v``); held-out splits carry the same
+   direction with pure noise. It emulates a high-capacity pre-trained text encoder that
+   memorises the training labels: text alone can fit the training set, the weak modalities'
+   gradients fade, and held-out accuracy is left on the table unless training stays balanced.
 4. **Audio / vision** (weak, complementary): only a random ``cue_frac`` of the ``L_a``/``L_v``
    valid frames carry ``z_a·u_a`` (resp. ``z_v·u_v``) under heavy noise ``av_noise``; the rest is
    noise. They hold the part of the label text cannot explain, but it takes temporal
@@ -48,6 +54,7 @@ class SynthSpec:
     label_noise: float = 0.25
     text_noise: float = 0.5         # per-token noise of text
     text_memo: float = 3.0          # norm of the per-segment identity code in text (memorisation capacity)
+    text_shortcut: float = 0.0      # train-only text copy of the audio/visual label part (0 = off)
     av_noise: float = 1.0           # per-frame noise of audio/visual
     cue_frac: float = 0.3           # fraction of audio/visual frames that carry the cue
     cue_gain: float = 1.0           # amplitude of the audio/visual cue
@@ -79,6 +86,7 @@ def generate(spec: SynthSpec | None = None, **overrides) -> MMSAData:
         setattr(spec, k, v)
     root = np.random.default_rng(spec.seed)
     u_t, u_a, u_v = _unit(root, spec.d_text), _unit(root, spec.d_audio), _unit(root, spec.d_vision)
+    u_s = _unit(root, spec.d_text)
     # Label scale fixed on a large draw so every split shares one mapping.
     zz = root.standard_normal((3, 100_000))
     ref = spec.imbalance * zz[0] + zz[1] + zz[2] + spec.interaction * zz[1] * zz[2]
@@ -99,7 +107,12 @@ def generate(spec: SynthSpec | None = None, **overrides) -> MMSAData:
         Lt = int(spec.text_len[1])
         code = rng.standard_normal((n, spec.d_text)).astype(np.float32)
         code *= spec.text_memo / np.linalg.norm(code, axis=1, keepdims=True)
-        sig_t = (z[0][:, None, None] * u_t[None, None, :] + code[:, None, :]) * np.ones((1, Lt, 1), np.float32)
+        av = z[1] + z[2] + spec.interaction * z[1] * z[2]
+        av = av / np.sqrt(2.0 + spec.interaction ** 2)
+        noise_s = rng.standard_normal(n).astype(np.float32)
+        s_i = av if name == "train" else noise_s
+        sig_t = (z[0][:, None, None] * u_t[None, None, :] + code[:, None, :]
+                 + spec.text_shortcut * s_i[:, None, None] * u_s[None, None, :]) * np.ones((1, Lt, 1), np.float32)
         text = _sequences(rng, n, spec.d_text, lt, sig_t.astype(np.float32), spec.text_noise)
 
         feats = {"text": text}
