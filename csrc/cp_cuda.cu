@@ -1,6 +1,21 @@
-// CUDA path of the cpsl native core.
+// CUDA path of the cpsl native core: Conflict-aware Penalty statistics and scaling.
+//
+// cp_stats: ONE launch. Blocks grid-stride over the chunk table (cp.h); each block reduces
+// a chunk's sum of squares (fp32 over 8 elements per thread step, then float64) with a
+// fixed-order block reduction into partials[chunk]. The last block to finish (atomic
+// counter + __threadfence) sums the partials of each group in table order, runs the
+// float64 penalty stage (the same code as the CPU path) and writes the stats buffer, then
+// resets the counter to zero: no host synchronisation, CUDA-graph capturable, and the
+// result does not depend on the grid size (bit-identical run to run).
+// cp_scale: grad *= (float)k[group], grid-stride over chunks; chunks whose factor is
+// exactly 1 are skipped (the factor is read on the device).
+// 16-byte vector loads/stores when a chunk's pointer is 16-byte aligned (the usual case:
+// allocator blocks are 512-byte aligned and chunk lengths are multiples of 8 elements).
 #include <cuda_runtime.h>
+
+#include <stdexcept>
 #include <string>
+
 #include "cp.h"
 
 namespace cpsl {
@@ -20,6 +35,264 @@ std::string cuda_runtime_info() {
   if (cudaDriverGetVersion(&drv) != cudaSuccess) { cudaGetLastError(); drv = 0; }
   return "runtime " + std::to_string(rt / 1000) + "." + std::to_string((rt % 1000) / 10) +
          ", driver " + (drv ? std::to_string(drv / 1000) + "." + std::to_string((drv % 1000) / 10) : std::string("none"));
+}
+
+int cuda_pointer_location(const void* p) {
+  cudaPointerAttributes a;
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  switch (a.type) {
+    case cudaMemoryTypeDevice: return a.device;
+    case cudaMemoryTypeHost: return -2;
+    case cudaMemoryTypeManaged: return -3;
+    default: return -1;
+  }
+}
+
+namespace {
+
+constexpr int kBlock = 512;
+constexpr int kWarps = kBlock / 32;
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+struct DeviceGuard {
+  int prev = -1, want = -1;
+  explicit DeviceGuard(int device) : want(device) {
+    check_cuda(cudaGetDevice(&prev), "cudaGetDevice");
+    if (prev != want) check_cuda(cudaSetDevice(want), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (prev >= 0 && prev != want) cudaSetDevice(prev);
+  }
+};
+
+// ------------------------------------------------------------------ element access
+// Each accessor decodes / encodes one 16-byte vector (kPer elements).
+struct F32 {
+  static constexpr int kPer = 4;
+  __device__ static __forceinline__ float get(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+  __device__ static __forceinline__ void put(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
+  __device__ static __forceinline__ void decode(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+  }
+  __device__ static __forceinline__ uint4 encode(const float* f) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  }
+};
+
+template <bool kBF>
+struct Half16 {  // float16 (kBF false) or bfloat16 (kBF true), both stored as 16 bits
+  static constexpr int kPer = 8;
+  __device__ static __forceinline__ float to_f(uint16_t h) { return kBF ? bf16_to_float(h) : half_to_float(h); }
+  __device__ static __forceinline__ uint16_t from_f(float f) { return kBF ? float_to_bf16(f) : float_to_half(f); }
+  __device__ static __forceinline__ float get(const void* p, int64_t i) { return to_f(static_cast<const uint16_t*>(p)[i]); }
+  __device__ static __forceinline__ void put(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = from_f(v); }
+  __device__ static __forceinline__ void decode(const uint4& u, float* f) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      f[2 * j] = to_f(static_cast<uint16_t>(w[j] & 0xffffu));
+      f[2 * j + 1] = to_f(static_cast<uint16_t>(w[j] >> 16));
+    }
+  }
+  __device__ static __forceinline__ uint4 encode(const float* f) {
+    unsigned w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      w[j] = static_cast<unsigned>(from_f(f[2 * j])) | (static_cast<unsigned>(from_f(f[2 * j + 1])) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+using F16 = Half16<false>;
+using BF16 = Half16<true>;
+
+// ------------------------------------------------------------------ reductions
+// Fixed-order block reduction; the result is valid in thread 0.
+__device__ __forceinline__ double block_sum(double v, double* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // smem is free (previous use finished)
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? smem[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+// This thread's share of a chunk's sum of squares.
+template <class A>
+__device__ __forceinline__ double thread_sumsq(const void* x, int64_t n) {
+  double acc = 0.0;
+  int64_t tail_begin = 0;
+  if ((reinterpret_cast<std::uintptr_t>(x) & 15u) == 0) {
+    const uint4* xv = static_cast<const uint4*>(x);
+    const int64_t nv = n / A::kPer;
+    int64_t j = threadIdx.x;
+    for (; j + kBlock < nv; j += 2 * kBlock) {  // two loads in flight per thread
+      const uint4 ua = __ldg(xv + j), ub = __ldg(xv + j + kBlock);
+      float fa[A::kPer], fb[A::kPer];
+      A::decode(ua, fa);
+      A::decode(ub, fb);
+      float s = 0.0f;
+#pragma unroll
+      for (int e = 0; e < A::kPer; ++e) s = fmaf(fa[e], fa[e], s);
+      float t = 0.0f;
+#pragma unroll
+      for (int e = 0; e < A::kPer; ++e) t = fmaf(fb[e], fb[e], t);
+      acc += static_cast<double>(s) + static_cast<double>(t);
+    }
+    for (; j < nv; j += kBlock) {
+      float fa[A::kPer];
+      A::decode(__ldg(xv + j), fa);
+      float s = 0.0f;
+#pragma unroll
+      for (int e = 0; e < A::kPer; ++e) s = fmaf(fa[e], fa[e], s);
+      acc += static_cast<double>(s);
+    }
+    tail_begin = nv * A::kPer;
+  }
+  for (int64_t i = tail_begin + threadIdx.x; i < n; i += kBlock) {
+    const double v = A::get(x, i);
+    acc += v * v;
+  }
+  return acc;
+}
+
+template <class A>
+__device__ __forceinline__ void thread_scale(void* x, int64_t n, float k) {
+  int64_t tail_begin = 0;
+  if ((reinterpret_cast<std::uintptr_t>(x) & 15u) == 0) {
+    uint4* xv = static_cast<uint4*>(x);
+    const int64_t nv = n / A::kPer;
+    for (int64_t j = threadIdx.x; j < nv; j += kBlock) {
+      float f[A::kPer];
+      A::decode(xv[j], f);
+#pragma unroll
+      for (int e = 0; e < A::kPer; ++e) f[e] *= k;
+      xv[j] = A::encode(f);
+    }
+    tail_begin = nv * A::kPer;
+  }
+  for (int64_t i = tail_begin + threadIdx.x; i < n; i += kBlock) A::put(x, i, A::get(x, i) * k);
+}
+
+// ------------------------------------------------------------------ kernels
+__global__ void __launch_bounds__(kBlock)
+    cp_stats_kernel(const int64_t* __restrict__ table, int64_t n_chunks, const int64_t* __restrict__ group_info,
+                    int G, double* __restrict__ partials, unsigned int* __restrict__ counter,
+                    double* __restrict__ stats, PenaltyArgs pa) {
+  __shared__ double smem[kWarps];
+  __shared__ bool is_last;
+  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+    const int64_t* row = table + kRowSize * c;
+    const void* p = reinterpret_cast<const void*>(static_cast<std::uintptr_t>(row[0]));
+    const int64_t n = row[1];
+    double acc = 0.0;
+    switch (row[2]) {
+      case kFloat32: acc = thread_sumsq<F32>(p, n); break;
+      case kFloat16: acc = thread_sumsq<F16>(p, n); break;
+      case kBFloat16: acc = thread_sumsq<BF16>(p, n); break;
+      default: break;  // validated on the host; never reached
+    }
+    acc = block_sum(acc, smem);
+    if (threadIdx.x == 0) partials[c] = acc;
+  }
+  // last-block-done: publish this block's partials, then count it
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int m = 0; m < G; ++m) {
+    const int64_t b = group_info[kGroupInfoSize * m + 1], e = group_info[kGroupInfoSize * m + 2];
+    double s = 0.0;
+    for (int64_t c = b + threadIdx.x; c < e; c += kBlock) s += __ldcg(partials + c);  // L2, not a stale L1
+    s = block_sum(s, smem);
+    if (threadIdx.x == 0) stats[m] = s;
+  }
+  if (threadIdx.x == 0) {
+    penalty_stage(stats, group_info, G, pa, stats);
+    *counter = 0u;  // ready for the next launch / graph replay
+  }
+}
+
+__global__ void __launch_bounds__(kBlock)
+    cp_scale_kernel(const int64_t* __restrict__ table, int64_t n_chunks, int G, const double* __restrict__ stats) {
+  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+    const int64_t* row = table + kRowSize * c;
+    const int64_t g = row[3];
+    if (g < 0 || g >= G) continue;
+    const float k = static_cast<float>(stats[3 * G + g]);
+    if (k == 1.0f) continue;  // x * 1.0f == x: nothing to write
+    void* p = reinterpret_cast<void*>(static_cast<std::uintptr_t>(row[0]));
+    switch (row[2]) {
+      case kFloat32: thread_scale<F32>(p, row[1], k); break;
+      case kFloat16: thread_scale<F16>(p, row[1], k); break;
+      case kBFloat16: thread_scale<BF16>(p, row[1], k); break;
+      default: break;
+    }
+  }
+}
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+
+void check_args(const int64_t* table, int64_t n_chunks, int G, int device) {
+  if (n_chunks < 0) bad("n_chunks must be >= 0, got " + std::to_string(n_chunks));
+  if (n_chunks > 0 && table == nullptr) bad("table is a null pointer");
+  if (G < 1 || G > kMaxGroups)
+    bad("n_groups must be in [1, " + std::to_string(kMaxGroups) + "], got " + std::to_string(G));
+  if (device < 0) bad("device must be a CUDA device index >= 0, got " + std::to_string(device));
+}
+
+// Enough blocks to fill the device once (resident blocks per SM from the occupancy
+// calculator), never more than there are chunks. The result does not depend on it.
+template <class Kernel>
+int grid_for(Kernel kernel, int64_t n_chunks, int device) {
+  int sms = 0, per_sm = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  int64_t g = static_cast<int64_t>(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
+  if (n_chunks < g) g = n_chunks;
+  return static_cast<int>(g < 1 ? 1 : g);
+}
+
+}  // namespace
+
+void cp_stats_cuda(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G, double* partials,
+                   unsigned int* counter, double* stats, const PenaltyArgs& pa, int device, std::uintptr_t stream) {
+  check_args(table, n_chunks, G, device);
+  if (group_info == nullptr) bad("group_info is a null pointer");
+  if (n_chunks > 0 && partials == nullptr) bad("partials is a null pointer");
+  if (counter == nullptr) bad("counter is a null pointer");
+  if (stats == nullptr) bad("stats is a null pointer");
+  DeviceGuard guard(device);
+  const int grid = grid_for(cp_stats_kernel, n_chunks, device);
+  cp_stats_kernel<<<grid, kBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(table, n_chunks, group_info, G,
+                                                                               partials, counter, stats, pa);
+  check_cuda(cudaGetLastError(), "cp_stats kernel launch");
+}
+
+void cp_scale_cuda(const int64_t* table, int64_t n_chunks, int G, const double* stats, int device,
+                   std::uintptr_t stream) {
+  check_args(table, n_chunks, G, device);
+  if (stats == nullptr) bad("stats is a null pointer");
+  if (n_chunks == 0) return;
+  DeviceGuard guard(device);
+  const int grid = grid_for(cp_scale_kernel, n_chunks, device);
+  cp_scale_kernel<<<grid, kBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(table, n_chunks, G, stats);
+  check_cuda(cudaGetLastError(), "cp_scale kernel launch");
 }
 
 }  // namespace cpsl

@@ -2,12 +2,18 @@
 
 No host synchronisation: per-step constants (group index, element counts, active groups) are
 cached device tensors keyed by the step's gradient layout.
+
+On CPU, ``torch._foreach_norm`` accumulates each tensor serially in fp32 (relative error ~1e-4
+on a 23 M-element embedding), so tensors are viewed as chunks of ``CPU_CHUNK`` elements whose
+fp32 norms are accurate, and the chunks' squares are summed in float64.
 """
 from __future__ import annotations
 
 import torch
 
 from .core import Backend, CPStats, PenaltyParams, penalty_tensor, register_backend
+
+CPU_CHUNK = 1 << 16
 
 
 class ForeachBackend(Backend):
@@ -23,13 +29,16 @@ class ForeachBackend(Backend):
                tuple(grads[i].numel() for i in present))
         hit = self._cache.get(key)
         if hit is None:
-            gidx = [group_index[i] for i in present]
+            split = device.type == "cpu"
+            pieces = [(-(-grads[i].numel() // CPU_CHUNK) if split else 1) for i in present]
+            gidx = [group_index[i] for i, n in zip(present, pieces) for _ in range(n)]
             numel = [0] * n_groups
             for i in present:
                 numel[group_index[i]] += grads[i].numel()
             by_group = [[j for j, i in enumerate(present) if group_index[i] == m] for m in range(n_groups)]
             hit = {
                 "present": present,
+                "pieces": pieces,
                 "gidx": torch.tensor(gidx, dtype=torch.long, device=device),
                 "numel": torch.tensor(numel, dtype=torch.float64, device=device),
                 "active": torch.tensor([n > 0 for n in numel], dtype=torch.bool, device=device),
@@ -43,7 +52,10 @@ class ForeachBackend(Backend):
 
     def compute(self, grads, group_index, n_groups, p: PenaltyParams, w: float) -> torch.Tensor:
         lay = self._layout(grads, group_index, n_groups)
-        tensors = [grads[i] for i in lay["present"]]
+        tensors = []
+        for i, n in zip(lay["present"], lay["pieces"]):
+            g = grads[i]
+            tensors.extend(g.reshape(-1).split(CPU_CHUNK) if n > 1 else (g,))
         sumsq = torch.zeros(n_groups, dtype=torch.float64, device=lay["device"])
         if tensors:
             norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
