@@ -710,8 +710,8 @@ def next_steps(targets, rows, profiles, breakdown, sizes) -> dict:
             b32_32, b32_8 = s32["latency"].get("b32", {}).get("p50_ms"), s8["latency"].get("b32", {}).get("p50_ms")
             if b32_32 and b32_8:
                 steps.append(f"at batch 32 int8 runs at {b32_32 / b32_8:.2f}x of fp32")
-        steps.append("re-export with `--no-quantize-attention` (keeps the activation x activation MatMuls QK^T "
-                     "and AV in float, removing their Q/DQ pairs) or quantize only the large projection MatMuls")
+        steps.append("quantize only the large projection MatMuls (the attention MatMuls QK^T and AV already "
+                     "stay in float by default) or ship the fp32 student on CPU")
         steps.append("rerun on an idle machine with all cores (`--threads` = core count); on the Jetson the "
                      "number that decides is TensorRT's (`--device cuda`)")
         out["speedup_int8_vs_teacher_b1"] = {"explanation": lines, "next_step": "; ".join(steps) + "."}
@@ -730,7 +730,7 @@ def next_steps(targets, rows, profiles, breakdown, sizes) -> dict:
                          f"max |Δ| {_f(b.get('int8_vs_fp32_max_abs'), '{:.4f}')}.")
         dom = b.get("dominant_loss")
         if dom == "quantization":
-            step = ("the loss is in quantization: re-export with `--no-quantize-attention`, more calibration "
+            step = ("the loss is in quantization: more calibration "
                     "batches or `--calib-method entropy|minmax`, or keep the first projection in float; "
                     "quantization-aware fine-tuning if that is not enough.")
         elif dom == "distillation":

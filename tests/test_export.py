@@ -202,8 +202,17 @@ def test_int8_every_dequantize_reads_int8_with_zero_point_0(int8):
             assert vals[qn.input[2]].dtype == np.int8 and not vals[qn.input[2]].any()
             assert vals[qn.input[1]].size == 1                      # per-tensor activation scale
     # every MatMul/Gemm/Conv reads dequantized int8 on both inputs; per-channel weight axes
+    # QKᵀ and AV stay float by default (--quantize-attention): exactly the recorded exclusions,
+    # two per attention block (self-attention layers + cross-modal pairs of the student)
+    float_attention = set(info["excluded_nodes"])
+    float_mm = {n.name for n in m.graph.node if n.op_type == "MatMul"
+                and not all(prod.get(x) is not None and prod[x].op_type == "DequantizeLinear" for x in n.input[:2])}
+    assert float_mm == float_attention and len(float_attention) % 2 == 0 and float_attention
     for n in m.graph.node:
-        if n.op_type in ("MatMul", "Gemm", "Conv"):
+        if n.name in float_attention:   # both inputs are activations, never weights
+            assert not any(x in vals for x in n.input)
+    for n in m.graph.node:
+        if n.op_type in ("MatMul", "Gemm", "Conv") and n.name not in float_attention:
             ps = [prod.get(x) for x in n.input[:2]]
             assert all(p is not None and p.op_type == "DequantizeLinear" for p in ps), n.name
             w = ps[1]

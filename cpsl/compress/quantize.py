@@ -161,7 +161,7 @@ def activation_matmuls(model) -> list[str]:
 
 
 def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], method: str = "percentile",
-                  percentile: float = 99.999, quantize_attention: bool = True,
+                  percentile: float = 99.999, quantize_attention: bool = False,
                   op_types=("MatMul", "Gemm", "Conv")) -> dict:
     """Write an explicit-Q/DQ int8 copy of ``fp32_model`` (path or ModelProto) to ``out_path``.
 

@@ -152,8 +152,9 @@ def _silence():
 @click.option("--calib-batch-size", default=32, show_default=True, type=int)
 @click.option("--calib-method", default="percentile", show_default=True,
               type=click.Choice(["minmax", "percentile", "entropy"]), help="int8: activation range calibration.")
-@click.option("--quantize-attention/--no-quantize-attention", default=True, show_default=True,
-              help="int8: also quantize the activation×activation MatMuls (QKᵀ, AV).")
+@click.option("--quantize-attention/--no-quantize-attention", default=False, show_default=True,
+              help="int8: also quantize the activation×activation MatMuls (QKᵀ, AV); off by default: "
+                   "at MSA sequence lengths their Q/DQ pairs cost more than they save (bench/results).")
 @click.option("--trt", is_flag=True, help="Build a TensorRT engine (.plan) here when `import tensorrt` works.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (13-20).")
 @click.option("--max-batch", default=64, show_default=True, type=int, help="Engine profile: largest batch.")
