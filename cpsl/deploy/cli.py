@@ -38,31 +38,20 @@ def distill(teacher, data_path, out, preset, config, sets, seeds, epochs, lambda
             device, no_cache, quiet):
     """Distil a teacher checkpoint into a small student; writes OUT/results.json (+ teacher, retention)."""
     from ..compress.distill import distill as run_distill
-    from ..config import apply_overrides, build_config
     from ..data import load_data
     from ..metrics import format_table
     from ..train import read_checkpoint
+    from ..train_cli import _common_config, _device_check
 
-    cfg = build_config(preset, config, sets)
-    if seeds:
-        try:
-            cfg.train.seeds = [int(s) for s in str(seeds).split(",") if s.strip()]
-        except ValueError:
-            raise CPSLError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    if epochs is not None:
-        cfg.train.epochs = int(epochs)
-    if device:
-        cfg.train.device = device
+    cfg = _common_config(preset, config, sets, seeds, epochs, device=device)
     if quiet:
         cfg.train.progress = False
-    apply_overrides(cfg, ())
-    if cfg.train.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise CPSLError(f"device {cfg.train.device!r} requested but torch sees no CUDA GPU")
+    _device_check(cfg.train.device)
     tck = read_checkpoint(teacher)
     if not any(s.strip().startswith("data.synth_seed") for s in sets):
         cfg.data.synth_seed = int(tck.get("config", {}).get("data", {}).get("synth_seed", cfg.data.synth_seed))
+    if not any(s.strip().startswith("data.synth=") for s in sets):
+        cfg.data.synth = dict(tck.get("config", {}).get("data", {}).get("synth", {}) or {})
     del tck
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
     cfg.data.path = data_path
