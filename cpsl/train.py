@@ -282,9 +282,7 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
         else:
             bad_epochs += 1
         rec = {"epoch": epoch, "train": train_terms, "valid": ev["metrics"],
-               "valid_aux": ev["aux"], "balance": balance.summary(),
-               "cp_weight": (balance.summary() or {}) and None, "time_s": time.perf_counter() - t0}
-        rec.pop("cp_weight")
+               "valid_aux": ev["aux"], "balance": balance.summary(), "time_s": time.perf_counter() - t0}
         history.append(rec)
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
