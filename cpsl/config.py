@@ -70,6 +70,7 @@ class CPConfig:
     ramp_epochs: int = 0
     end_epoch: int = 1_000_000
     ge_noise: float = 0.0         # σ_GE of the optional generalisation noise (0 = off)
+    diagnostics: bool = True      # modulation none: still measure ĝ/r/conflicts for the balance plots
     ogm_alpha: float = 0.1        # OGM-GE's α
     # parameter groups: modality -> module-name prefixes ("" = the modality's AME encoder)
     groups: dict = field(default_factory=dict)

@@ -70,7 +70,7 @@ def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list], extr
 def build_modulator(cfg: Config, model: CPSLModel, optimizer, device):
     groups = model.modality_parameters(cfg.cp.groups or None)
     if cfg.cp.modulation == "none":
-        return NoModulation(groups)
+        return NoModulation(groups, cfg.cp, diagnostics=cfg.cp.diagnostics, device=device)
     if cfg.cp.modulation == "ogm_ge":
         return OGMGE(groups, cfg.cp)
     return ConflictAwarePenalty(groups, cfg.cp, optimizer=optimizer if cfg.cp.mode == "update" else None,

@@ -247,3 +247,17 @@ def test_ogm_ge_step_scales_the_dominant_encoder():
     assert s.k[0].item() == pytest.approx(1 - math.tanh(0.5 * 2.0)) and s.k[1] == 1
     torch.testing.assert_close(enc["text"].weight.grad, before["text.weight"] * s.k[0].float())
     torch.testing.assert_close(enc["audio"].weight.grad, before["audio.weight"])
+
+
+def test_no_modulation_still_measures_the_balance_and_changes_nothing():
+    from cpsl.cp.baselines import NoModulation
+    enc = _toy()
+    groups = {m: list(enc[m].parameters()) for m in enc}
+    none = NoModulation(groups, CPConfig(backend="foreach"))
+    _backward(enc)
+    before = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    s = none.step(0)
+    assert s.conflict.tolist() == [1.0, 0.0] and s.r[0] > 1.2       # the imbalance is detected...
+    assert s.k.tolist() == [1.0, 1.0]                                # ...and nothing is applied
+    assert all(torch.equal(before[n], p.grad) for n, p in enc.named_parameters())
+    assert NoModulation(groups, CPConfig(), diagnostics=False).step(0) is None

@@ -191,3 +191,16 @@ def test_two_modality_training(tmp_path):
     assert r.exit_code == 0, r.output
     res = read(tmp_path / "o" / "results.json")
     assert res["modalities"] == ["text", "audio"] and set(res["test_aux"]) == {"text", "audio"}
+
+
+@pytest.mark.parametrize("modulation", ["none", "ogm_ge"])
+def test_every_run_logs_balance_diagnostics(tiny_pkl, tmp_path, modulation):
+    r = cli("train", "--data", tiny_pkl, "--out", tmp_path, "--epochs", 1, "--modulation", modulation,
+            "--cp-backend", "foreach", *TINY)
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "seed1" / "log.jsonl").read_text().splitlines()[0])
+    b = rec["balance"]
+    assert set(b["ghat"]) == {"text", "audio", "vision"} and all(v > 0 for v in b["ghat"].values())
+    assert sum(b["r"].values()) == pytest.approx(3.0, rel=1e-6)     # r = ĝ / mean ĝ
+    if modulation == "none":
+        assert all(v == 1.0 for v in b["k"].values())               # measured, never applied

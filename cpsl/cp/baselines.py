@@ -27,13 +27,24 @@ def ogm_ge_coefficients(scores: torch.Tensor, alpha: float) -> tuple[torch.Tenso
 
 
 class NoModulation:
+    """Plain joint training. With ``diagnostics`` it still measures the CP rule's statistics
+    (``ĝ_m``, ``r_m``, conflict flags; ``k`` stays 1 because nothing is applied) so that the
+    balance trajectories of every run can be compared."""
+
     backend_name = "none"
 
-    def __init__(self, names):
-        self.names = tuple(names)
+    def __init__(self, groups: dict, cfg=None, diagnostics: bool = True, device=None):
+        self.names = tuple(groups)
+        self._probe = None
+        if diagnostics and cfg is not None:
+            from .penalty import ConflictAwarePenalty
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._probe = ConflictAwarePenalty(groups, cfg, optimizer=None, device=device, apply=False)
 
     def step(self, epoch: int, terms: dict | None = None):
-        return None
+        return None if self._probe is None else self._probe.step(epoch, terms)
 
 
 class OGMGE:
@@ -66,7 +77,8 @@ class OGMGE:
         norms = torch.stack([torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.groups[n] if p.grad is not None)
                                         if any(p.grad is not None for p in self.groups[n]) else torch.zeros((), dtype=torch.float64))
                              for n in self.names])
-        return StepStats(self.names, norms, rho, k, conflict, torch.zeros((), dtype=k.dtype), w)
+        r = norms / norms.mean().clamp(min=1e-30)   # same r as CP's (ρ, the score ratio, drives k)
+        return StepStats(self.names, norms, r, k, conflict, torch.zeros((), dtype=k.dtype), w)
 
 
 def ogm_scores(aux: dict, y: torch.Tensor, kind: str = "l1") -> dict[str, torch.Tensor]:

@@ -66,7 +66,7 @@ def _takes_device(be) -> bool:
 
 class ConflictAwarePenalty:
     def __init__(self, groups: dict[str, list[torch.nn.Parameter]], cfg, optimizer=None,
-                 backend: str | None = None, device=None):
+                 backend: str | None = None, device=None, apply: bool = True):
         self.names = tuple(groups)
         self.params: list[torch.nn.Parameter] = []
         self.group_index: list[int] = []
@@ -82,7 +82,7 @@ class ConflictAwarePenalty:
             warnings.warn(f"CP backend 'native' unavailable ({why}); using 'foreach'", stacklevel=2)
         self.backend_name = name
         self.backend = get_backend(name)
-        self.mode = cfg.mode
+        self.mode = cfg.mode if apply else "measure"   # "measure": statistics only (k reported as 1)
         self.optimizer = optimizer
         self._lr_slots: dict[int, list[tuple[dict, torch.Tensor]]] = {}
         if self.mode == "update":
@@ -119,12 +119,16 @@ class ConflictAwarePenalty:
     # ------------------------------------------------------------------ the step
     def compute(self, epoch: int) -> tuple[torch.Tensor, float]:
         w = schedule_weight(epoch, self.cfg.start_epoch, self.cfg.ramp_epochs, self.cfg.end_epoch)
+        if self.mode == "measure":
+            w = 0.0
         return self.backend.compute(self._grads(), self.group_index, len(self.names), self.p, w), w
 
     def step(self, epoch: int, terms: dict | None = None) -> StepStats:
         stats, w = self.compute(epoch)
         st = CPStats.unpack(stats, len(self.names))
         grads = self._grads()
+        if self.mode == "measure":
+            return StepStats(self.names, st.ghat, st.r, st.k, st.conflict, st.guard, w)
         if self.cfg.ge_noise > 0:
             self._ge_noise(grads, st)
         if self.mode == "grad":
