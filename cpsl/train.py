@@ -82,7 +82,7 @@ def build_modulator(cfg: Config, model: CPSLModel, optimizer, device):
 def predict(model: CPSLModel, split: Split, batch_size: int, device, mask_modality: str | None = None):
     """Fused and unimodal predictions on a split: (pred (N,), aux {m: (N,)}, labels (N,))."""
     model.eval()
-    preds, aux, = [], {m: [] for m in model.modalities}
+    preds, aux = [], {m: [] for m in model.modalities}
     for b in iterate(split, batch_size, modalities=model.modalities):
         b = b.to(device)
         if mask_modality:
