@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,8 @@ import torch
 from cpsl.cp import core
 from cpsl.cp.core import CPStats, PenaltyParams, get_backend, penalty_tensor, stats_size
 from cpsl.cp.reference import reference_stats
+
+from benchkit.machine import base_info  # bench/ is sys.path[0]
 
 GROUPS = ("text", "audio", "visual")
 
@@ -206,21 +207,7 @@ def bandwidth(nbytes: int, device, reps: int = 20) -> dict:
 
 
 def machine_info(device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
+    info = base_info(str(device))
     try:
         from cpsl import _C
         info["cpsl_C"] = dict(_C.build_info())
@@ -350,11 +337,11 @@ def main(argv=None) -> int:
     big = max(5, small // 10)
     budget_s = 4.0 if args.quick else 15.0  # per backend and set: slow backends get fewer reps (>= 3)
     info = machine_info(device)
-    print(f"machine: {info.get('gpu', info['cpu'])}; torch {info['torch']}, {info['torch_threads']} threads")
+    print(f"machine: {info.get('gpu') or info['cpu']}; torch {info['torch']}, {info['threads']} threads")
     rows, checks = run(device, {"small": small, "bert_like": big}, budget_s, args.quick)
     if hasattr(os, "getloadavg"):  # other processes on the machine skew the timings: say so
         info["loadavg_at_end"] = os.getloadavg()
-        print(f"load average at start {info['loadavg_at_start']}, at end {info['loadavg_at_end']}")
+        print(f"load average at start {info['loadavg_start']}, at end {info['loadavg_at_end']}")
     print_table(rows)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

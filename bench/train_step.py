@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from benchkit.machine import base_info  # bench/ is sys.path[0]
 
 
 def main(argv=None):
@@ -81,15 +81,7 @@ def main(argv=None):
         print(f"{r['variant']:12s} overhead vs none: {r['overhead_pct']:+.2f}%")
     if be != "native":
         print(f"native backend not available here: {why}")
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "batch_size": a.batch_size, "preset": a.preset}
-    if dev.type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(dev)
-    else:
-        try:
-            meta["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+    meta = {"machine": base_info(str(dev)), "batch_size": a.batch_size, "preset": a.preset}
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "rows": results}, f, indent=2)

@@ -36,7 +36,8 @@ class ModelConfig:
     norm_momentum: float = 0.1    # running statistics of the adaptive input normalisation
     max_len: int = 512            # longest sequence the positional encoding covers
     ame: bool = True              # False: plain projection + mean pooling
-    fusion: str = "gcf"           # "gcf" (gated cross-modal fusion) | "concat"
+    fusion: str = field(default="gcf", metadata={"choices": ("gcf", "concat"),
+                                                "help": "gcf (gated cross-modal fusion) or concat."})
     head_hidden: int = 0          # hidden width of the heads (0: = d)
     # End-to-end text: run a pretrained encoder on text_bert ids ("" = use the text features).
     text_encoder: str = ""        # "", "minilm" or a local Hugging Face folder
@@ -45,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    task: str = "l1"              # l1 | mse | smoothl1
+    task: str = field(default="l1", metadata={"choices": ("l1", "mse", "smoothl1"), "help": "Task loss."})
     aux: float = 0.1
     rec: float = 0.1
     sl: float = 0.05
@@ -57,11 +58,14 @@ class LossConfig:
 
 @dataclass
 class CPConfig:
-    modulation: str = "cp"        # cp | ogm_ge | none
-    backend: str = "auto"         # auto (native if built, else foreach) | native | foreach | reference
-    mode: str = "update"          # update (per-group lr, default with AdamW) | grad
+    modulation: str = field(default="cp", metadata={"choices": ("cp", "ogm_ge", "none"),
+                                                    "help": "Gradient modulation."})
+    backend: str = field(default="auto", metadata={"choices": ("auto", "native", "foreach", "reference"),
+                                                   "help": "CP backend (auto: native when built, else foreach)."})
+    mode: str = field(default="update", metadata={"choices": ("update", "grad"),
+                                                  "help": "update (per-group lr, default with AdamW) or grad."})
     tau: float = 1.2
-    penalty: str = "tanh"         # tanh | fixed
+    penalty: str = field(default="tanh", metadata={"choices": ("tanh", "fixed"), "help": "Penalty rule."})
     alpha: float = 0.5
     k_min: float = 0.1
     beta: float = 0.5
@@ -78,16 +82,18 @@ class CPConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = field(default=30, metadata={"help": "Maximum epochs (early stopping on valid loss still applies)."})
     patience: int = 8
     lr: float = 1e-3
     text_lr: float = 2e-5         # learning rate of a fine-tuned pretrained text encoder
     weight_decay: float = 1e-4
     clip: float = 1.0             # max grad norm (0 = off)
     seeds: list = field(default_factory=lambda: [1])
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     num_threads: int = 0          # torch CPU threads (0 = leave torch's default)
     progress: bool = True
+    tensorboard: bool = field(default=False, metadata={
+        "help": "Also write every logged scalar to OUT/seed*/tb (needs the tensorboard package)."})
 
 
 @dataclass
@@ -248,14 +254,13 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     return cfg
 
 
-_CHOICES = {
-    ("loss", "task"): ("l1", "mse", "smoothl1"),
-    ("model", "fusion"): ("gcf", "concat"),
-    ("cp", "modulation"): ("cp", "ogm_ge", "none"),
-    ("cp", "backend"): ("auto", "native", "foreach", "reference"),
-    ("cp", "mode"): ("update", "grad"),
-    ("cp", "penalty"): ("tanh", "fixed"),
-}
+def field_choices(section_cls) -> dict[str, tuple]:
+    """``{key: choices}`` of a config section, from the ``choices`` metadata of its fields."""
+    return {f.name: f.metadata["choices"] for f in fields(section_cls) if "choices" in f.metadata}
+
+
+# the allowed values of every string option, declared once on the fields above
+_CHOICES = {(f.name, k): c for f in fields(Config) for k, c in field_choices(f.default_factory).items()}
 
 
 def validate(cfg: Config) -> None:

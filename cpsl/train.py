@@ -23,12 +23,13 @@ import torch
 from .config import Config
 from .cp.baselines import OGMGE, NoModulation, ogm_scores
 from .cp.penalty import ConflictAwarePenalty
-from .data.batch import iterate, n_batches
+from .data.batch import iterate
 from .data.mmsa import MMSAData, Split
 from .errors import CPSLError
 from .losses import task_loss, total_loss
 from .metrics import METRIC_KEYS, mean_std, mmsa_metrics
 from .model import CPSLModel
+from .tblog import ScalarLog
 
 CKPT_FORMAT = "cpsl-ckpt-1"
 
@@ -233,6 +234,7 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     elif resume:
         log(f"seed {seed}: nothing to resume in {out}; starting fresh")
     log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    tb = ScalarLog(out / "tb", cfg.train.tensorboard)     # every scalar of log.jsonl, when asked
     # built after any optimizer state is loaded: update mode holds the live param groups
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
@@ -286,6 +288,7 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
         history.append(rec)
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        tb.add(rec, epoch)
         extra = {"best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                  "history": history, "seed": seed, "data_path": data.path,
                  "extra_loss": extra_loss.state_dict() if extra_loss is not None else None}
@@ -298,6 +301,7 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
             log(f"seed {seed}: early stop at epoch {epoch} (best {best_epoch})")
             break
     bar.close()
+    tb.close()
     # the selected checkpoint, evaluated once on valid and test
     best, _, _ = load_model(out / "best.pt", device)
     res = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history),

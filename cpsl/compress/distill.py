@@ -29,8 +29,9 @@ from ..data.batch import iterate
 from ..data.mmsa import MMSAData, Split
 from ..errors import CPSLError
 from ..model import CPSLModel
+from .settings import DistillSettings
 
-MAX_PARAM_RATIO = 0.15
+MAX_PARAM_RATIO = DistillSettings.max_ratio
 
 
 @torch.no_grad()
@@ -114,8 +115,9 @@ def retention(student: dict, teacher: dict) -> dict:
             "MAE_increase_rel": float((student["MAE"] - teacher["MAE"]) / teacher["MAE"]) if teacher["MAE"] else float("nan")}
 
 
-def distill(teacher_ckpt: str | Path, data: MMSAData, cfg: Config, out: str | Path, lambda_kd: float = 1.0,
-            lambda_hint: float = 0.1, max_ratio: float = MAX_PARAM_RATIO, cache: bool = True, log=print) -> dict:
+def distill(teacher_ckpt: str | Path, data: MMSAData, cfg: Config, out: str | Path,
+            lambda_kd: float = DistillSettings.lambda_kd, lambda_hint: float = DistillSettings.lambda_hint,
+            max_ratio: float = MAX_PARAM_RATIO, cache: bool = True, log=print) -> dict:
     """Train ``cfg.train.seeds`` students against the teacher checkpoint; write ``out/results.json``
     (``cpsl train``'s layout plus ``teacher``, ``retention`` and ``distill``) and return it."""
     from ..metrics import METRIC_KEYS

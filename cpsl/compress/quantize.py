@@ -233,7 +233,6 @@ def check_qdq(model) -> dict:
     Conv (0). Returns counts for the manifest."""
     import onnx
 
-    from ..deploy.onnx import non_standard_ops
     if isinstance(model, (str, Path)):
         model = onnx.load(str(model))
     g = model.graph
@@ -310,3 +309,8 @@ def check_qdq(model) -> dict:
     return {"quantize_linear": n_q, "dequantize_linear": n_dq, "int8_weights": n_w, "int8_activations": n_a,
             "quantized_ops": {k: v[0] for k, v in quantized.items()},
             "float_ops": {k: v[1] for k, v in quantized.items()}}
+
+
+def non_standard_ops(proto) -> list[str]:
+    """Nodes outside the default ONNX domain (TensorRT's ONNX parser would reject them)."""
+    return sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})

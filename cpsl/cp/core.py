@@ -27,19 +27,24 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..config import CPConfig
+
 N_FIELDS = 5  # sumsq, ghat, r, k, conflict (then one guard slot)
+
+
+_CP = CPConfig()
 
 
 @dataclass(frozen=True)
 class PenaltyParams:
     """Scalars of the penalty rule (a view of :class:`cpsl.config.CPConfig`)."""
 
-    tau: float = 1.2
-    alpha: float = 0.5
-    k_min: float = 0.1
-    beta: float = 0.5
-    fixed: bool = False  # penalty mode: False = tanh, True = fixed beta
-    normalize: bool = False
+    tau: float = _CP.tau                      # defaults: those of CPConfig (declared once there)
+    alpha: float = _CP.alpha
+    k_min: float = _CP.k_min
+    beta: float = _CP.beta
+    fixed: bool = _CP.penalty == "fixed"      # penalty mode: False = tanh, True = fixed beta
+    normalize: bool = _CP.normalize
 
     @classmethod
     def from_config(cls, cfg) -> "PenaltyParams":

@@ -16,7 +16,6 @@ with one line.
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CPSLError
+from ..fileutil import sha256_file
 from .mmsa import SPLITS, MMSAData, Split
 
 FIRST = 5                     # how many unjoined ids a report names
@@ -164,14 +164,6 @@ def _labels(t: _Table, keys, what: str) -> np.ndarray:
     return vals.astype(np.float32)
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _unjoined(ids: list[str]) -> dict:
     return {"count": len(ids), "first": ids[:FIRST]}
 
@@ -293,8 +285,8 @@ def build_mosi(labels_csv, audio_csv, text_encoder: str = "minilm", max_len: int
             cleaned=int(rows["audio_bad"][idx].sum()))
     report = {
         "builder": "mosi",
-        "inputs": {"labels": str(labels_csv), "labels_sha256": _sha256(labels_csv),
-                   "audio": str(audio_csv), "audio_sha256": _sha256(audio_csv)},
+        "inputs": {"labels": str(labels_csv), "labels_sha256": sha256_file(labels_csv),
+                   "audio": str(audio_csv), "audio_sha256": sha256_file(audio_csv)},
         "text_encoder": {"spec": str(text_encoder), "path": str(enc_path), "hidden_size": hidden,
                          "max_len": max_len, "lowercased": True, "frozen": True, "layer": "last"},
         "splits": {n: len(s) for n, s in splits.items()},
@@ -384,9 +376,9 @@ def build_bclstm(train_csv, test_csv=None, valid_frac: float = 0.15, seed: int =
     if "train&test" in overlap or "valid&test" in overlap:
         n = sum(overlap[k]["count"] for k in overlap if k.endswith("&test"))
         warnings.warn(f"{n} test video(s) also appear in the train file", stacklevel=2)
-    inputs = {"train": str(train_csv), "train_sha256": _sha256(train_csv)}
+    inputs = {"train": str(train_csv), "train_sha256": sha256_file(train_csv)}
     if test_csv is not None:
-        inputs |= {"test": str(test_csv), "test_sha256": _sha256(test_csv)}
+        inputs |= {"test": str(test_csv), "test_sha256": sha256_file(test_csv)}
     report = {
         "builder": "bclstm",
         "inputs": inputs,

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..compress.quantize import non_standard_ops  # noqa: F401 - re-exported
 from ..data.batch import Batch, iterate, make_batch
 from ..data.mmsa import Split
 from ..errors import CPSLError
-from ..metrics import mmsa_metrics
 from ..model import CPSLModel
 from ..model.cpsl import ExportWrapper
 
@@ -123,11 +123,6 @@ def torch_predict(model: CPSLModel, split: Split, batch_size: int = 64) -> np.nd
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def split_metrics(pred: np.ndarray, split: Split) -> dict:
-    return mmsa_metrics(pred, split.labels.astype(np.float32))
-
-
-# ---------------------------------------------------------------------------- golden batches
 def golden_rows(split: Split, sizes=(1, 7, 3), seed: int = 0) -> list[np.ndarray]:
     """Row sets for golden batches: one per size, drawn so that their (trimmed) lengths differ.
     The last set, when there is room, holds the split's longest items (max length)."""
@@ -194,8 +189,3 @@ def graph_io(proto) -> dict:
 
 def opset_of(proto) -> int:
     return max(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def non_standard_ops(proto) -> list[str]:
-    """Nodes outside the default ONNX domain (TensorRT's ONNX parser would reject them)."""
-    return sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})

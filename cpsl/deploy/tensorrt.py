@@ -5,10 +5,10 @@ runs on a Jetson has to be built on that Jetson: ``cpsl export`` always writes
 ``<stem>.build_engine.sh`` (a ``trtexec`` command for JetPack 6.x / TensorRT 10.3) and, with
 ``--trt`` where ``import tensorrt`` works, also builds ``<stem>.plan`` for the local GPU.
 
-Precision flags: fp32 → TF32 off (so the engine matches the fp32 golden outputs);
-fp16 → ``BuilderFlag.FP16`` / ``--fp16``; int8 (explicit Q/DQ in the graph, no calibrator)
-→ ``BuilderFlag.INT8`` + ``BuilderFlag.FP16`` / ``--int8 --fp16`` so that the layers left in
-float may run in half precision.
+Precision flags come from the precision registry (:mod:`cpsl.deploy.precisions`): fp32 → TF32
+off (so the engine matches the fp32 golden outputs); fp16 → ``BuilderFlag.FP16`` / ``--fp16``;
+int8 (explicit Q/DQ in the graph, no calibrator) → ``BuilderFlag.INT8`` + ``BuilderFlag.FP16`` /
+``--int8 --fp16`` so that the layers left in float may run in half precision.
 
 UNVERIFIED HERE: this machine has no GPU and no TensorRT. :func:`build_engine` is written
 against the documented TensorRT 10.x API and has not been executed; the ``trtexec`` flags are
@@ -24,8 +24,7 @@ import numpy as np
 
 from ..data.mmsa import MMSAData
 from ..errors import CPSLError
-
-PRECISIONS = ("fp32", "fp16", "int8")
+from . import precisions
 
 
 def tensorrt_available():
@@ -81,9 +80,7 @@ def _shapes_arg(profile: dict, which: str) -> str:
 
 
 def precision_flags(precision: str) -> list[str]:
-    if precision not in PRECISIONS:
-        raise CPSLError(f"unknown precision {precision!r} (choose from: {', '.join(PRECISIONS)})")
-    return {"fp32": ["--noTF32"], "fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}[precision]
+    return list(precisions.get(precision).trtexec_flags)
 
 
 def trtexec_args(onnx_name: str, plan_name: str, profile: dict, precision: str, workspace_mib: int = 1024) -> list[str]:
@@ -128,7 +125,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profile: dict, pr
     trt, why = tensorrt_available()
     if trt is None:
         raise CPSLError(f"TensorRT is not importable ({why})")
-    precision_flags(precision)
+    prec = precisions.get(precision)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)           # explicit batch is the only mode in TensorRT 10
@@ -138,13 +135,10 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profile: dict, pr
         raise CPSLError(f"TensorRT could not parse {onnx_path}: {errs}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "int8":                      # explicit Q/DQ: no calibrator
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)
-    else:
-        config.clear_flag(trt.BuilderFlag.TF32)
+    for flag in prec.trt_set_flags:               # int8 is explicit Q/DQ: no calibrator
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in prec.trt_clear_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     prof = builder.create_optimization_profile()
     for name, s in profile.items():
         prof.set_shape(name, tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]))

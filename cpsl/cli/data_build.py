@@ -46,7 +46,7 @@ def _summary(out, data, report, seconds) -> None:
 
 
 def _write(out, data, report, seconds, argv: dict) -> None:
-    from .mmsa import save_mmsa
+    from ..data.mmsa import save_mmsa
 
     save_mmsa(data, out)
     rep = dict(report, seconds=round(seconds, 2), arguments=argv, output=str(out))
@@ -67,7 +67,7 @@ def _write(out, data, report, seconds, argv: dict) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build_mosi(labels, audio, text_encoder, max_len, batch_size, strict, out, quiet):
     """MOSI text (frozen encoder token states) + audio (openSMILE) as an MMSA pickle; splits from `mode`."""
-    from .builders import build_mosi as build
+    from ..data.builders import build_mosi as build
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -89,7 +89,7 @@ def build_mosi(labels, audio, text_encoder, max_len, batch_size, strict, out, qu
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output MMSA .pkl (report goes to OUT.json).")
 def build_bclstm(train, test, valid_frac, seed, out):
     """bc-LSTM utterance-level text/audio/vision as an MMSA pickle; validation carved by video id."""
-    from .builders import build_bclstm as build
+    from ..data.builders import build_bclstm as build
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -99,5 +99,3 @@ def build_bclstm(train, test, valid_frac, seed, out):
     _write(out, data, report, seconds, {"train": train, "test": test, "valid_frac": valid_frac, "seed": seed})
     _summary(out, data, report, seconds)
 
-
-COMMANDS = [build_mosi, build_bclstm]

@@ -1,0 +1,51 @@
+"""The ``cpsl`` command line: one module per command group (data, train/eval/ablate, distill,
+export, info), thin wrappers over the library. Every command fails on bad input with one line and
+exit code 2. A command module that cannot be imported fails loudly (no silent skipping)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import CPSLError
+
+
+class _Group(click.Group):
+    """Turns CPSLError (and a few obvious user errors) into one line + exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CPSLError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            click.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cpsl")
+def main():
+    """cpsl: balanced multimodal sentiment analysis (CP + SL), from training to the edge.
+
+    \b
+    Main job:   cpsl train --data synth --out runs/synth
+    Evaluate:   cpsl eval --ckpt runs/synth/seed1/best.pt --data synth --split test
+    Data:       cpsl data synth --out s.pkl ; cpsl data info s.pkl
+    """
+
+
+from . import data, distill, export, info, train  # noqa: E402 - the command modules attach to `main`
+
+for _mod in (info, data, train, distill, export):
+    for _cmd in _mod.COMMANDS:
+        main.add_command(_cmd)
+
+
+def run():  # pragma: no cover - console entry for `python -m cpsl`
+    main(prog_name="cpsl")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

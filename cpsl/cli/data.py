@@ -1,0 +1,75 @@
+"""``cpsl data``: make, inspect and build datasets in the MMSA pickle format."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..data.synthetic import SynthSpec
+from .data_build import build_bclstm, build_mosi
+
+_SPEC = SynthSpec()
+
+
+@click.group()
+def data():
+    """Make, inspect and build datasets in the MMSA pickle format."""
+
+
+@data.command("synth")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .pkl path.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--imbalance", type=float, show_default=f"{_SPEC.imbalance}",
+              help="Weight of the text cue in the label.")
+@click.option("--text-memo", type=float, show_default=f"{_SPEC.text_memo}",
+              help="Norm of the per-segment identity code in text.")
+@click.option("--av-noise", type=float, show_default=f"{_SPEC.av_noise}",
+              help="Per-frame noise of audio/visual.")
+@click.option("--sizes", show_default=f"{_SPEC.n_train},{_SPEC.n_valid},{_SPEC.n_test}", help="train,valid,test sizes.")
+@click.option("--set", "knobs", multiple=True, metavar="KNOB=VALUE", help="Any SynthSpec knob, e.g. --set d_text=32.")
+def data_synth(out, seed, imbalance, text_memo, av_noise, sizes, knobs):
+    """Write the embedded synthetic dataset (dominant text, weak audio/visual) as an MMSA pickle."""
+    from ..data import synth_spec_from_args
+    from ..data.mmsa import save_mmsa
+    from ..data.synthetic import generate
+
+    spec = synth_spec_from_args(seed=seed, imbalance=imbalance, text_memo=text_memo,
+                                av_noise=av_noise, sizes=sizes, knobs=knobs)
+    d = generate(spec)
+    save_mmsa(d, out)
+    n = {k: len(s) for k, s in d.splits.items()}
+    click.echo(f"wrote {out}: train/valid/test = {n['train']}/{n['valid']}/{n['test']}, "
+               f"modalities {', '.join(d.modalities)} (dims {d.dims})")
+    Path(str(out) + ".json").write_text(json.dumps({"spec": spec.to_dict(), "sizes": n}, indent=2))
+
+
+@data.command("info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def data_info(path, as_json):
+    """Splits, shapes, lengths and label statistics of an MMSA pickle (or 'synth')."""
+    from ..data import describe, load_data
+
+    d = load_data(path)
+    desc = describe(d)
+    if as_json:
+        click.echo(json.dumps(desc, indent=2))
+        return
+    click.echo(f"{path}: modalities {', '.join(d.modalities)}; dims {d.dims}"
+               + (f"; {d.cleaned} non-finite values replaced by 0" if d.cleaned else ""))
+    for name, s in desc["splits"].items():
+        lab = s["labels"]
+        click.echo(f"  {name:5s} n={s['n']:5d}  labels mean {lab['mean']:+.3f} std {lab['std']:.3f} "
+                   f"range [{lab['min']:+.2f}, {lab['max']:+.2f}] zeros {lab['zeros']} positive {lab['positive']}")
+        for m, ms in s["modalities"].items():
+            ln = ms["lengths"]
+            click.echo(f"        {m:6s} shape {tuple(ms['shape'])}  lengths min/mean/max "
+                       f"{ln['min']}/{ln['mean']:.1f}/{ln['max']}")
+        if s.get("text_bert"):
+            click.echo(f"        text_bert shape {tuple(s['text_bert'])}")
+
+
+data.add_command(build_mosi)
+data.add_command(build_bclstm)
+COMMANDS = [data]

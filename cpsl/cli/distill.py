@@ -1,0 +1,64 @@
+"""``cpsl distill``: a teacher checkpoint into a small student (cpsl.compress.distill)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..compress.settings import DistillSettings
+from .options import run_config, run_options, setting_option
+
+
+@click.command()
+@click.option("--teacher", required=True, type=click.Path(), help="The teacher's best.pt (from cpsl train).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (cpsl train's layout).")
+@run_options(preset="student")
+@setting_option(DistillSettings, "lambda_kd")
+@setting_option(DistillSettings, "lambda_hint")
+@setting_option(DistillSettings, "max_ratio")
+@click.option("--no-cache", is_flag=True, help="Run the teacher on every batch instead of caching its outputs.")
+def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device, quiet, lambda_kd, lambda_hint,
+            max_ratio, no_cache):
+    """Distil a teacher checkpoint into a small student; writes OUT/results.json (+ teacher, retention).
+
+    With --data synth the teacher's synthetic seed and knobs are used unless --set data.synth_seed=... /
+    data.synth=... say otherwise."""
+    from ..compress.distill import distill as run_distill
+    from ..data import load_data
+    from ..train import read_checkpoint
+
+    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet)
+    tck = read_checkpoint(teacher)
+    tdata = tck.get("config", {}).get("data", {})
+    if not any(s.strip().startswith("data.synth_seed") for s in sets):
+        cfg.data.synth_seed = int(tdata.get("synth_seed", cfg.data.synth_seed))
+    if not any(s.strip().startswith("data.synth=") for s in sets):
+        cfg.data.synth = dict(tdata.get("synth", {}) or {})
+    del tck
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    cfg.data.path = data_path
+    click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
+               f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
+    res = run_distill(teacher, data, cfg, out, lambda_kd=lambda_kd, lambda_hint=lambda_hint,
+                      max_ratio=max_ratio, cache=not no_cache, log=click.echo)
+    _summary(res, out)
+
+
+def _summary(res: dict, out) -> None:
+    from ..metrics import format_table
+    rows = {}
+    for s in ("valid", "test"):
+        if s in res["teacher"]:
+            rows[f"teacher {s}"] = res["teacher"][s]
+        if s in res:
+            rows[f"student {s}"] = res[s]
+    click.echo(format_table(rows, keys=("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")))
+    pr = res["distill"]["params"]
+    click.echo(f"student/teacher parameters: {pr['student']:,}/{pr['teacher']:,} = {pr['ratio']:.1%}")
+    for s, r in res["retention"].items():
+        click.echo(f"retention ({s}): Non0_acc_2 {r['Non0_acc_2']:.1%}, Corr {r['Corr']:.1%}, "
+                   f"MAE {r['MAE_increase']:+.4f} ({r['MAE_increase_rel']:+.1%})")
+    click.echo(f"wrote {Path(out) / 'results.json'}")
+
+
+COMMANDS = [distill]

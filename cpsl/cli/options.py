@@ -1,0 +1,139 @@
+"""Option decorators shared by the command modules. An option whose value lives in a dataclass
+(the run config of cpsl/config.py, ExportSettings, DistillSettings) takes its choices, default and
+help from that dataclass's field, so each value is declared once."""
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from ..config import Config
+from ..errors import CPSLError
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+class RegistryChoice(click.Choice):
+    """A Choice read from a registry at parse time (entries registered after import count)."""
+
+    def __init__(self, names_fn):
+        self._names_fn = names_fn
+        super().__init__(list(names_fn()))
+
+    @property
+    def choices(self):
+        return tuple(self._names_fn())
+
+    @choices.setter
+    def choices(self, value):  # click's __init__ assigns; the registry is the truth
+        pass
+
+
+def config_option(path: str, *decls, **kw):
+    """An option overriding the run config's ``section.key`` (unset: the preset/config value)."""
+    section, key = path.split(".")
+    f = _field(type(getattr(Config(), section)), key)
+    default, choices = _default(f), f.metadata.get("choices")
+    kw.setdefault("type", click.Choice(choices) if choices else type(default))
+    kw.setdefault("help", f.metadata.get("help", ""))
+    return click.option(*decls, default=None, show_default=f"{path}={default}", **kw)
+
+
+def config_flag(path: str, *decls):
+    """A flag switching the boolean config value ``section.key`` on (unset: the preset/config value)."""
+    section, key = path.split(".")
+    f = _field(type(getattr(Config(), section)), key)
+    return click.option(*decls, is_flag=True, help=f"{f.metadata.get('help', '')} [config {path}]")
+
+
+def setting_option(cls, name: str, *decls, **kw):
+    """An option for the field ``name`` of a settings dataclass (its default shown in --help)."""
+    f = _field(cls, name)
+    default = _default(f)
+    decls = decls or (f"--{name.replace('_', '-')}",)
+    kw.setdefault("help", f.metadata.get("help", ""))
+    if "registry" in kw:
+        kw["type"] = RegistryChoice(kw.pop("registry"))
+    elif f.metadata.get("choices"):
+        kw.setdefault("type", click.Choice(f.metadata["choices"]))
+    elif isinstance(default, bool):
+        if "/" not in decls[0]:
+            kw.setdefault("is_flag", True)
+    elif default is not None:
+        kw.setdefault("type", type(default))
+    return click.option(*decls, name, default=default, show_default=default is not None, **kw)
+
+
+def settings_from(cls, values: dict):
+    """Build ``cls`` from the parsed values of its options."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+# ---------------------------------------------------------------------------- run options
+data_option = click.option("--data", "data_path", default=_default(_field(type(Config().data), "path")),
+                           show_default=True, help="MMSA .pkl file, or 'synth' for the embedded synthetic data.")
+preset_option = click.option("--preset", default="teacher", show_default=True,
+                             type=click.Choice(["teacher", "student"]))
+config_file_option = click.option("--config", type=click.Path(),
+                                  help="YAML/JSON config file (sections data, model, loss, cp, train).")
+set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="Override a config value (any key of the config; unknown keys are errors).")
+
+
+def seeds_option(default=None):
+    shown = default or f"train.seeds={','.join(map(str, Config().train.seeds))}"
+    return click.option("--seeds", default=default, show_default=shown,
+                        help="Comma-separated seeds, e.g. 1,2,3 (mean ± std is reported).")
+
+
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def run_options(preset="teacher", seeds=None):
+    """--data --preset --config --set --seeds --epochs --device --quiet: the options of every run command."""
+    def deco(fn):
+        for opt in reversed((data_option, click.option("--preset", default=preset, show_default=True,
+                                                      type=click.Choice(["teacher", "student"])),
+                             config_file_option, set_option, seeds_option(seeds),
+                             config_option("train.epochs", "--epochs"), config_option("train.device", "--device"),
+                             quiet_option)):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet=False, **cfg_paths):
+    """The run config: preset ← config file ← --set ← the dedicated options (``cfg_paths``:
+    ``{"cp.modulation": value, ...}``; None = unset)."""
+    from ..config import apply_overrides, build_config
+    cfg = build_config(preset, config, sets)
+    if seeds:
+        try:
+            cfg.train.seeds = [int(s) for s in str(seeds).split(",") if s.strip()]
+        except ValueError:
+            raise CPSLError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    values = {"train.epochs": epochs, "train.device": device, **cfg_paths}
+    for path, v in values.items():
+        if v is not None:
+            section, key = path.split(".")
+            setattr(getattr(cfg, section), key, v)
+    if quiet:
+        cfg.train.progress = False
+    apply_overrides(cfg, ())           # validates the result
+    device_check(cfg.train.device)
+    return cfg
+
+
+def device_check(device: str) -> None:
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CPSLError(f"device {device!r} requested but torch sees no CUDA GPU")
