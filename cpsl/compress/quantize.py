@@ -30,6 +30,48 @@ FP16_MAX = 65504.0
 
 
 # ---------------------------------------------------------------------------- fp16
+def _keep_in_fp32(m, keep_fp32) -> None:
+    """Run the ops of ``keep_fp32`` in float32 between Casts (in place)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+    g = m.graph
+    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    out_nodes = []
+    for n in g.node:
+        if n.op_type not in keep_fp32:
+            out_nodes.append(n)
+            continue
+        for k, x in enumerate(n.input):
+            if x and types.get(x) == HALF:
+                up = f"{x}__fp32_for_{n.name}"
+                out_nodes.append(helper.make_node("Cast", [x], [up], name=f"{up}__cast", to=FLOAT))
+                n.input[k] = up
+        casts = []
+        for k, y in enumerate(n.output):
+            if y and types.get(y) == HALF:
+                y32 = f"{y}__fp32"
+                n.output[k] = y32
+                casts.append(helper.make_node("Cast", [y32], [y], name=f"{y}__cast_fp16", to=HALF))
+        out_nodes.append(n)
+        out_nodes.extend(casts)
+    del g.node[:]
+    g.node.extend(out_nodes)
+
+
+def _rename(g, old: str, new: str, outputs: bool) -> None:
+    """Rename the tensor ``old`` in every node's inputs (and outputs when ``outputs``)."""
+    for n in g.node:
+        for names in ((n.input, n.output) if outputs else (n.input,)):
+            for k, x in enumerate(names):
+                if x == old:
+                    names[k] = new
+
+
 def to_fp16(model, keep_fp32=KEEP_FP32_DEFAULT):
     """Return a float16 copy of ``model`` (an ``onnx.ModelProto``) with float32 graph I/O."""
     import onnx
@@ -64,10 +106,7 @@ def to_fp16(model, keep_fp32=KEEP_FP32_DEFAULT):
         if v.name in inits or v.type.tensor_type.elem_type != FLOAT:
             continue
         h = f"{v.name}__fp16"
-        for n in g.node:
-            for k, x in enumerate(n.input):
-                if x == v.name:
-                    n.input[k] = h
+        _rename(g, v.name, h, outputs=False)
         for o in g.output:
             if o.name == v.name:
                 raise CPSLError(f"to_fp16: graph input {v.name} is also an output")
@@ -78,13 +117,7 @@ def to_fp16(model, keep_fp32=KEEP_FP32_DEFAULT):
         if o.type.tensor_type.elem_type != FLOAT:
             continue
         h = f"{o.name}__fp16"
-        for n in g.node:
-            for k, x in enumerate(n.output):
-                if x == o.name:
-                    n.output[k] = h
-            for k, x in enumerate(n.input):
-                if x == o.name:
-                    n.input[k] = h
+        _rename(g, o.name, h, outputs=True)
         tail.append(helper.make_node("Cast", [h], [o.name], name=f"{o.name}__to_fp32", to=FLOAT))
     nodes = new_nodes + list(g.node) + tail
     del g.node[:]
@@ -92,30 +125,7 @@ def to_fp16(model, keep_fp32=KEEP_FP32_DEFAULT):
     del g.value_info[:]
     # 4. ops kept in float32: cast their fp16 inputs up and their outputs back down
     if keep_fp32:
-        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
-        types = {v.name: v.type.tensor_type.elem_type
-                 for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-        types.update({t.name: t.data_type for t in g.initializer})
-        out_nodes = []
-        for n in g.node:
-            if n.op_type not in keep_fp32:
-                out_nodes.append(n)
-                continue
-            for k, x in enumerate(n.input):
-                if x and types.get(x) == HALF:
-                    up = f"{x}__fp32_for_{n.name}"
-                    out_nodes.append(helper.make_node("Cast", [x], [up], name=f"{up}__cast", to=FLOAT))
-                    n.input[k] = up
-            casts = []
-            for k, y in enumerate(n.output):
-                if y and types.get(y) == HALF:
-                    y32 = f"{y}__fp32"
-                    n.output[k] = y32
-                    casts.append(helper.make_node("Cast", [y32], [y], name=f"{y}__cast_fp16", to=HALF))
-            out_nodes.append(n)
-            out_nodes.extend(casts)
-        del g.node[:]
-        g.node.extend(out_nodes)
+        _keep_in_fp32(m, keep_fp32)
     m = onnx.shape_inference.infer_shapes(m, strict_mode=True)
     onnx.checker.check_model(m, full_check=True)
     return m
@@ -223,6 +233,24 @@ def _const_values(model) -> dict:
     return vals
 
 
+def _check_channel_axis(dq, weight: np.ndarray, scale, consumers) -> None:
+    """A per-channel weight scale must run along the output channels of every consumer."""
+    if scale is None or scale.size <= 1:
+        return
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % weight.ndim
+    for c in consumers:
+        want = None
+        if c.op_type == "MatMul":
+            want = weight.ndim - 1
+        elif c.op_type == "Conv":
+            want = 0
+        elif c.op_type == "Gemm":
+            want = 0 if next((a.i for a in c.attribute if a.name == "transB"), 0) else 1
+        if want is not None and axis != want:
+            raise CPSLError(f"DequantizeLinear {dq.name}: per-channel axis {axis} is not the "
+                            f"output-channel axis {want} of {c.op_type} {c.name}")
+
+
 def check_qdq(model) -> dict:
     """Verify the Q/DQ form TensorRT consumes; raise ``CPSLError`` naming the first offender.
 
@@ -245,7 +273,6 @@ def check_qdq(model) -> dict:
     bad = non_standard_ops(model)
     if bad:
         raise CPSLError(f"quantized graph has non-standard ops: {', '.join(bad)}")
-    INT8 = onnx.TensorProto.INT8
 
     def zp_ok(node) -> bool:
         if len(node.input) < 3 or not node.input[2]:
@@ -272,22 +299,7 @@ def check_qdq(model) -> dict:
             if vals[x].dtype != np.int8:
                 raise CPSLError(f"DequantizeLinear {n.name}: weight {x} is {vals[x].dtype}, not int8")
             n_w += 1
-            scale = vals.get(n.input[1])
-            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-            if scale is not None and scale.size > 1:
-                axis = axis % vals[x].ndim
-                for c in consumers.get(n.output[0], []):
-                    want = None
-                    if c.op_type == "MatMul":
-                        want = vals[x].ndim - 1
-                    elif c.op_type == "Conv":
-                        want = 0
-                    elif c.op_type == "Gemm":
-                        tb = next((a.i for a in c.attribute if a.name == "transB"), 0)
-                        want = 0 if tb else 1
-                    if want is not None and axis != want:
-                        raise CPSLError(f"DequantizeLinear {n.name}: per-channel axis {axis} is not the "
-                                        f"output-channel axis {want} of {c.op_type} {c.name}")
+            _check_channel_axis(n, vals[x], vals.get(n.input[1]), consumers.get(n.output[0], []))
         else:                                          # an activation
             p = producers.get(x)
             if p is None or p.op_type != "QuantizeLinear":

@@ -50,7 +50,7 @@ class NoModulation:
 class OGMGE:
     backend_name = "ogm_ge"
 
-    def __init__(self, groups: dict, cfg, per_sample_aux=None):
+    def __init__(self, groups: dict, cfg):
         self.names = tuple(groups)
         self.groups = groups
         self.cfg = cfg

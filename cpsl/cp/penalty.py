@@ -147,7 +147,3 @@ class ConflictAwarePenalty:
             on = (st.conflict[gi] * (st.k[gi] < 1).to(st.k.dtype)).to(g.dtype)
             g.add_(torch.randn_like(g) * (self.cfg.ge_noise * g.std() * on))
 
-    def reset_lr(self) -> None:
-        for slots in self._lr_slots.values():
-            for pg, base in slots:
-                pg["lr"].copy_(base)

@@ -24,14 +24,23 @@ def synth_spec_from_args(seed=0, imbalance=None, text_memo=None, av_noise=None, 
     for kv in knobs:
         if "=" not in kv:
             raise CPSLError(f"synthetic knob {kv!r} must look like name=value")
-        k, v = kv.split("=", 1)
+        set_knobs(spec, dict([kv.split("=", 1)]))
+    return spec
+
+
+def set_knobs(spec: SynthSpec, knobs: dict, where: str = "") -> SynthSpec:
+    """Override SynthSpec knobs in place (values as given, or strings like ``"3,9"`` for tuples):
+    the one place every synthetic-knob override goes through (--set of cpsl data synth, data.synth)."""
+    for k, v in knobs.items():
         if not hasattr(spec, k):
-            raise CPSLError(f"unknown synthetic knob {k!r} (known: {', '.join(spec.to_dict())})")
+            raise CPSLError(f"unknown synthetic knob {k!r}{where} (known: {', '.join(spec.to_dict())})")
         cur = getattr(spec, k)
         try:
-            setattr(spec, k, tuple(int(x) for x in v.split(",")) if isinstance(cur, tuple) else type(cur)(v))
-        except ValueError:
-            raise CPSLError(f"synthetic knob {k}: bad value {v!r}") from None
+            if isinstance(cur, tuple):
+                v = tuple(int(x) for x in v.split(",")) if isinstance(v, str) else tuple(v)
+            setattr(spec, k, v if isinstance(cur, tuple) else type(cur)(v))
+        except (TypeError, ValueError):
+            raise CPSLError(f"synthetic knob {k}{where}: bad value {v!r}") from None
     return spec
 
 
@@ -43,12 +52,7 @@ def load_data(path: str, synth_seed: int = 0, synth: dict | None = None) -> MMSA
             seed = int(str(path).split(":", 1)[1]) if ":" in str(path) else synth_seed
         except ValueError:
             raise CPSLError(f"bad synthetic data spec {path!r} (use synth or synth:SEED)") from None
-        spec = SynthSpec(seed=seed)
-        for k, v in (synth or {}).items():
-            if not hasattr(spec, k):
-                raise CPSLError(f"unknown synthetic knob {k!r} in data.synth (known: {', '.join(spec.to_dict())})")
-            setattr(spec, k, tuple(v) if isinstance(getattr(spec, k), tuple) else type(getattr(spec, k))(v))
-        return generate(spec)
+        return generate(set_knobs(SynthSpec(seed=seed), synth or {}, " in data.synth"))
     return load_mmsa(path)
 
 

@@ -176,7 +176,7 @@ def manifest_fields(model, ck, ckpt, prec, inp, ref, graphs, art, tol, engine, p
     import onnxruntime
     import torch
 
-    from ..metrics import METRIC_KEYS, mmsa_metrics
+    from ..metrics import METRIC_KEYS, mmsa_metrics, retention
     valid, mods, proto = inp.data["valid"], model.modalities, graphs["proto"]
     y = valid.labels.astype(np.float32)
     m_art, m_torch = mmsa_metrics(art["valid"], y), mmsa_metrics(ref["valid"], y)
@@ -197,8 +197,7 @@ def manifest_fields(model, ck, ckpt, prec, inp, ref, graphs, art, tol, engine, p
             "valid_onnxruntime": row(m_art),
             "valid_fp32_onnxruntime": row(mmsa_metrics(graphs["ort32_valid"], y)),
             "valid_pytorch_fp32": row(m_torch),
-            "vs_fp32": {"Non0_acc_2": m_art["Non0_acc_2"] / m_torch["Non0_acc_2"] if m_torch["Non0_acc_2"] else None,
-                        "MAE_increase_rel": (m_art["MAE"] - m_torch["MAE"]) / m_torch["MAE"] if m_torch["MAE"] else None},
+            "vs_fp32": {k: retention(m_art, m_torch)[k] for k in ("Non0_acc_2", "MAE_increase_rel")},
             "data": inp.data_path, "samples": int(len(valid)),
         },
         "checkpoint": _checkpoint_summary(ckpt, ck, model, row(m_torch)),
