@@ -22,6 +22,12 @@ class _Group(click.Group):
         except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
             click.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
             sys.exit(2)
+        except click.UsageError as e:  # a subcommand's bad option: one line too (not click's usage block)
+            if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                raise                      # a bare group: its help, as click prints it
+            cmd = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{cmd}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -19,7 +19,7 @@ def data():
 
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .pkl path.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=_SPEC.seed, show_default=True, type=int, help="Generator seed.")
 @click.option("--imbalance", type=float, show_default=f"{_SPEC.imbalance}",
               help="Weight of the text cue in the label.")
 @click.option("--text-memo", type=float, show_default=f"{_SPEC.text_memo}",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..config import Config
 from ..errors import CPSLError
 from .options import config_flag, config_option, data_option, device_check, run_config, run_options
 
@@ -50,7 +51,7 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
 @click.option("--split", default="test", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write predictions (id,label,pred,pred_<m>...) here.")
 @click.option("--mask-modality", help="Remove this modality at inference (balance diagnostic).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default=Config().train.device, show_default=True, help="cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
     """Evaluate a checkpoint on a split with MMSA's metrics."""
