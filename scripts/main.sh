@@ -11,7 +11,7 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install torch==2.13.0              # the CPU build on this machine's disk
 fi
 tv=$(python -c 'import torch; print(torch.__version__.split("+")[0])')
-if ! python -c "import cpsl._C" 2>/dev/null; then
+if ! (cd / && python -c "import cpsl._C, cpsl.deploy.artifact") 2>/dev/null; then   # the installed package, not ./cpsl
   pip install -c <(echo "torch==$tv") ".[export,text]"    # never let a dependency pull another torch
 fi
 cpsl info
