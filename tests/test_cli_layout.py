@@ -156,3 +156,19 @@ def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch):
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert errors == ["error: --tensorboard needs the tensorboard package: pip install 'cpsl[tensorboard]'"]
     assert r.output.strip().splitlines()[-1] == errors[0] and "Traceback" not in r.output
+
+
+def test_export_artifact_returns_the_manifest_it_writes(tiny_ckpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cpsl.deploy import export_artifact
+    lines = []
+    m = export_artifact(tiny_ckpt / "best.pt", tmp_path / "a.onnx", ExportSettings(precision="fp16"), log=lines.append)
+    assert isinstance(m, Manifest) and m.precision == "fp16" and m.onnx_path == tmp_path / "a.onnx"
+    on_disk = json.loads(m.manifest_path.read_text())
+    assert on_disk == json.loads(json.dumps(m.to_dict()))
+    assert Manifest.load(m.manifest_path).to_dict() == on_disk
+    assert set(m.files) == {"a.onnx", "a.golden.npz", "a.build_engine.sh"}
+    assert m.golden["tolerance"]["atol"] == precisions.get("fp16").tolerance(m.parity["artefact_vs_pytorch_fp32"]["max_abs"])
+    assert any("converting to fp16" in line for line in lines)
+    with pytest.raises(Exception, match="must end in .onnx"):
+        export_artifact(tiny_ckpt / "best.pt", tmp_path / "a.txt")
