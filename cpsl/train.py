@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from .config import Config
+from .cp import native
+from .cp.arena import GradArena
 from .cp.baselines import OGMGE, NoModulation, ogm_scores
 from .cp.penalty import ConflictAwarePenalty
 from .data.batch import iterate, n_batches
@@ -237,6 +239,10 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
         modulator = build_modulator(cfg, model, optimizer, device)
+    # CP groups' grads live in a stable arena: one native plan for the whole run
+    arena = GradArena.for_modulator(modulator, optimizer)
+    plan_builds0 = native.plan_builds()
+    zero_grad = arena.zero_grad if arena is not None else (lambda: optimizer.zero_grad(set_to_none=True))
 
     from tqdm.auto import tqdm
     stopped = bad_epochs >= cfg.train.patience
@@ -261,7 +267,7 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
                 l2, t2 = extra_loss(out_, b)
                 loss = loss + l2
                 terms.update({k: v.detach() for k, v in t2.items()})
-            optimizer.zero_grad(set_to_none=True)
+            zero_grad()
             loss.backward()
             if isinstance(modulator, OGMGE):
                 terms.update(ogm_scores(out_.aux, b.y, cfg.loss.task))
@@ -301,7 +307,8 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     # the selected checkpoint, evaluated once on valid and test
     best, _, _ = load_model(out / "best.pt", device)
     res = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history),
-           "backend": getattr(modulator, "backend_name", "none"), "ckpt": str(out / "best.pt")}
+           "backend": getattr(modulator, "backend_name", "none"), "ckpt": str(out / "best.pt"),
+           "cp_plan_builds": native.plan_builds() - plan_builds0}
     for split in ("valid", "test"):
         if split in data.splits and len(data[split]):
             ev = evaluate(best, data[split], cfg, device)
