@@ -321,6 +321,11 @@ std::string cuda_usable(int device) {
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
     cudaGetLastError();
+    int drv = 0;
+    if (cudaDriverGetVersion(&drv) != cudaSuccess || drv == 0) {
+      cudaGetLastError();
+      return "no CUDA driver on this machine (libcuda not found)";
+    }
     return std::string("no usable CUDA device: ") + cudaGetErrorString(e) + " (" + cuda_runtime_info() +
            "; cpsl._C links the CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
            std::to_string((CUDART_VERSION % 1000) / 10) + " runtime statically and needs a driver that supports it)";
