@@ -41,8 +41,11 @@ export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 
 case "$MODE" in
   prepare)
+    # pure-Python wheels only (py3-none-any), resolved for Python 3.10 (the oldest supported:
+    # it needs tomli + exceptiongroup), so they install on whatever Python the GPU machine has
     mkdir -p "$WHEELS"
-    exec "$PY" -m pip download -q --only-binary=:all: -d "$WHEELS" "${TEST_DEPS[@]}"
+    exec "$PY" -m pip download -q --only-binary=:all: --implementation py --abi none --platform any \
+      --python-version 3.10 -d "$WHEELS" "${TEST_DEPS[@]}"
     ;;
   collect)
     # what `check` runs, collection only: it must not depend on hypothesis, click, yaml, sklearn

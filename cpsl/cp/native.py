@@ -227,8 +227,9 @@ class _Plan:
         """The current CUDA stream; pins the plan during a graph capture and records its
         tensors on a stream it was not built on (the caching allocator then keeps them)."""
         s = torch.cuda.current_stream(self.device)
-        if not self.pinned and torch.cuda.is_current_stream_capturing():
-            self.pinned = True
+        if torch.cuda.is_current_stream_capturing():
+            self.pinned = True  # kept until release_graph_plans(): no stream bookkeeping needed
+            return s.cuda_stream
         if s.cuda_stream != self.stream:
             for t in (self.table, self.group_info, self.partials, self.counter):
                 t.record_stream(s)
