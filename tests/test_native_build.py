@@ -61,3 +61,24 @@ def test_csrc_cross_compiles_for_aarch64():
                        env=_env(), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "aarch64 OpenMP off: AArch64" in r.stdout and "aarch64 OpenMP on: AArch64" in r.stdout
+
+
+def _cmake_configure(tmp_path, **env):
+    pybind11 = pytest.importorskip("pybind11", reason="pybind11 (its CMake config) is not installed")
+    r = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), f"-DPython_EXECUTABLE={sys.executable}",
+                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"], capture_output=True, text=True,
+                       env=_env(**env), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None or not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()),
+                    reason="needs cmake and nvcc")
+def test_cmake_cuda_archs_option(tmp_path):
+    """CPSL_CUDA_ARCHS picks the targets (e.g. Orin only); without it a default this nvcc can build."""
+    out = _cmake_configure(tmp_path / "orin", CPSL_CUDA_ARCHS="87")
+    assert "cpsl._C: CUDA architectures 87\n" in out and "CUDA path ON" in out
+    out = _cmake_configure(tmp_path / "default", CPSL_CUDA_ARCHS="")
+    line = next(l for l in out.splitlines() if "CUDA architectures" in l)
+    assert "87-real" in line and "75-real" in line
