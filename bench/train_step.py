@@ -60,8 +60,7 @@ def main(argv=None):
         model = build_model(cfg, data).to(dev).train()
         opt = build_optimizer(model, cfg, model.modality_parameters())
         mod = build_modulator(cfg, model, opt, dev)
-        arena = GradArena.for_modulator(mod, opt) if use_arena else None
-        zero_grad = arena.zero_grad if arena is not None else (lambda: opt.zero_grad(set_to_none=True))
+        arena = GradArena.for_modulator(mod, opt) if use_arena else None  # binds opt.zero_grad
         params = [p for p in model.parameters() if p.requires_grad]
         times, cp_times = [], []
         builds0 = native.plan_builds()
@@ -71,7 +70,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             t0 = time.perf_counter()
-            zero_grad()
+            opt.zero_grad(set_to_none=True)
             out = model(b.x, b.mask)
             loss, terms = total_loss(out, b.y, cfg.loss, 5)
             loss.backward()

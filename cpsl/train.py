@@ -239,10 +239,9 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
         modulator = build_modulator(cfg, model, optimizer, device)
-    # CP groups' grads live in a stable arena: one native plan for the whole run
-    arena = GradArena.for_modulator(modulator, optimizer)
+    # CP groups' grads live in a stable arena (zero_grad goes through it): one native plan per run
+    GradArena.for_modulator(modulator, optimizer)
     plan_builds0 = native.plan_builds()
-    zero_grad = arena.zero_grad if arena is not None else (lambda: optimizer.zero_grad(set_to_none=True))
 
     from tqdm.auto import tqdm
     stopped = bad_epochs >= cfg.train.patience
@@ -267,7 +266,7 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
                 l2, t2 = extra_loss(out_, b)
                 loss = loss + l2
                 terms.update({k: v.detach() for k, v in t2.items()})
-            zero_grad()
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if isinstance(modulator, OGMGE):
                 terms.update(ogm_scores(out_.aux, b.y, cfg.loss.task))

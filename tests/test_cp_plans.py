@@ -180,10 +180,7 @@ def test_arena_training_matches_set_to_none_and_builds_one_plan():
         before = native.plan_builds("cpu")
         out = []
         for _ in range(6):
-            if arena is not None:
-                arena.zero_grad()
-            else:
-                opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)  # bound to the arena's zero_grad when it is installed
             x = torch.randn(16, 13, generator=gen)
             loss = sum((net[m](x) * (i + 1)).square().mean() for i, m in enumerate(net))
             loss.backward()
@@ -193,6 +190,10 @@ def test_arena_training_matches_set_to_none_and_builds_one_plan():
         losses[use_arena] = out
         if use_arena:
             assert native.plan_builds("cpu") - before == 1
+            assert arena.attached()
+            arena.unbind()
+            opt.zero_grad(set_to_none=True)  # the optimizer's own method again
+            assert all(p.grad is None for p in params)
     assert losses[True] == losses[False]
 
 

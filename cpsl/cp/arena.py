@@ -11,8 +11,12 @@ would hand it new pointers every step), and its stats pass reads long aligned ru
 
     arena = GradArena.for_modulator(cp, optimizer)   # after the optimizer is built
     for batch in data:
-        arena.zero_grad()        # arena buffers <- 0; other params' grads <- None
+        optimizer.zero_grad(set_to_none=True)   # bound: arena buffers <- 0, other grads <- None
         loss.backward(); cp.step(epoch); optimizer.step()
+
+``for_modulator`` binds the optimizer's ``zero_grad`` to :meth:`GradArena.zero_grad`, so the
+gradient memory stays put whatever ``set_to_none`` says (as gradients stay bucket views
+under DDP's ``gradient_as_bucket_view``); ``unbind()`` restores it.
 
 Semantics: a parameter of a CP group that gets no gradient in a step keeps a zero
 gradient (as with ``zero_grad(set_to_none=False)``) instead of None: its group counts as
@@ -46,6 +50,7 @@ class GradArena:
             for (dtype, device), plist in by_kind.items():
                 self._carve(plist, dtype, device)
         self.others = [p for p in others if id(p) not in seen]
+        self._bound = None
         self.attach()
 
     def _carve(self, plist, dtype, device) -> None:
@@ -76,7 +81,26 @@ class GradArena:
         for p, gi in zip(modulator.params, modulator.group_index):
             groups[modulator.names[gi]].append(p)
         others = [p for pg in optimizer.param_groups for p in pg["params"]] if optimizer is not None else ()
-        return cls(groups, others)
+        arena = cls(groups, others)
+        if optimizer is not None:
+            arena.bind(optimizer)
+        return arena
+
+    def bind(self, optimizer) -> None:
+        """``optimizer.zero_grad(set_to_none=...)`` calls :meth:`zero_grad` from now on."""
+        self.unbind()
+
+        def zero_grad(set_to_none: bool = True) -> None:  # noqa: ARG001 - the arena decides
+            self.zero_grad()
+
+        optimizer.zero_grad = zero_grad
+        self._bound = optimizer
+
+    def unbind(self) -> None:
+        opt = getattr(self, "_bound", None)
+        if opt is not None and "zero_grad" in vars(opt):
+            del opt.zero_grad  # back to the class's method
+        self._bound = None
 
     def attach(self) -> None:
         """(Re)point every arena parameter's ``.grad`` at its view."""
