@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of the native CP core, sized for the device tool: two calls of at most 8 minutes
-# each on a fresh GPU machine without internet (torch with CUDA, nvcc, cmake, pybind11 and
+# GPU check of the native CP core, sized for the device tool: two calls (each well under the
+# tool's 8-10 minute command limit, together ~10 minutes: a session has 15 minutes of device
+# time, machine start included) on a fresh GPU machine without internet (torch with CUDA, nvcc, cmake, pybind11 and
 # scikit-build-core preinstalled; pytest maybe not).
 #
 #   bash bench/gpu_check.sh prepare          # HERE, with internet: wheels of the test deps -> bench/.wheels/
@@ -14,12 +15,13 @@
 # The exact commands of the next GPU session (the `run` tool; OUTDIR defaults to $OUT, whose
 # files come back; then commit them under bench/results/gpu_<card>/):
 #   bash bench/gpu_check.sh prepare                                   # here, before the first run
-#   run(command="bash bench/gpu_check.sh check", carry=["bench/.wheels"], timeout_s=500)
-#   run(command="bash bench/gpu_check.sh bench", carry=["bench/.wheels"], timeout_s=500)
+#   run(command="bash bench/gpu_check.sh check", carry=["bench/.wheels"], timeout_s=400)
+#   run(command="bash bench/gpu_check.sh bench", carry=["bench/.wheels"], timeout_s=300)
 #   give_back()
+# (check the device tool's `status` first: budget_left_s must cover ~10 min plus the start)
 #
-# Each call has a budget (BUDGET_S, default 460 s): every step's time limit is cut to what
-# is left, so the call ends before the tool's limit and still writes its summary.
+# Each call has a budget (BUDGET_S; default 330 s for check, 240 s for bench): every step's
+# time limit is cut to what is left, so the call ends in time and still writes its summary.
 # Files in OUTDIR: gpu_check_<mode>.log (everything), build.log, summary_<mode>.txt,
 # pytest_cuda.xml, cp_kernel_cuda_{separate,arena}.json, train_step_cuda.json.
 set -u -o pipefail
@@ -34,7 +36,7 @@ WHEELS="$ROOT/bench/.wheels"
 # numpy); tomli and exceptiongroup are pytest's extra deps on Python 3.10. Pure-Python wheels.
 TEST_DEPS=(pytest tomli exceptiongroup)
 PY="${PYTHON:-python}"
-BUDGET_S="${BUDGET_S:-460}"
+case "$MODE" in bench) BUDGET_S="${BUDGET_S:-240}" ;; *) BUDGET_S="${BUDGET_S:-330}" ;; esac
 T0=$(date +%s)
 # no third-party pytest plugin (hypothesis, ...) may break or slow the CUDA run
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
@@ -154,13 +156,13 @@ step nvidia-smi 20 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory
 step versions 60 "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 
 if [ "$MODE" = check ]; then
-  step install 240 bash -c install_pkg
+  step install 150 bash -c install_pkg
   step build_info 60 "$PY" -c "import json, cpsl._C as C; i = dict(C.build_info()); print(json.dumps(i, indent=1)); assert i['cuda'] and i['cuda_devices'] > 0, 'no CUDA in cpsl._C'"
   step available 30 bash -c ext_ok
   step test-deps 60 bash -c test_deps
   # CPSL_REQUIRE_CUDA=1: the CUDA tests fail instead of skipping; the count check below
   # fails the step unless at least MIN_CUDA_TESTS passed and none was skipped
-  step pytest-cuda 150 env CPSL_REQUIRE_CUDA=1 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --noconftest \
+  step pytest-cuda 100 env CPSL_REQUIRE_CUDA=1 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --noconftest \
     --junitxml="$OUTDIR/pytest_cuda.xml" "${CUDA_TESTS[@]}"
   step pytest-count 20 "$PY" - "$OUTDIR/pytest_cuda.xml" "$MIN_CUDA_TESTS" <<'EOF'
 import sys, xml.etree.ElementTree as ET
@@ -175,10 +177,10 @@ EOF
   [ -z "$SAN" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SAN=/usr/local/cuda/bin/compute-sanitizer
   if [ -n "$SAN" ]; then
     # no caching allocator under memcheck: out-of-bounds accesses hit real allocation ends
-    step memcheck 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 3 \
+    step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 3 \
       --leak-check no "$PY" bench/cuda_driver.py
-    step racecheck 80 "$SAN" --tool racecheck --error-exitcode 3 "$PY" bench/cuda_driver.py
-    step synccheck 60 "$SAN" --tool synccheck --error-exitcode 3 "$PY" bench/cuda_driver.py
+    step racecheck 45 "$SAN" --tool racecheck --error-exitcode 3 "$PY" bench/cuda_driver.py
+    step synccheck 30 "$SAN" --tool synccheck --error-exitcode 3 "$PY" bench/cuda_driver.py
   else
     log "=== [compute-sanitizer] not found (PATH, /usr/local/cuda/bin)"
     echo "FAILED  compute-sanitizer (not found)" >>"$SUMMARY"
@@ -186,14 +188,14 @@ EOF
   fi
 else
   if ! ext_ok >>"$LOG" 2>&1; then
-    step install 240 bash -c install_pkg
+    step install 150 bash -c install_pkg
   fi
   step available 30 bash -c ext_ok
-  step bench-kernel-separate 150 "$PY" bench/cp_kernel.py --device cuda --quick --json "$OUTDIR/cp_kernel_cuda_separate.json"
-  step bench-kernel-arena 100 "$PY" bench/cp_kernel.py --device cuda --quick --layout arena \
+  step bench-kernel-separate 100 "$PY" bench/cp_kernel.py --device cuda --quick --json "$OUTDIR/cp_kernel_cuda_separate.json"
+  step bench-kernel-arena 80 "$PY" bench/cp_kernel.py --device cuda --quick --layout arena \
     --json "$OUTDIR/cp_kernel_cuda_arena.json"
   # bench/train_step.py imports cpsl.train, whose metrics need scikit-learn: a bare GPU box
   # without it gets a FAILED step that names the missing module
-  step bench-train-step 90 "$PY" bench/train_step.py --device cuda --json "$OUTDIR/train_step_cuda.json"
+  step bench-train-step 50 "$PY" bench/train_step.py --device cuda --steps 20 --json "$OUTDIR/train_step_cuda.json"
 fi
 finish
