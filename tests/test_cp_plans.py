@@ -53,6 +53,12 @@ def test_graph_pinned_plans_survive_clear_cache_and_eviction():
     assert native._plan_for(grads, [0], 1) is plan
     assert (plan.table.data_ptr(), plan.partials.data_ptr()) == ptrs
     assert native.release_graph_plans() == 1 and not plan.pinned
+    assert native.plan_builds(torch.device("cpu")) + native.plan_builds("cuda") == native.plan_builds()
+    native._builds["cuda:1"] = native._builds.get("cuda:1", 0) + 2  # what two builds on a second GPU record
+    try:
+        assert native.plan_builds("cuda") - native.plan_builds("cuda:0") == native.plan_builds("cuda:1") >= 2
+    finally:
+        native._builds["cuda:1"] -= 2
     before = native.plan_builds()
     assert native._plan_for(grads, [0], 1) is not plan
     assert native.plan_builds() == before + 1

@@ -272,7 +272,10 @@ def plan_builds(device: torch.device | str | None = None) -> int:
     """How many plans were built in this process (on ``device``, or on every device)."""
     if device is None:
         return sum(_builds.values())
-    return _builds.get(str(torch.device(device)), 0)
+    d = torch.device(device)
+    if d.index is None:  # "cuda": every CUDA device
+        return sum(n for k, n in _builds.items() if torch.device(k).type == d.type)
+    return _builds.get(str(d), 0)
 
 
 def _check_layout(grads, group_index, n_groups: int) -> torch.device:
