@@ -74,13 +74,22 @@ def param_set(name: str) -> list[tuple[list[tuple[int, ...]], float]]:
     raise ValueError(name)
 
 
-def make_grads(name: str, device: torch.device, seed: int = 0):
+def make_grads(name: str, device: torch.device, seed: int = 0, layout: str = "separate"):
+    """``layout``: ``separate`` (one allocation per tensor, as after ``zero_grad(set_to_none=True)``)
+    or ``arena`` (views into one 16-byte-aligned buffer per group: cpsl.cp.arena, as in training)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     grads, gidx = [], []
     for m, (shapes, std) in enumerate(param_set(name)):
         for s in shapes:
             grads.append((torch.randn(s, generator=gen) * std).to(device))
             gidx.append(m)
+    if layout == "arena":
+        from cpsl.cp.arena import GradArena
+        params = [torch.nn.Parameter(torch.empty(g.shape, device=device)) for g in grads]
+        GradArena({GROUPS[m]: [p for p, gm in zip(params, gidx) if gm == m] for m in range(len(GROUPS))})
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+        grads = [p.grad for p in params]
     return grads, gidx
 
 
@@ -217,7 +226,8 @@ def machine_info(device) -> dict:
 
 
 # ------------------------------------------------------------------ main
-def run(device: torch.device, reps: dict, budget_s: float, quick: bool) -> tuple[list[dict], dict]:
+def run(device: torch.device, reps: dict, budget_s: float, quick: bool,
+        layout: str = "separate") -> tuple[list[dict], dict]:
     from cpsl.cp import native
     try:
         import cpsl.cp.foreach  # noqa: F401  (registers "foreach")
@@ -230,13 +240,13 @@ def run(device: torch.device, reps: dict, budget_s: float, quick: bool) -> tuple
     checks = {}
     ok_native, why = native.available(device)
     for set_name in ("small", "bert_like"):
-        grads, gidx = make_grads(set_name, device)
+        grads, gidx = make_grads(set_name, device, layout=layout)
         pristine = [g.clone() for g in grads]
         params = sum(g.numel() for g in grads)
         nbytes = sum(g.numel() * g.element_size() for g in grads)
         ref = reference_stats(pristine, gidx, G, p, w)
         kk = CPStats.unpack(ref, G).k.tolist()
-        print(f"\n== {set_name}: {params / 1e6:.2f} M params in {len(grads)} tensors, {G} groups; "
+        print(f"\n== {set_name} ({layout}): {params / 1e6:.2f} M params in {len(grads)} tensors, {G} groups; "
               f"reference k = {[round(x, 4) for x in kk]} (conflict {CPStats.unpack(ref, G).conflict.tolist()})")
         steps = {"naive": NaiveStep(grads, gidx, G)}
         if "foreach" in core.backend_names():
@@ -286,7 +296,7 @@ def run(device: torch.device, reps: dict, budget_s: float, quick: bool) -> tuple
         for name, ms in times.items():
             med = statistics.median(ms)
             c = checks[f"{set_name}/{name}"]
-            rows.append({"set": set_name, "backend": name, "device": device.type, "ms": med,
+            rows.append({"set": set_name, "backend": name, "device": device.type, "layout": layout, "ms": med,
                          "ms_p10": sorted(ms)[len(ms) // 10], "ms_p90": sorted(ms)[(9 * len(ms)) // 10],
                          "reps": len(ms), "params": params, "tensors": len(grads)})
             print(f"   {name:14s} {med:10.3f} ms  [p10 {rows[-1]['ms_p10']:.3f}, p90 {rows[-1]['ms_p90']:.3f}, "
@@ -324,6 +334,8 @@ def main(argv=None) -> int:
                     help="timed reps on the small set (default 200 cpu / 500 cuda; bert_like: a tenth, >= 5)")
     ap.add_argument("--quick", action="store_true", help="fewer reps (a fifth)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--layout", default="separate", choices=("separate", "arena"),
+                    help="gradient memory: one allocation per tensor, or views into a gradient arena")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -338,7 +350,7 @@ def main(argv=None) -> int:
     budget_s = 4.0 if args.quick else 15.0  # per backend and set: slow backends get fewer reps (>= 3)
     info = machine_info(device)
     print(f"machine: {info.get('gpu') or info['cpu']}; torch {info['torch']}, {info['threads']} threads")
-    rows, checks = run(device, {"small": small, "bert_like": big}, budget_s, args.quick)
+    rows, checks = run(device, {"small": small, "bert_like": big}, budget_s, args.quick, args.layout)
     if hasattr(os, "getloadavg"):  # other processes on the machine skew the timings: say so
         info["loadavg_at_end"] = os.getloadavg()
         print(f"load average at start {info['loadavg_start']}, at end {info['loadavg_at_end']}")

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from .config import Config
+from .cp import native
+from .cp.arena import GradArena
 from .cp.baselines import OGMGE, NoModulation, ogm_scores
 from .cp.penalty import ConflictAwarePenalty
 from .data.batch import iterate
@@ -239,6 +241,9 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
         modulator = build_modulator(cfg, model, optimizer, device)
+    # CP groups' grads live in a stable arena (zero_grad goes through it): one native plan per run
+    GradArena.for_modulator(modulator, optimizer)
+    plan_builds0 = native.plan_builds()
 
     from tqdm.auto import tqdm
     stopped = bad_epochs >= cfg.train.patience
@@ -305,7 +310,8 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     # the selected checkpoint, evaluated once on valid and test
     best, _, _ = load_model(out / "best.pt", device)
     res = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history),
-           "backend": getattr(modulator, "backend_name", "none"), "ckpt": str(out / "best.pt")}
+           "backend": getattr(modulator, "backend_name", "none"), "ckpt": str(out / "best.pt"),
+           "cp_plan_builds": native.plan_builds() - plan_builds0}
     for split in ("valid", "test"):
         if split in data.splits and len(data[split]):
             ev = evaluate(best, data[split], cfg, device)

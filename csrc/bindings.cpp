@@ -16,12 +16,15 @@
 namespace py = pybind11;
 using uptr = std::uintptr_t;
 
+#ifndef CPSL_CUDA_ARCHS_STR
+#define CPSL_CUDA_ARCHS_STR "?"
+#endif
 #ifndef CPSL_VERSION_INFO
 #define CPSL_VERSION_INFO "dev"
 #endif
 
 // Bumped when the table layout or a function signature below changes.
-static constexpr int kCpAbi = 1;
+static constexpr int kCpAbi = 2;
 
 static py::dict build_info() {
   py::dict d;
@@ -31,11 +34,13 @@ static py::dict build_info() {
   d["cuda_compiled_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
   d["cuda_devices"] = cpsl::cuda_device_count();
   d["cuda_runtime"] = cpsl::cuda_runtime_info();
+  d["cuda_archs"] = CPSL_CUDA_ARCHS_STR;
 #else
   d["cuda"] = false;
   d["cuda_compiled_version"] = py::none();
   d["cuda_devices"] = 0;
   d["cuda_runtime"] = py::none();
+  d["cuda_archs"] = py::none();
 #endif
 #ifdef CPSL_WITH_OPENMP
   d["openmp"] = true;
@@ -117,6 +122,21 @@ PYBIND11_MODULE(_C, m) {
   codes["float16"] = static_cast<int>(cpsl::kFloat16);
   codes["bfloat16"] = static_cast<int>(cpsl::kBFloat16);
   m.attr("DTYPE_CODES") = codes;
+
+  m.def(
+      "cuda_usable",
+      [](int device) -> std::string {
+#ifdef CPSL_WITH_CUDA
+        return cpsl::cuda_usable(device);
+#else
+        (void)device;
+        return "cpsl._C was built without CUDA (no nvcc at build time)";
+#endif
+      },
+      py::arg("device"),
+      "'' when the CUDA kernels can run on `device` (device visible, driver new enough, code for its "
+      "compute capability compiled in); otherwise the reason.",
+      py::call_guard<py::gil_scoped_release>());
 
   m.def("cpu_isa", []() { return std::string(cpsl::cpu_isa()); }, "CPU kernels in use: 'avx2' or 'generic'.");
   m.def("set_cpu_isa", &cpsl::set_cpu_isa, py::arg("isa"),

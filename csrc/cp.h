@@ -190,6 +190,11 @@ int cuda_device_count();
 // Runtime/driver versions, "" when unavailable.
 std::string cuda_runtime_info();
 
+// "" when the kernels can run on CUDA device `device` (a device is visible, the driver
+// supports the runtime cpsl._C was linked with, and the binary holds SASS or PTX for the
+// device's compute capability); otherwise the reason. Never throws.
+std::string cuda_usable(int device);
+
 // Where a pointer lives: -1 plain host memory (or no CUDA context), -2 pinned host memory,
 // -3 managed memory, d >= 0 device memory of CUDA device d.
 int cuda_pointer_location(const void* p);

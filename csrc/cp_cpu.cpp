@@ -81,16 +81,18 @@ CPSL_ALWAYS_INLINE double sumsq_impl(const typename A::T* x, int64_t n) {
     }
     for (int l = 0; l < kLanes; ++l) dacc[l] += static_cast<double>(acc[l]);
   }
+  // squares are float32 everywhere (as in the blocks above and on CUDA), so the overflow
+  // threshold of the guard (an entry above ~1.8e19) does not depend on where an entry sits
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const double v = A::get(x + i, l);
-      dacc[l] += v * v;
+      const float v = A::get(x + i, l);
+      dacc[l] += static_cast<double>(v * v);
     }
   }
   double tail = 0.0;
   for (; i < n; ++i) {
-    const double v = A::get(x, i);
-    tail += v * v;
+    const float v = A::get(x, i);
+    tail += static_cast<double>(v * v);
   }
   for (int w = kLanes / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) dacc[l] += dacc[l + w];

@@ -1,16 +1,17 @@
 // CUDA path of the cpsl native core: Conflict-aware Penalty statistics and scaling.
 //
 // cp_stats: ONE launch. Blocks grid-stride over the chunk table (cp.h); each block reduces
-// a chunk's sum of squares (fp32 over 8 elements per thread step, then float64) with a
-// fixed-order block reduction into partials[chunk]. The last block to finish (atomic
+// a chunk's sum of squares (float32 within a thread's share of the chunk, at most 64
+// terms; float64 from the block reduction on) with a fixed-order block reduction into
+// partials[chunk]. The last block to finish (atomic
 // counter + __threadfence) sums the partials of each group in table order, runs the
 // float64 penalty stage (the same code as the CPU path) and writes the stats buffer, then
 // resets the counter to zero: no host synchronisation, CUDA-graph capturable, and the
 // result does not depend on the grid size (bit-identical run to run).
 // cp_scale: grad *= (float)k[group], grid-stride over chunks; chunks whose factor is
 // exactly 1 are skipped (the factor is read on the device).
-// 16-byte vector loads/stores when a chunk's pointer is 16-byte aligned (the usual case:
-// allocator blocks are 512-byte aligned and chunk lengths are multiples of 8 elements).
+// 16-byte vector loads/stores on every chunk: a scalar head peels the elements before the
+// first 16-byte boundary (misaligned views: DDP bucket slices, flat buffers, x[1:]).
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -129,61 +130,77 @@ __device__ __forceinline__ double block_sum(double v, double* smem) {
   return v;
 }
 
-// This thread's share of a chunk's sum of squares.
+// A chunk is split into a scalar head (the elements before its first 16-byte boundary: the
+// alignment peel, so views such as DDP bucket slices or x[1:] still take the vector path),
+// a 16-byte vector body and a scalar tail. Thread t always gets the same elements of a
+// given chunk, so the result does not depend on timing.
+template <class A>
+__device__ __forceinline__ int64_t head_elems(const void* x, int64_t n) {
+  constexpr unsigned kEsize = 16 / A::kPer;
+  const unsigned mis = static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(x) & 15u);
+  const int64_t head = static_cast<int64_t>(((16u - mis) & 15u) / kEsize);  // pointer is dtype-aligned (validated)
+  return head < n ? head : n;
+}
+
+// This thread's share of a chunk's sum of squares, in float32 only: squares and sums of
+// at most kPer * ceil(n / (kPer * kBlock)) terms (64 for a full chunk), so no FP64 unit is
+// touched per element (sm_86/87/89 run FP64 at 1/64 of the FP32 rate). float64 starts at
+// the block reduction. Every element's square is a float32, whatever the alignment: an
+// entry above ~1.8e19 overflows to inf and trips the guard on every path.
 template <class A>
 __device__ __forceinline__ double thread_sumsq(const void* x, int64_t n) {
-  double acc = 0.0;
-  int64_t tail_begin = 0;
-  if ((reinterpret_cast<std::uintptr_t>(x) & 15u) == 0) {
-    const uint4* xv = static_cast<const uint4*>(x);
-    const int64_t nv = n / A::kPer;
-    int64_t j = threadIdx.x;
-    for (; j + kBlock < nv; j += 2 * kBlock) {  // two loads in flight per thread
-      const uint4 ua = __ldg(xv + j), ub = __ldg(xv + j + kBlock);
-      float fa[A::kPer], fb[A::kPer];
-      A::decode(ua, fa);
-      A::decode(ub, fb);
-      float s = 0.0f;
-#pragma unroll
-      for (int e = 0; e < A::kPer; ++e) s = fmaf(fa[e], fa[e], s);
-      float t = 0.0f;
-#pragma unroll
-      for (int e = 0; e < A::kPer; ++e) t = fmaf(fb[e], fb[e], t);
-      acc += static_cast<double>(s) + static_cast<double>(t);
-    }
-    for (; j < nv; j += kBlock) {
-      float fa[A::kPer];
-      A::decode(__ldg(xv + j), fa);
-      float s = 0.0f;
-#pragma unroll
-      for (int e = 0; e < A::kPer; ++e) s = fmaf(fa[e], fa[e], s);
-      acc += static_cast<double>(s);
-    }
-    tail_begin = nv * A::kPer;
+  const int64_t head = head_elems<A>(x, n);
+  float s = 0.0f, t = 0.0f;
+  if (threadIdx.x < head) {
+    const float v = A::get(x, threadIdx.x);
+    s = v * v;
   }
-  for (int64_t i = tail_begin + threadIdx.x; i < n; i += kBlock) {
-    const double v = A::get(x, i);
-    acc += v * v;
+  const void* body = static_cast<const char*>(x) + head * (16 / A::kPer);
+  const uint4* xv = static_cast<const uint4*>(body);
+  const int64_t nv = (n - head) / A::kPer;
+  int64_t j = threadIdx.x;
+  for (; j + kBlock < nv; j += 2 * kBlock) {  // two loads in flight per thread
+    const uint4 ua = __ldg(xv + j), ub = __ldg(xv + j + kBlock);
+    float fa[A::kPer], fb[A::kPer];
+    A::decode(ua, fa);
+    A::decode(ub, fb);
+    float pa = 0.0f, pb = 0.0f;
+#pragma unroll
+    for (int e = 0; e < A::kPer; ++e) pa = fmaf(fa[e], fa[e], pa);
+#pragma unroll
+    for (int e = 0; e < A::kPer; ++e) pb = fmaf(fb[e], fb[e], pb);
+    s += pa;
+    t += pb;
   }
-  return acc;
+  for (; j < nv; j += kBlock) {
+    float fa[A::kPer];
+    A::decode(__ldg(xv + j), fa);
+    float pa = 0.0f;
+#pragma unroll
+    for (int e = 0; e < A::kPer; ++e) pa = fmaf(fa[e], fa[e], pa);
+    s += pa;
+  }
+  for (int64_t i = head + nv * A::kPer + threadIdx.x; i < n; i += kBlock) {
+    const float v = A::get(x, i);
+    t = fmaf(v, v, t);
+  }
+  return static_cast<double>(s) + static_cast<double>(t);
 }
 
 template <class A>
 __device__ __forceinline__ void thread_scale(void* x, int64_t n, float k) {
-  int64_t tail_begin = 0;
-  if ((reinterpret_cast<std::uintptr_t>(x) & 15u) == 0) {
-    uint4* xv = static_cast<uint4*>(x);
-    const int64_t nv = n / A::kPer;
-    for (int64_t j = threadIdx.x; j < nv; j += kBlock) {
-      float f[A::kPer];
-      A::decode(xv[j], f);
+  const int64_t head = head_elems<A>(x, n);
+  if (threadIdx.x < head) A::put(x, threadIdx.x, A::get(x, threadIdx.x) * k);
+  uint4* xv = reinterpret_cast<uint4*>(static_cast<char*>(x) + head * (16 / A::kPer));
+  const int64_t nv = (n - head) / A::kPer;
+  for (int64_t j = threadIdx.x; j < nv; j += kBlock) {
+    float f[A::kPer];
+    A::decode(xv[j], f);
 #pragma unroll
-      for (int e = 0; e < A::kPer; ++e) f[e] *= k;
-      xv[j] = A::encode(f);
-    }
-    tail_begin = nv * A::kPer;
+    for (int e = 0; e < A::kPer; ++e) f[e] *= k;
+    xv[j] = A::encode(f);
   }
-  for (int64_t i = tail_begin + threadIdx.x; i < n; i += kBlock) A::put(x, i, A::get(x, i) * k);
+  for (int64_t i = head + nv * A::kPer + threadIdx.x; i < n; i += kBlock) A::put(x, i, A::get(x, i) * k);
 }
 
 // ------------------------------------------------------------------ kernels
@@ -293,6 +310,49 @@ void cp_scale_cuda(const int64_t* table, int64_t n_chunks, int G, const double* 
   const int grid = grid_for(cp_scale_kernel, n_chunks, device);
   cp_scale_kernel<<<grid, kBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(table, n_chunks, G, stats);
   check_cuda(cudaGetLastError(), "cp_scale kernel launch");
+}
+
+#ifndef CPSL_CUDA_ARCHS_STR
+#define CPSL_CUDA_ARCHS_STR "?"
+#endif
+
+std::string cuda_usable(int device) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    int drv = 0;
+    if (cudaDriverGetVersion(&drv) != cudaSuccess || drv == 0) {
+      cudaGetLastError();
+      return "no CUDA driver on this machine (libcuda not found)";
+    }
+    return std::string("no usable CUDA device: ") + cudaGetErrorString(e) + " (" + cuda_runtime_info() +
+           "; cpsl._C links the CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
+           std::to_string((CUDART_VERSION % 1000) / 10) + " runtime statically and needs a driver that supports it)";
+  }
+  if (n == 0) return "no CUDA device visible";
+  if (device < 0 || device >= n)
+    return "CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(n) + " visible)";
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  try {
+    DeviceGuard guard(device);
+    cudaFuncAttributes a;
+    cudaError_t fe = cudaFuncGetAttributes(&a, cp_stats_kernel);
+    if (fe == cudaSuccess) fe = cudaFuncGetAttributes(&a, cp_scale_kernel);
+    if (fe != cudaSuccess) {
+      cudaGetLastError();
+      const std::string sm = std::to_string(major) + std::to_string(minor);
+      return "CUDA device " + std::to_string(device) + " has compute capability " + std::to_string(major) + "." +
+             std::to_string(minor) + " but cpsl._C holds no code for it (built for CMAKE_CUDA_ARCHITECTURES " +
+             CPSL_CUDA_ARCHS_STR + "): " + cudaGetErrorString(fe) + "; rebuild with CPSL_CUDA_ARCHS=" + sm;
+    }
+  } catch (const std::exception& ex) {
+    cudaGetLastError();
+    return std::string("CUDA device ") + std::to_string(device) + " is not usable: " + ex.what();
+  }
+  return "";
 }
 
 }  // namespace cpsl

@@ -25,20 +25,35 @@ functions above route through them when called under ``torch.compile``.
 Contract:
 
 * ``grads``: a list of tensors or ``None`` (frozen / unused parameters); present ones must
-  be contiguous, on one device (CPU or CUDA), of dtype float32, float16 or bfloat16 (one
-  call may mix them; accumulation is fp32 over short runs, then float64).
+  be dense (contiguous, or non-overlapping and dense such as channels-last or a
+  transpose: the kernels read the storage span), on one device (CPU or CUDA), of dtype
+  float32, float16 or bfloat16 (one call may mix them; accumulation is fp32 over short
+  runs, then float64).
 * A plan (chunk table, group info, workspaces) is built on the first call for a gradient
   layout and cached, keyed by every gradient's (data pointer, byte size, dtype,
-  contiguity) plus the group ids: later steps only compare that key. Up to
-  ``MAX_PLANS`` layouts are kept (LRU). On CUDA, run one step before capturing a graph
-  (building a plan copies the table to the device).
+  contiguity) plus the group ids: later steps only compare that key. Gradients that lie
+  back to back in memory (a :mod:`cpsl.cp.arena`) are merged into long runs. Up to
+  ``MAX_PLANS`` layouts are kept (least recently used evicted); :func:`plan_builds`
+  counts the builds. Keep gradient memory stable (``cpsl.cp.arena``) so that one plan
+  serves a whole training run: with ``zero_grad(set_to_none=True)`` every step would
+  build a new plan (on CUDA a host-to-device copy and a stream synchronisation).
+* CUDA graphs: run one step before capturing (building a plan copies the table to the
+  device; building one during a capture raises). A plan used during a capture is
+  *pinned*: the graph holds raw pointers to its table and workspaces, so neither
+  :func:`clear_cache` nor eviction frees it; :func:`release_graph_plans` does, once the
+  graphs that used them are gone.
+* Aliased gradients (one tensor twice, or overlapping memory, e.g. a shared parameter in
+  two groups) are summed once per occurrence, like the reference, but the scale pass
+  rejects them (ValueError): concurrent read-modify-writes of one element would race,
+  where the reference applies k1 * k2. Use the ``foreach`` backend for such layouts.
 * Scaling multiplies by ``(float)k`` in fp32 and rounds once to the gradient's dtype
   (for fp16/bf16 this is one rounding, where ``grad.mul_(k.to(dtype))`` rounds k first);
   chunks whose factor is exactly 1 are not touched.
 * One plan's workspace is shared by its calls: do not run two steps over the same
-  gradient layout concurrently on different CUDA streams or Python threads.
-* Sums of squares are fp32 per element: a gradient entry above ~1.8e19 overflows to inf
-  and trips the guard (the reference, in float64, would not).
+  gradient layout concurrently on different CUDA streams or Python threads. Used on a
+  stream other than the one it was built on, its tensors are ``record_stream``-ed there.
+* Squares are fp32 on every path (CPU and CUDA, aligned or not): a gradient entry above
+  ~1.8e19 overflows to inf and trips the guard (the reference, in float64, would not).
 """
 from __future__ import annotations
 
@@ -54,8 +69,9 @@ CHUNK_CPU = 1 << 16  # elements per chunk-table row on CPU (work unit of one Ope
 CHUNK_CUDA = 1 << 15  # elements per row on CUDA (work unit of one thread block)
 MAX_PLANS = 8
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_NEEDED = ("cp_validate", "cp_stats_cpu", "cp_scale_cpu", "cp_step_cpu", "cp_stats_cuda", "cp_scale_cuda")
-_ABI = 1
+_NEEDED = ("cp_validate", "cp_stats_cpu", "cp_scale_cpu", "cp_step_cpu", "cp_stats_cuda", "cp_scale_cuda",
+           "cuda_usable")
+_ABI = 2
 
 _ext = None
 _ext_err: Optional[str] = None
@@ -96,8 +112,12 @@ def available(device: torch.device | str | None = None) -> tuple[bool, str]:
     if device is not None and torch.device(device).type == "cuda":
         if not C.build_info()["cuda"]:
             return False, "cpsl._C was built without CUDA (no nvcc at build time)"
+        dev = torch.device(device)
+        why = C.cuda_usable(dev.index if dev.index is not None else 0)
+        if why:
+            return False, why
         if not torch.cuda.is_available():
-            return False, "torch sees no CUDA device"
+            return False, "torch sees no CUDA device (cpsl._C does: torch and cpsl._C disagree on the driver)"
     return True, ""
 
 
@@ -112,50 +132,90 @@ def set_cpu_isa(isa: str) -> bool:
 
 
 # ------------------------------------------------------------------ plans (cached tables)
+def _is_dense(g: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + nbytes) exactly."""
+    if g.is_contiguous():
+        return True
+    expect = 1
+    for st, sz in sorted((st, sz) for st, sz in zip(g.stride(), g.shape) if sz != 1):
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def _runs(grads, group_index, n_groups: int):
+    """Per group, the memory runs [(address, elements, dtype code)] of its present gradients
+    (back-to-back gradients of one dtype merged), the element counts, and a note when two
+    gradients overlap in memory ('' otherwise)."""
+    runs: list[list[list[int]]] = [[] for _ in range(n_groups)]
+    numel = [0] * n_groups
+    spans = []
+    for i, g in enumerate(grads):
+        if g is None or g.numel() == 0:
+            continue
+        m, n, esize, base, code = group_index[i], g.numel(), g.element_size(), g.data_ptr(), _DTYPE_CODES[g.dtype]
+        spans.append((base, base + n * esize, i))
+        last = runs[m][-1] if runs[m] else None
+        if last is not None and last[2] == code and last[0] + last[1] * esize == base:
+            last[1] += n
+        else:
+            runs[m].append([base, n, code])
+        numel[m] += n
+    spans.sort()
+    alias = ""
+    for (b0, e0, i0), (b1, _, i1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            alias = (f"grads[{min(i0, i1)}] and grads[{max(i0, i1)}] overlap in memory (one parameter in two CP "
+                     "groups, or tied weights)")
+            break
+    return runs, numel, alias
+
+
 class _Plan:
     """Chunk table + group info + workspaces for one gradient layout (see csrc/cp.h)."""
 
     __slots__ = ("device", "dev_index", "n_groups", "n_chunks", "total", "table", "group_info", "partials",
-                 "counter", "table_host", "group_info_host")
+                 "counter", "table_host", "group_info_host", "alias", "stream", "pinned")
 
     def __init__(self, grads, group_index, n_groups: int, device: torch.device):
         C = _ext_or_raise()
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("native CP: no plan for this gradient layout, and one cannot be built during "
+                               "CUDA graph capture (it copies the table to the device); run one step on the "
+                               "same gradients before capturing")
         chunk = CHUNK_CUDA if device.type == "cuda" else CHUNK_CPU
-        rows_by_group: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_groups)]
-        numel = [0] * n_groups
-        for i, g in enumerate(grads):
-            if g is None or g.numel() == 0:
-                continue
-            m = group_index[i]
-            n, esize, base, code = g.numel(), g.element_size(), g.data_ptr(), _DTYPE_CODES[g.dtype]
-            rows = rows_by_group[m]
-            for off in range(0, n, chunk):
-                rows.append((base + off * esize, min(chunk, n - off), code, m))
-            numel[m] += n
+        runs, numel, self.alias = _runs(grads, group_index, n_groups)
         flat: list[int] = []
         ginfo: list[int] = []
         begin = 0
         for m in range(n_groups):
-            for r in rows_by_group[m]:
-                flat.extend(r)
-            end = begin + len(rows_by_group[m])
-            ginfo.extend((numel[m], begin, end))
-            begin = end
+            rows = 0
+            for base, n, code in runs[m]:
+                esize = 4 if code == 0 else 2
+                for off in range(0, n, chunk):
+                    flat.extend((base + off * esize, min(chunk, n - off), code, m))
+                    rows += 1
+            ginfo.extend((numel[m], begin, begin + rows))
+            begin += rows
         self.device = device
         self.dev_index = -1 if device.type == "cpu" else (device.index if device.index is not None
                                                           else torch.cuda.current_device())
         self.n_groups = n_groups
         self.n_chunks = begin
+        self.pinned = False
         self.table_host = torch.tensor(flat, dtype=torch.int64).reshape(-1, 4)
         self.group_info_host = torch.tensor(ginfo, dtype=torch.int64).reshape(-1, 3)
         check_residency = device.type == "cuda" or (torch.cuda.is_available() and torch.cuda.is_initialized())
         self.total = C.cp_validate(self.table_host.data_ptr(), self.n_chunks, self.group_info_host.data_ptr(),
                                    n_groups, self.dev_index, check_residency)
         if device.type == "cuda":
+            self.stream = torch.cuda.current_stream(device).cuda_stream
             self.table = self.table_host.to(device)
             self.group_info = self.group_info_host.to(device)
             self.counter = torch.zeros(1, dtype=torch.int32, device=device)
         else:
+            self.stream = 0
             self.table = self.table_host
             self.group_info = self.group_info_host
             self.counter = None
@@ -163,14 +223,59 @@ class _Plan:
         if device.type == "cuda":  # the table copy and the counter's zero-fill are done before any stream uses them
             torch.cuda.current_stream(device).synchronize()
 
+    def on_stream(self) -> int:
+        """The current CUDA stream; pins the plan during a graph capture and records its
+        tensors on a stream it was not built on (the caching allocator then keeps them)."""
+        s = torch.cuda.current_stream(self.device)
+        if torch.cuda.is_current_stream_capturing():
+            self.pinned = True  # kept until release_graph_plans(): no stream bookkeeping needed
+            return s.cuda_stream
+        if s.cuda_stream != self.stream:
+            for t in (self.table, self.group_info, self.partials, self.counter):
+                t.record_stream(s)
+        return s.cuda_stream
 
-_plans: "OrderedDict[tuple, _Plan]" = OrderedDict()
+
+_plans: "OrderedDict[tuple, _Plan]" = OrderedDict()  # least recently used first
+_pinned: dict = {}  # plans used by captured CUDA graphs: never evicted, freed by release_graph_plans()
+_builds: dict[str, int] = {}
 
 
 def clear_cache() -> None:
-    """Forget every cached plan (frees the workspaces)."""
+    """Forget every cached plan (frees the workspaces), except plans a CUDA graph captured."""
     with _lock:
+        _sweep_pinned()
         _plans.clear()
+
+
+def release_graph_plans() -> int:
+    """Free the plans pinned by CUDA graph captures (call once those graphs are destroyed:
+    replaying one afterwards reads freed memory). Returns how many were released."""
+    with _lock:
+        _sweep_pinned()
+        n = len(_pinned)
+        for key, plan in _pinned.items():
+            if _plans.get(key) is plan:
+                del _plans[key]
+            plan.pinned = False
+        _pinned.clear()
+        return n
+
+
+def _sweep_pinned() -> None:
+    for key, plan in _plans.items():
+        if plan.pinned:
+            _pinned[key] = plan
+
+
+def plan_builds(device: torch.device | str | None = None) -> int:
+    """How many plans were built in this process (on ``device``, or on every device)."""
+    if device is None:
+        return sum(_builds.values())
+    d = torch.device(device)
+    if d.index is None:  # "cuda": every CUDA device
+        return sum(n for k, n in _builds.items() if torch.device(k).type == d.type)
+    return _builds.get(str(d), 0)
 
 
 def _check_layout(grads, group_index, n_groups: int) -> torch.device:
@@ -198,42 +303,54 @@ def _check_layout(grads, group_index, n_groups: int) -> torch.device:
             device, first = g.device, i
         elif g.device != device:
             raise ValueError(f"grads[{i}] is on {g.device} but grads[{first}] is on {device}: one device per call")
-        if not g.is_contiguous():
-            raise ValueError(f"grads[{i}] is not contiguous")
+        if not _is_dense(g):
+            raise ValueError(f"grads[{i}] is neither contiguous nor dense (strides {tuple(g.stride())} for shape "
+                             f"{tuple(g.shape)}: a strided view with gaps or overlaps)")
     return device if device is not None else torch.device("cpu")
+
+
+def _sig(g):
+    if g is None:
+        return None
+    if g.is_contiguous():
+        return (g.data_ptr(), g.nbytes, g.dtype, True)
+    return (g.data_ptr(), g.nbytes, g.dtype, g.stride(), tuple(g.shape))
 
 
 def _plan_for(grads, group_index, n_groups: int) -> _Plan:
     try:
-        sig = tuple([None if g is None else (g.data_ptr(), g.nbytes, g.dtype, g.is_contiguous()) for g in grads])
+        sig = tuple([_sig(g) for g in grads])
     except (AttributeError, RuntimeError):  # not a tensor, or a tensor without storage (meta)
         _check_layout(grads, group_index, n_groups)
         raise
     key = (n_groups, tuple(group_index), sig)
-    plan = _plans.get(key)
-    if plan is not None:
-        return plan
+    with _lock:
+        plan = _plans.get(key) or _pinned.get(key)
+        if plan is not None:
+            if key in _plans:
+                _plans.move_to_end(key)  # LRU: a hit is the most recent use
+            return plan
     device = _check_layout(grads, group_index, n_groups)
     plan = _Plan(grads, group_index, n_groups, device)
     with _lock:
+        _builds[str(device)] = _builds.get(str(device), 0) + 1
         _plans[key] = plan
+        _sweep_pinned()
         while len(_plans) > MAX_PLANS:
             _plans.popitem(last=False)
     return plan
 
 
-def _stream(plan: _Plan) -> int:
-    return torch.cuda.current_stream(plan.device).cuda_stream
-
-
 def _run_stats(plan: _Plan, stats: torch.Tensor, pa: tuple, fuse_scale: bool) -> None:
     C = _ext_or_raise()
+    if fuse_scale and plan.alias:
+        raise ValueError(f"native CP cannot scale aliased gradients: {plan.alias}; use the 'foreach' backend")
     if plan.device.type == "cpu":
         fn = C.cp_step_cpu if fuse_scale else C.cp_stats_cpu
         fn(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), plan.n_groups,
            plan.partials.data_ptr(), stats.data_ptr(), *pa, torch.get_num_threads())
     else:
-        stream = _stream(plan)
+        stream = plan.on_stream()
         C.cp_stats_cuda(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), plan.n_groups,
                         plan.partials.data_ptr(), plan.counter.data_ptr(), stats.data_ptr(), *pa,
                         plan.dev_index, stream)
@@ -259,12 +376,14 @@ def _scale_impl(grads, group_index, stats, n_groups) -> None:
         raise ValueError(f"stats is on {stats.device} but the gradients are on {plan.device}")
     if not stats.is_contiguous():
         raise ValueError("stats is not contiguous")
+    if plan.alias:
+        raise ValueError(f"native CP cannot scale aliased gradients: {plan.alias}; use the 'foreach' backend")
     C = _ext_or_raise()
     if plan.device.type == "cpu":
         C.cp_scale_cpu(plan.table.data_ptr(), plan.n_chunks, n_groups, stats.data_ptr(), torch.get_num_threads())
     else:
         C.cp_scale_cuda(plan.table.data_ptr(), plan.n_chunks, n_groups, stats.data_ptr(), plan.dev_index,
-                        _stream(plan))
+                        plan.on_stream())
 
 
 def _fake_device(grads) -> torch.device:

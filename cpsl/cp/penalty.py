@@ -56,6 +56,16 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> tuple[str,
     return "foreach", why
 
 
+def _shared_parameter(params, group_index, names) -> str:
+    """'' or a note naming a parameter that sits in two CP groups (e.g. a shared embedding)."""
+    first: dict[int, int] = {}
+    for p, gi in zip(params, group_index):
+        if id(p) in first and first[id(p)] != gi:
+            return f"a parameter of shape {tuple(p.shape)} is in CP groups {names[first[id(p)]]!r} and {names[gi]!r}"
+        first.setdefault(id(p), gi)
+    return ""
+
+
 def _takes_device(be) -> bool:
     import inspect
     try:
@@ -77,12 +87,20 @@ class ConflictAwarePenalty:
         self.cfg = cfg
         self.p = PenaltyParams.from_config(cfg)
         dev = device or (self.params[0].device if self.params else "cpu")
-        name, why = resolve_backend(backend or cfg.backend, dev)
+        self.mode = cfg.mode if apply else "measure"   # "measure": statistics only (k reported as 1)
+        requested = backend or cfg.backend
+        name, why = resolve_backend(requested, dev)
+        shared = _shared_parameter(self.params, self.group_index, self.names)
+        if shared and self.mode == "grad" and name == "native":
+            # the native scale pass cannot scale one tensor twice (it would race); foreach
+            # applies k1 then k2, as the reference does
+            if requested != "auto":
+                raise ValueError(f"CP backend 'native' cannot scale aliased gradients ({shared}); use 'foreach'")
+            name, why = "foreach", f"{shared}: the native scale pass cannot scale aliased gradients"
         if why:
             warnings.warn(f"CP backend 'native' unavailable ({why}); using 'foreach'", stacklevel=2)
         self.backend_name = name
         self.backend = get_backend(name)
-        self.mode = cfg.mode if apply else "measure"   # "measure": statistics only (k reported as 1)
         self.optimizer = optimizer
         self._lr_slots: dict[int, list[tuple[dict, torch.Tensor]]] = {}
         if self.mode == "update":
