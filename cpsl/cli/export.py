@@ -15,6 +15,7 @@ S = ExportSettings
 @click.option("--ckpt", required=True, type=click.Path(), help="A best.pt from cpsl train / cpsl distill.")
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 @setting_option(S, "precision", registry=precisions.names)
+@setting_option(S, "e2e", "--e2e/--no-e2e")
 @setting_option(S, "data")
 @setting_option(S, "calib_data")
 @setting_option(S, "calib_batches")
