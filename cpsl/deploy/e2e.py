@@ -71,7 +71,7 @@ class FeatureGraph:
     def export(self, model, path, example, opset: int):
         return ox.export_onnx(model, path, example, opset)
 
-    def profile(self, prof: dict) -> dict:
+    def profile(self, prof: dict, data, max_len: int | None = None) -> dict:
         return prof
 
     def golden_lengths(self, batch) -> dict:
@@ -142,11 +142,14 @@ class TokenGraph(FeatureGraph):
         onnx.checker.check_model(proto, full_check=True)
         return proto
 
-    def profile(self, prof: dict) -> dict:
-        """The features profile with ``text``/``text_mask`` replaced by the two (batch, seq) token inputs."""
+    def profile(self, prof: dict, data, max_len: int | None = None) -> dict:
+        """The features profile with ``text``/``text_mask`` replaced by the two (batch, seq) token inputs;
+        the longest sequence is the tokenizer's truncation length (or ``max_len``)."""
         t = prof.pop("text")
         prof.pop("text_mask")
         seq = {k: v[:2] for k, v in t.items()}
+        seq["max"][1] = int(max_len or max_length(data))
+        seq["opt"][1] = min(seq["opt"][1], seq["max"][1])
         seq["min"] = [1, min(2, seq["max"][1])]        # [CLS] [SEP] at least
         return {"input_ids": seq, "attention_mask": dict(seq), **prof}
 
@@ -162,6 +165,14 @@ def graph_for(model, e2e: bool | None):
     return TokenGraph(model) if e2e else FeatureGraph(model)
 
 
+def max_length(data) -> int:
+    """The truncation length the data was tokenized with (its ``text_bert`` width)."""
+    tb = next((s.text_bert for s in data.splits.values() if s.text_bert is not None), None)
+    if tb is None:
+        raise CPSLError("the data has no text_bert token ids: an end-to-end graph needs them")
+    return int(tb.shape[2])
+
+
 def tokenizer_entry(model, cfg, data, out_path: Path) -> dict:
     """Copy the encoder's ``tokenizer.json`` to ``out_path``; return the manifest's ``tokenizer`` entry."""
     from ..text_encoder import resolve_encoder_path
@@ -169,7 +180,6 @@ def tokenizer_entry(model, cfg, data, out_path: Path) -> dict:
     if not src.is_file():
         raise CPSLError(f"the text encoder has no tokenizer.json at {src}: the runner needs it")
     shutil.copyfile(src, out_path)
-    tb = next(s.text_bert for s in data.splits.values() if s.text_bert is not None)
-    return {"file": out_path.name, "max_length": int(tb.shape[2]), "truncation": "longest_first, right",
+    return {"file": out_path.name, "max_length": max_length(data), "truncation": "longest_first, right",
             "padding": "right to the batch's longest, id 0, mask 0", "token_type_ids": "all 0 (in the graph)",
             "library": "tokenizers (Hugging Face), Tokenizer.from_file"}

@@ -73,7 +73,8 @@ def load_inputs(model, cfg, ck, ckpt, s, prec: Precision) -> ExportInputs:
             raise CPSLError(f"the train split of {cpath} is empty: nothing to calibrate on")
         calib = calib_feeds(cd["train"], graph, s.calib_batches, s.calib_batch_size)
     profile = graph.profile(shape_profile(data, mods, model.dims, max_batch=s.max_batch, opt_batch=s.opt_batch,
-                                          opt_len=s.opt_len, max_len=s.max_len, model_max_len=cfg.model.max_len))
+                                          opt_len=s.opt_len, max_len=s.max_len, model_max_len=cfg.model.max_len),
+                            data, s.max_len)
     return ExportInputs(str(data_path), data, calib, profile, graph)
 
 
