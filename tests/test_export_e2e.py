@@ -53,8 +53,10 @@ def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     ck, pkl, data = tiny_checkpoint(root)
     for prec in ("fp32", "int8"):
+        # the tiny encoder's Linear weights are 32x32 and 32x64: lower the size floor so they are the int8 ones
         r = CliRunner().invoke(main, ["export", "--ckpt", str(ck), "--onnx", str(root / f"{prec}.onnx"),
-                                      "--precision", prec, "--quiet", "--calib-batches", "2", "--calib-batch-size", "8"])
+                                      "--precision", prec, "--quiet", "--calib-batches", "2", "--calib-batch-size", "8",
+                                      "--int8-min-weight", "1024"])
         assert r.exit_code == 0, r.output
     return root, ck, data
 
@@ -67,7 +69,7 @@ def run_runner(root, *args):
 def test_graph_interface_profile_and_qdq(e2e):
     import onnx
 
-    from cpsl.compress.quantize import activation_matmuls, check_qdq
+    from cpsl.compress.quantize import activation_matmuls, check_qdq, small_weight_nodes
     root, _, data = e2e
     man = json.loads((root / "int8.manifest.json").read_text())
     assert man["graph"] == "tokens" and man["tokenizer"]["max_length"] == data["train"].text_bert.shape[2]
@@ -82,12 +84,19 @@ def test_graph_interface_profile_and_qdq(e2e):
     proto = onnx.load(str(root / "int8.onnx"))
     assert man["opset"] <= 20
     info = check_qdq(proto)
-    # every weight MatMul of the 3 encoder layers (Q, K, V, out, FFN in/out = 6 each) is int8 ...
-    assert info["quantized_ops"]["MatMul"] >= 3 * 6
-    # ... the attention MatMuls (QK^T, AV) stay float, and so do LayerNorm / Softmax / Erf
-    assert info["float_ops"]["MatMul"] == len(activation_matmuls(onnx.load(str(root / "fp32.onnx")))) >= 2 * 3
+    q = man["quantization"]
+    assert q["min_weight_elems"] == 1024 and q["weights"] == "int8 symmetric per tensor"
+    # the 3 encoder layers' weight MatMuls (Q, K, V, out, FFN in/out = 6 each) are int8 ...
+    prod = {o: n for n in proto.graph.node for o in n.output}
+    qmm = [n.name for n in proto.graph.node if n.op_type == "MatMul"
+           and all(getattr(prod.get(x), "op_type", "") == "DequantizeLinear" for x in n.input)]
+    assert len([n for n in qmm if "/text_backbone/" in n]) == 3 * 6 and info["quantized_ops"]["MatMul"] == len(qmm)
+    # ... the attention MatMuls (QK^T, AV) and every op with a weight under the floor stay float
+    fp32 = onnx.load(str(root / "fp32.onnx"))
+    assert not set(qmm) & set(activation_matmuls(fp32)) and len(activation_matmuls(fp32)) >= 2 * 3
+    assert not set(qmm) & set(small_weight_nodes(fp32, ("MatMul", "Gemm", "Conv"), 1024))
     float_kinds = {n.op_type for n in proto.graph.node}
-    assert {"Softmax", "Erf"} <= float_kinds
+    assert {"Softmax", "Erf", "LayerNormalization"} <= float_kinds
 
 
 @pytest.mark.parametrize("prec", ["fp32", "int8"])

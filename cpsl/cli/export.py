@@ -22,6 +22,8 @@ S = ExportSettings
 @setting_option(S, "calib_batch_size")
 @setting_option(S, "calib_method")
 @setting_option(S, "quantize_attention", "--quantize-attention/--no-quantize-attention")
+@setting_option(S, "int8_per_channel", "--int8-per-channel/--int8-per-tensor")
+@setting_option(S, "int8_min_weight", type=int)
 @setting_option(S, "trt")
 @setting_option(S, "opset")
 @setting_option(S, "max_batch")

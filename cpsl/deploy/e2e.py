@@ -55,6 +55,8 @@ class FeatureGraph:
     """Text (if any) as features: the graph :mod:`cpsl.deploy.onnx` exports."""
 
     kind = "features"
+    int8_per_channel = True          # int8 defaults of this interface (ExportSettings may override)
+    int8_min_weight = 0
     preprocessing = ox.PREPROCESSING
     mask = "float32, 1.0 on valid steps and 0.0 on padding (the graph tests mask > 0.5)"
 
@@ -82,6 +84,10 @@ class TokenGraph(FeatureGraph):
     """Token ids in, the text encoder inside the graph (module docstring)."""
 
     kind = "tokens"
+    # only the encoder's Linear layers (384x384 and up) are worth Q/DQ; per-tensor weight scales, which
+    # ONNX Runtime CPU fuses into MatMulIntegerToFloat (per-channel ones it dequantizes every call)
+    int8_per_channel = False
+    int8_min_weight = 65536
     mask = ("attention_mask: int64, 1 on real tokens and 0 on padding; other modalities' masks float32, 1.0 on "
             "valid steps (the graph tests mask > 0.5)")
     preprocessing = ("text: the tokenizer in tokenizer.json (lower-casing WordPiece), [CLS] … [SEP], truncated "
