@@ -42,15 +42,19 @@ def teacher_token_targets(teacher, split, batch_size: int = 64):
     return states, pred
 
 
-def shallow_student(teacher, cfg, layers: int):
-    """A copy of ``teacher`` whose text encoder keeps its first ``layers`` layers; ``(model, cfg)``."""
-    from ..text_encoder import split_spec, truncate_layers
+def check_layers(teacher, layers: int) -> None:
     if teacher.text_backbone is None:
         raise CPSLError("the teacher has no text encoder (model.text_encoder): nothing to make shallower")
-    base, have = split_spec(cfg.model.text_encoder)
     n_have = len(teacher.text_backbone.encoder.encoder.layer)
     if not 1 <= layers <= n_have:
         raise CPSLError(f"--layers must be between 1 and the teacher's {n_have} encoder layers, got {layers}")
+
+
+def shallow_student(teacher, cfg, layers: int):
+    """A copy of ``teacher`` whose text encoder keeps its first ``layers`` layers; ``(model, cfg)``."""
+    from ..text_encoder import split_spec, truncate_layers
+    check_layers(teacher, layers)
+    base = split_spec(cfg.model.text_encoder)[0]
     student = copy.deepcopy(teacher)
     truncate_layers(student.text_backbone.encoder, layers)
     scfg = copy.deepcopy(cfg)
@@ -97,6 +101,7 @@ def distill_text_encoder(teacher_ckpt, data, layers: int, out, epochs: int = 3, 
         raise CPSLError("--epochs must be >= 1")
     teacher, cfg, tck = load_model(teacher_ckpt, "cpu")
     check_compatible(teacher, data, str(teacher_ckpt))
+    check_layers(teacher, layers)
     tr, va = data["train"], data["valid"]
     if len(tr) == 0 or len(va) == 0:
         raise CPSLError("distilling the text encoder needs non-empty train and valid splits")
