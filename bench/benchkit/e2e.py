@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cpsl.errors import CPSLError
+
 from . import REPO
 from .machine import machine_info
 
@@ -41,7 +43,7 @@ def build_data(data_dir: Path, work: Path, say):
         mosi = data_dir / "mosi"
         for f in ("labels.csv", "audio_opensmile.csv"):
             if not (mosi / f).is_file():
-                raise SystemExit(f"error: {mosi / f} not found (--data-dir must hold the data pack's mosi/ folder)")
+                raise CPSLError(f"{mosi / f} not found (--data-dir must hold the data pack's mosi/ folder)")
         data, _ = build_mosi(mosi / "labels.csv", mosi / "audio_opensmile.csv", progress=False)
         save_mmsa(data, pkl)
         say(f"built {pkl}")
@@ -141,11 +143,11 @@ def _models(a, pkl, data, work, say) -> dict[int, Path]:
     elif a.quick:
         teacher = quick_teacher(pkl, data, work, a.epochs or 2, say)
     else:
-        raise SystemExit("error: --e2e needs --ckpt (a checkpoint with a fine-tuned text encoder) or --quick")
+        raise CPSLError("--e2e needs --ckpt (a checkpoint with a fine-tuned text encoder) or --quick")
     layers = [int(x) for x in a.layers.split(",") if x.strip()]
     given = [Path(p) for p in a.encoder_ckpts.split(",")] if a.encoder_ckpts else []
     if given and len(given) != len(layers):
-        raise SystemExit(f"error: --encoder-ckpts needs one checkpoint per --layers entry ({len(layers)})")
+        raise CPSLError(f"--encoder-ckpts needs one checkpoint per --layers entry ({len(layers)})")
     models = {6: teacher}
     for k, L in enumerate(layers):
         if given:
