@@ -94,6 +94,7 @@ class OrtBackend:
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        so.add_session_config_entry("session.qdqisint8allowed", "1")   # int8 Q/DQ stays int8 on x86 (all MatMuls fuse)
         try:
             self.sess = ort.InferenceSession(str(path), so, providers=[prov] + (["CPUExecutionProvider"] if prov != "CPUExecutionProvider" else []))
         except Exception as e:  # noqa: BLE001 - corrupt / foreign file
