@@ -88,6 +88,7 @@ class TrainConfig:
     device: str = "cpu"
     num_threads: int = 0          # torch CPU threads (0 = leave torch's default)
     progress: bool = True
+    skip_limit: int = 20          # stop after this many consecutive steps skipped as non-finite
 
 
 @dataclass
@@ -143,7 +144,10 @@ def load_mapping(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CPSLError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CPSLError(f"config {path} is not UTF-8 text (a YAML or JSON file?)") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -177,7 +181,7 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             if f != int(f):
                 raise ValueError
             return int(f)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise CPSLError(f"config key {key}: expected an integer, got {value!r}") from None
     if isinstance(current, float):
         try:
@@ -259,14 +263,9 @@ _CHOICES = {
 
 
 def validate(cfg: Config) -> None:
-    for (sec, k), choices in _CHOICES.items():
-        v = getattr(getattr(cfg, sec), k)
-        if v not in choices:
-            raise CPSLError(f"config key {sec}.{k}: {v!r} is not one of {', '.join(choices)}")
-    if cfg.model.d % cfg.model.heads:
-        raise CPSLError(f"config: model.d ({cfg.model.d}) must be divisible by model.heads ({cfg.model.heads})")
-    if cfg.train.epochs < 1:
-        raise CPSLError("config key train.epochs must be >= 1")
+    """Every value's type, range or choices: the rules live in cpsl/config_rules.py."""
+    from .config_rules import check
+    check(cfg)
 
 
 def build_config(preset_name: str = "teacher", config_file: str | None = None,

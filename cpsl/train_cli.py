@@ -19,7 +19,7 @@ def _common_config(preset, config, sets, seeds=None, epochs=None, modulation=Non
             cfg.train.seeds = [int(s) for s in str(seeds).split(",") if s.strip()]
         except ValueError:
             raise CPSLError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    if epochs:
+    if epochs is not None:
         cfg.train.epochs = int(epochs)
     if modulation:
         cfg.cp.modulation = modulation
@@ -54,8 +54,12 @@ def _device_check(device: str) -> None:
               help="CP backend (default auto: native when built, else foreach).")
 @click.option("--device", help="cpu (default) or cuda.")
 @click.option("--resume", is_flag=True, help="Continue a stopped run in --out from its last.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (default: refuse).")
+@click.option("--trust-pickle", is_flag=True,
+              help="UNSAFE: read the .pkl with plain pickle, which runs any code it carries (only for files you made).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(data_path, out, preset, config, sets, seeds, epochs, modulation, no_sl, cp_backend, device, resume, quiet):
+def train(data_path, out, preset, config, sets, seeds, epochs, modulation, no_sl, cp_backend, device, resume,
+          overwrite, trust_pickle, quiet):
     """Train CPSL; writes OUT/results.json and OUT/seed*/best.pt."""
     from .data import load_data
     from .train import run
@@ -63,7 +67,9 @@ def train(data_path, out, preset, config, sets, seeds, epochs, modulation, no_sl
     _device_check(cfg.train.device)
     if quiet:
         cfg.train.progress = False
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    from .runs import check_out
+    check_out(out, resume=resume, overwrite=overwrite)     # refuse before the data is read
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
     from .cp.penalty import resolve_backend
     if cfg.cp.modulation == "cp":
@@ -73,7 +79,7 @@ def train(data_path, out, preset, config, sets, seeds, epochs, modulation, no_sl
         click.echo(f"modulation: {cfg.cp.modulation}")
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
-    res = run(cfg, data, out, resume=resume, log=click.echo)
+    res = run(cfg, data, out, resume=resume, log=click.echo, overwrite=overwrite)
     from .metrics import format_table
     rows = {s: res[s] for s in ("valid", "test") if s in res}
     click.echo(format_table(rows, keys=("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")))
@@ -88,7 +94,9 @@ def train(data_path, out, preset, config, sets, seeds, epochs, modulation, no_sl
 @click.option("--mask-modality", help="Remove this modality at inference (balance diagnostic).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
+@click.option("--trust-pickle", is_flag=True,
+              help="UNSAFE: read the .pkl with plain pickle, which runs any code it carries (only for files you made).")
+def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json, trust_pickle):
     """Evaluate a checkpoint on a split with MMSA's metrics."""
     from .data import load_data
     from .metrics import format_table
@@ -97,7 +105,7 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
     if split not in ("train", "valid", "test"):
         raise CPSLError(f"unknown split {split!r} (choose train, valid or test)")
     model, cfg, _ = load_model(ckpt, device)
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     check_compatible(model, data, ckpt)
     if mask_modality and mask_modality not in model.modalities:
         raise CPSLError(f"--mask-modality {mask_modality!r} is not one of the model's modalities {list(model.modalities)}")
@@ -143,7 +151,10 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
 @click.option("--variants", help="Comma-separated subset of: full,-CP,-SL,-CP-SL,-AME,-GCF,OGM-GE (default all).")
 @click.option("--cp-backend", type=click.Choice(["auto", "native", "foreach", "reference"]))
 @click.option("--quiet", is_flag=True)
-def ablate(data_path, out, seeds, epochs, preset, config, sets, variants, cp_backend, quiet):
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (default: refuse).")
+@click.option("--trust-pickle", is_flag=True,
+              help="UNSAFE: read the .pkl with plain pickle, which runs any code it carries (only for files you made).")
+def ablate(data_path, out, seeds, epochs, preset, config, sets, variants, cp_backend, quiet, overwrite, trust_pickle):
     """Run the ablation variants and write OUT/ablation.md, ablation.json and a trajectory figure."""
     from .ablate import VARIANTS, run_ablation
     from .data import load_data
@@ -154,9 +165,9 @@ def ablate(data_path, out, seeds, epochs, preset, config, sets, variants, cp_bac
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
-    run_ablation(cfg, data, out, names, log=click.echo)
+    run_ablation(cfg, data, out, names, log=click.echo, overwrite=overwrite)
     click.echo((Path(out) / "ablation.md").read_text())
     click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json")
 

@@ -30,14 +30,15 @@ def synth_spec_from_args(seed=0, imbalance=None, text_memo=None, av_noise=None, 
         cur = getattr(spec, k)
         try:
             setattr(spec, k, tuple(int(x) for x in v.split(",")) if isinstance(cur, tuple) else type(cur)(v))
-        except ValueError:
+        except (TypeError, ValueError):
             raise CPSLError(f"synthetic knob {k}: bad value {v!r}") from None
+    spec.check()
     return spec
 
 
-def load_data(path: str, synth_seed: int = 0, synth: dict | None = None) -> MMSAData:
+def load_data(path: str, synth_seed: int = 0, synth: dict | None = None, trust_pickle: bool = False) -> MMSAData:
     """``'synth'`` (or ``'synth:SEED'``) gives the embedded generator (``synth``: knob overrides);
-    anything else is an MMSA pickle."""
+    anything else is an MMSA pickle, read without executing code unless ``trust_pickle`` (unsafe)."""
     if path == "synth" or str(path).startswith("synth:"):
         try:
             seed = int(str(path).split(":", 1)[1]) if ":" in str(path) else synth_seed
@@ -47,13 +48,18 @@ def load_data(path: str, synth_seed: int = 0, synth: dict | None = None) -> MMSA
         for k, v in (synth or {}).items():
             if not hasattr(spec, k):
                 raise CPSLError(f"unknown synthetic knob {k!r} in data.synth (known: {', '.join(spec.to_dict())})")
-            setattr(spec, k, tuple(v) if isinstance(getattr(spec, k), tuple) else type(getattr(spec, k))(v))
+            try:
+                setattr(spec, k, tuple(int(x) for x in v) if isinstance(getattr(spec, k), tuple)
+                        else type(getattr(spec, k))(v))
+            except (TypeError, ValueError):
+                raise CPSLError(f"data.synth knob {k}: bad value {v!r}") from None
         return generate(spec)
-    return load_mmsa(path)
+    return load_mmsa(path, trust_pickle=trust_pickle)
 
 
 def describe(d: MMSAData) -> dict:
-    out = {"path": d.path, "modalities": list(d.modalities), "dims": d.dims, "cleaned": d.cleaned, "splits": {}}
+    out = {"path": d.path, "modalities": list(d.modalities), "dims": d.dims, "cleaned": d.cleaned,
+           "extreme": d.extreme, "warnings": d.warnings(), "splits": {}}
     for name, s in d.splits.items():
         y = s.labels
         sd = {"n": len(s), "labels": {

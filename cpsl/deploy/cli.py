@@ -34,8 +34,11 @@ FP32_PARITY_TOL = 1e-4
 @click.option("--device", help="cpu (default) or cuda.")
 @click.option("--no-cache", is_flag=True, help="Run the teacher on every batch instead of caching its outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (default: refuse).")
+@click.option("--trust-pickle", is_flag=True,
+              help="UNSAFE: read the .pkl with plain pickle, which runs any code it carries (only for files you made).")
 def distill(teacher, data_path, out, preset, config, sets, seeds, epochs, lambda_kd, lambda_hint, max_ratio,
-            device, no_cache, quiet):
+            device, no_cache, quiet, overwrite, trust_pickle):
     """Distil a teacher checkpoint into a small student; writes OUT/results.json (+ teacher, retention)."""
     from ..compress.distill import distill as run_distill
     from ..data import load_data
@@ -53,12 +56,14 @@ def distill(teacher, data_path, out, preset, config, sets, seeds, epochs, lambda
     if not any(s.strip().startswith("data.synth=") for s in sets):
         cfg.data.synth = dict(tck.get("config", {}).get("data", {}).get("synth", {}) or {})
     del tck
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    from ..runs import check_out
+    check_out(out, overwrite=overwrite)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
     res = run_distill(teacher, data, cfg, out, lambda_kd=lambda_kd, lambda_hint=lambda_hint,
-                      max_ratio=max_ratio, cache=not no_cache, log=click.echo)
+                      max_ratio=max_ratio, cache=not no_cache, log=click.echo, overwrite=overwrite)
     rows = {}
     for s in ("valid", "test"):
         if s in res["teacher"]:
@@ -84,11 +89,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_checked(path, synth_seed, model, ckpt, what, synth=None):
+def _load_checked(path, synth_seed, model, ckpt, what, synth=None, trust_pickle=False):
     from ..data import load_data
     from ..train import check_compatible
     try:
-        d = load_data(path, synth_seed, synth)
+        d = load_data(path, synth_seed, synth, trust_pickle=trust_pickle)
     except CPSLError as e:
         raise CPSLError(f"{what}: {e}") from None
     except (OSError, EOFError, ValueError, TypeError) as e:
@@ -152,8 +157,10 @@ def _silence():
 @click.option("--max-len", type=int, help="Engine profile: longest sequence (default: the data's longest).")
 @click.option("--workspace", default=1024, show_default=True, type=int, help="TensorRT workspace (MiB).")
 @click.option("--quiet", is_flag=True, help="Only the summary.")
+@click.option("--trust-pickle", is_flag=True,
+              help="UNSAFE: read the .pkl with plain pickle, which runs any code it carries (only for files you made).")
 def export(ckpt, onnx_path, precision, data_path, calib_data, calib_batches, calib_batch_size, calib_method,
-           quantize_attention, trt, opset, max_batch, opt_batch, opt_len, max_len, workspace, quiet):
+           quantize_attention, trt, opset, max_batch, opt_batch, opt_len, max_len, workspace, quiet, trust_pickle):
     """Export a checkpoint to ONNX (fp32, fp16 or int8 Q/DQ) with manifest, golden batches and engine script.
 
     \b
@@ -195,14 +202,15 @@ def export(ckpt, onnx_path, precision, data_path, calib_data, calib_batches, cal
         data_path = ck.get("data_path") or cfg.data.path or "synth"
         if data_path != "synth" and not str(data_path).startswith("synth:") and not Path(data_path).is_file():
             raise CPSLError(f"the checkpoint's data {data_path} is not here; pass --data")
-    data = _load_checked(data_path, cfg.data.synth_seed, model, ckpt, "--data", cfg.data.synth)
+    data = _load_checked(data_path, cfg.data.synth_seed, model, ckpt, "--data", cfg.data.synth, trust_pickle)
     valid = data["valid"]
     if len(valid) == 0:
         raise CPSLError(f"the valid split of {data_path} is empty")
     calib = None
     if precision == "int8":
         cpath = calib_data or data_path
-        cd = data if cpath == data_path else _load_checked(cpath, cfg.data.synth_seed, model, ckpt, "--calib-data", cfg.data.synth)
+        cd = data if cpath == data_path else _load_checked(cpath, cfg.data.synth_seed, model, ckpt, "--calib-data", cfg.data.synth,
+                                                          trust_pickle)
         if len(cd["train"]) == 0:
             raise CPSLError(f"the train split of {cpath} is empty: nothing to calibrate on")
         calib = _calib_feeds(cd["train"], mods, calib_batches, calib_batch_size)
