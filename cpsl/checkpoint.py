@@ -100,12 +100,19 @@ def read_checkpoint(path: str | Path) -> dict:
                         "refusing to load it (it could run code)") from None
     except Exception as e:  # noqa: BLE001 - corrupt or foreign file
         raise CPSLError(f"{path} is not a readable cpsl checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("format") not in READABLE_FORMATS:
-        fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
-        raise CPSLError(f"{path} is not a cpsl checkpoint (format {fmt})")
+    fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+    if not isinstance(fmt, str) or fmt not in READABLE_FORMATS:
+        raise CPSLError(f"{path} is not a cpsl checkpoint (format {str(fmt)[:40]})")
     for key, kind in (("config", dict), ("dims", dict), ("model", dict)):
         if not isinstance(ck.get(key), kind):
             raise CPSLError(f"{path}: checkpoint has no {key!r} entry (or it is not a {kind.__name__})")
+    for key, kind in (("data_path", str), ("epoch", int), ("modalities", list)):
+        if ck.get(key) is not None and not isinstance(ck[key], kind):
+            raise CPSLError(f"{path}: checkpoint entry {key!r} is not a {kind.__name__}")
+    try:
+        Config.from_dict(ck["config"])
+    except CPSLError as e:
+        raise CPSLError(f"{path}: the checkpoint's config is invalid ({e})") from None
     return ck
 
 
@@ -123,10 +130,7 @@ def nonfinite_weights(state: dict) -> dict[str, int]:
 def load_model(path: str | Path, device="cpu") -> tuple[CPSLModel, Config, dict]:
     """(model, config, checkpoint dict); refuses weights that are not all finite."""
     ck = read_checkpoint(path)
-    try:
-        cfg = Config.from_dict(ck["config"])
-    except CPSLError as e:
-        raise CPSLError(f"{path}: the checkpoint's config is invalid ({e})") from None
+    cfg = Config.from_dict(ck["config"])
     dims = dict(ck["dims"])
     if not all(isinstance(v, int) and v >= 1 for v in dims.values()) or len(dims) < 2:
         raise CPSLError(f"{path}: the checkpoint's dims {dims} are not feature sizes of >= 2 modalities")

@@ -17,8 +17,10 @@ from .model.ame import MaskedBatchNorm
 
 
 class StepGuard:
-    def __init__(self, model: torch.nn.Module, params: list, limit: int, lr: float, extreme: int = 0):
-        self.params = params
+    def __init__(self, model: torch.nn.Module, params: list, limit: int, lr: float, extreme: int = 0,
+                 extra_params=()):
+        self.params = params                  # clipped (the model's)
+        self.extra = list(extra_params)       # checked only (e.g. a distillation projection)
         self.bns = [m for m in model.modules() if isinstance(m, MaskedBatchNorm)]
         self.limit, self.lr, self.extreme = int(limit), float(lr), int(extreme)
         self.skipped = 0          # whole run
@@ -34,6 +36,9 @@ class StepGuard:
         grads = [p.grad for p in self.params if p.grad is not None]
         self.norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
         ok = torch.isfinite(loss.detach()) & torch.isfinite(self.norm)
+        extra = [p.grad for p in self.extra if p.grad is not None]
+        if extra:
+            ok = ok & torch.isfinite(torch.nn.utils.get_total_norm(extra))
         for bn in self.bns:
             st = getattr(bn, "stats_ok", None)
             if st is not None:

@@ -248,8 +248,9 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
         modulator = build_modulator(cfg, model, optimizer, device)
-    params = [p for p in model.parameters() if p.requires_grad] + extra_params
-    guard = StepGuard(model, params, cfg.train.skip_limit, cfg.train.lr, extreme=train_split.extreme)
+    params = [p for p in model.parameters() if p.requires_grad]
+    guard = StepGuard(model, params, cfg.train.skip_limit, cfg.train.lr, extreme=train_split.extreme,
+                      extra_params=extra_params)
     guard.skipped = st["skipped"]
     identity = run_identity(cfg, fingerprint)
 

@@ -17,7 +17,9 @@ from cpsl.data.mmsa import save_mmsa
 from cpsl.errors import CPSLError
 from cpsl.model import CPSLModel
 from cpsl.model.ame import MaskedBatchNorm
-from helpers_cli import cli, one_error_line, tiny_dataset, write_pickle
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: find helpers_cli
+from helpers_cli import cli, one_error_line, tiny_dataset, write_pickle  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

@@ -6,6 +6,8 @@ the marker must never appear.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import pickle
 import subprocess
 
@@ -17,7 +19,9 @@ from cpsl.config import preset
 from cpsl.data.mmsa import load_mmsa
 from cpsl.errors import CPSLError
 from cpsl.model import CPSLModel
-from helpers_cli import Payload, cli, one_error_line, tiny_dataset, write_pickle
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: find helpers_cli
+from helpers_cli import Payload, cli, one_error_line, tiny_dataset, write_pickle  # noqa: E402
 
 torch.set_num_threads(1)
 DIMS = {"text": 6, "audio": 4, "vision": 5}
