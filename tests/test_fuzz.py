@@ -48,9 +48,11 @@ def report_counts(request):
     """After the module: how many generated cases ran, by kind and exit code (in the terminal summary)."""
     yield
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None and CASES:
-        tr.write_line(f"fuzz cases run: {sum(CASES.values())} ({', '.join(f'{k}: {v}' for k, v in sorted(CASES.items()))});"
-                      f" exit codes {dict(sorted(EXITS.items()))}")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capman is not None and CASES:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(CASES.items()))
+        with capman.global_and_fixture_disabled():
+            tr.write_line(f"\nfuzz cases run: {sum(CASES.values())} ({kinds}); exit codes {dict(sorted(EXITS.items()))}")
 
 
 def fuzz(n: int):
@@ -68,20 +70,24 @@ class Case:
         self.td = tempfile.TemporaryDirectory(prefix="fuzz18-")
         self.root = Path(self.td.name)
         self.marker = self.root / "PWNED"
-        self.cwd_before = set(os.listdir("."))
+        self.cwd = self.root / "cwd"              # the command runs here: it must stay empty
+        self.cwd.mkdir()
+        self.old_cwd = os.getcwd()
+        os.chdir(self.cwd)
         return self
 
     def check(self, res, inputs=(), allowed=()) -> None:
         ok_or_one_error(res)
         assert not self.marker.exists(), "a payload ran"
-        keep = {Path(p).name for p in inputs} | {Path(p).name for p in allowed}
+        keep = {Path(p).name for p in inputs} | {Path(p).name for p in allowed} | {"cwd"}
         stray = [p.name for p in self.root.iterdir() if p.name not in keep]
         assert not stray, f"files written outside --out: {stray}"
-        assert set(os.listdir(".")) == self.cwd_before, "files written in the working folder"
+        assert not os.listdir(self.cwd), f"files written in the working folder: {os.listdir(self.cwd)}"
         CASES[self.kind] += 1
         EXITS[res.exit_code] += 1
 
     def __exit__(self, *exc):
+        os.chdir(self.old_cwd)
         self.td.cleanup()
         return False
 
