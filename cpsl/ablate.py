@@ -25,7 +25,7 @@ def variant_config(base: Config, name: str) -> Config:
     return cfg
 
 
-def run_ablation(base: Config, data, out: str | Path, variants=None, log=print) -> dict:
+def run_ablation(base: Config, data, out: str | Path, variants=None, log=print, overwrite: bool = False) -> dict:
     from .train import run
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,7 @@ def run_ablation(base: Config, data, out: str | Path, variants=None, log=print) 
     for name in names:
         log(f"== variant {name}")
         d = out / _dirname(name)
-        res = run(variant_config(base, name), data, d, log=log)
+        res = run(variant_config(base, name), data, d, log=log, overwrite=overwrite)
         results[name] = {"dir": str(d), "valid": res.get("valid"), "test": res.get("test"),
                          "test_aux": res.get("test_aux"), "valid_aux": res.get("valid_aux"),
                          "histories": [_history(Path(r["ckpt"]).parent) for r in res["per_seed"]]}

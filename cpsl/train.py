@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import CKPT_FORMAT, load_model, read_checkpoint, save_checkpoint  # noqa: F401 - re-exports
+from .checkpoint import set_rng_state as _set_rng_state
 from .config import Config
 from .cp import native
 from .cp.arena import GradArena
@@ -32,8 +34,6 @@ from .losses import task_loss, total_loss
 from .metrics import METRIC_KEYS, mean_std, mmsa_metrics
 from .model import CPSLModel
 from .tblog import ScalarLog
-
-CKPT_FORMAT = "cpsl-ckpt-1"
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -108,59 +108,7 @@ def evaluate(model, split, cfg: Config, device, mask_modality=None) -> dict:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(path: Path, model, optimizer, cfg: Config, epoch: int, extra: dict) -> None:
-    ck = {"format": CKPT_FORMAT, "config": cfg.to_dict(), "modalities": list(model.modalities),
-          "dims": dict(model.dims), "model": model.state_dict(),
-          "optimizer": optimizer.state_dict() if optimizer is not None else None,
-          "epoch": epoch, "rng": _rng_state()}
-    ck.update(extra)
-    tmp = path.with_suffix(".tmp")
-    torch.save(ck, tmp)
-    tmp.replace(path)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CPSLError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        raise CPSLError(f"{path} is not a readable cpsl checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise CPSLError(f"{path} is not a cpsl checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck).__name__})")
-    return ck
-
-
-def load_model(path: str | Path, device="cpu") -> tuple[CPSLModel, Config, dict]:
-    ck = read_checkpoint(path)
-    cfg = Config.from_dict(ck["config"])
-    dims = dict(ck["dims"])
-    if cfg.model.text_encoder and "text" in dims:
-        dims["text"] = 1  # replaced by the backbone's hidden size inside the model
-    try:
-        model = CPSLModel(dims, cfg.model)
-        model.load_state_dict(ck["model"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CPSLError(f"{path}: checkpoint weights do not fit its config ({str(e).splitlines()[0]})") from None
-    return model.to(device), cfg, ck
-
-
+# (cpsl/checkpoint.py; re-exported here so existing imports keep working)
 def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpoint") -> None:
     if tuple(model.modalities) != tuple(data.modalities):
         raise CPSLError(f"{ckpt_path} was trained on modalities {list(model.modalities)} "
@@ -172,6 +120,20 @@ def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpo
             continue
         if model.dims[m] != data.dims[m]:
             raise CPSLError(f"{ckpt_path} expects {m} features of size {model.dims[m]} but the data has {data.dims[m]}")
+    check_lengths(model.cfg, data, model.modalities, ckpt_path)
+
+
+def check_lengths(mcfg, data: MMSAData, modalities, what: str = "the model") -> None:
+    """Sequences longer than the positional table (``model.max_len``) cannot be encoded."""
+    if not mcfg.ame:
+        return
+    for m in modalities:
+        if m == "text" and mcfg.text_encoder:
+            continue
+        L = max((s.features[m].shape[1] for s in data.splits.values()), default=0)
+        if L > mcfg.max_len:
+            raise CPSLError(f"{what}: {m} sequences of the data are {L} steps long but model.max_len is "
+                            f"{mcfg.max_len}; raise model.max_len")
 
 
 # ---------------------------------------------------------------------------- one seed
@@ -203,10 +165,69 @@ class _Balance:
                 "imbalance": (max(pos) / min(pos)) if len(pos) >= 2 else None}
 
 
+def _resume(ck: dict, out: Path, cfg: Config, identity_fp: str, model, optimizer, extra_loss) -> dict:
+    """Load ``last.pt`` into the model/optimizer after checking it is the same run; its loop state."""
+    from .runs import resume_differences
+    diffs = resume_differences(ck, cfg, identity_fp)
+    if diffs:
+        raise CPSLError(f"cannot resume from {out / 'last.pt'}: it was written with another "
+                        f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}")
+    try:
+        model.load_state_dict(ck["model"])
+        if extra_loss is not None and ck.get("extra_loss") is not None:
+            extra_loss.load_state_dict(ck["extra_loss"])
+        optimizer.load_state_dict(ck["optimizer"])
+        _set_rng_state(ck["rng"])
+        return {"start": int(ck["epoch"]) + 1, "best_val": float(ck["best_val"]), "best_epoch": int(ck["best_epoch"]),
+                "bad_epochs": int(ck["bad_epochs"]), "history": list(ck.get("history", [])),
+                "skipped": int(ck.get("skipped_steps", 0))}
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CPSLError(f"{out / 'last.pt'} cannot be resumed from ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:100] if str(e) else ''})") from None
+
+
+def _train_epoch(model, modulator, optimizer, guard, cfg: Config, split, epoch: int, seed: int, device,
+                 extra_loss=None):
+    """One pass over the training split; returns (mean terms of the steps taken, balance)."""
+    model.train()
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    sums: dict[str, torch.Tensor] = {}
+    balance = _Balance(getattr(modulator, "names", ()))
+    guard.new_epoch()
+    nb = 0
+    for b in iterate(split, cfg.data.batch_size, shuffle=True, generator=gen, modalities=model.modalities):
+        b = b.to(device)
+        out_ = model(b.x, b.mask, b.text_bert)
+        loss, terms = total_loss(out_, b.y, cfg.loss, epoch)
+        if extra_loss is not None:
+            extra_loss.train()
+            l2, t2 = extra_loss(out_, b)
+            loss = loss + l2
+            terms.update({k: v.detach() for k, v in t2.items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not guard.check(loss):                          # ← non-finite: skip the whole step
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        if isinstance(modulator, OGMGE):
+            terms.update(ogm_scores(out_.aux, b.y, cfg.loss.task))
+        balance.add(modulator.step(epoch, terms))          # ← gradient modulation hook
+        guard.clip(cfg.train.clip)
+        optimizer.step()
+        for k, v in terms.items():
+            if not k.startswith("ogm_score"):
+                sums[k] = sums.get(k, 0.0) + v
+        nb += 1
+    return {k: float(v) / nb for k, v in sums.items()}, balance
+
+
 def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool = False,
-               log=print, extra_loss=None) -> dict:
+               log=print, extra_loss=None, fingerprint: str = "") -> dict:
     """Train one seed. ``extra_loss`` (optional ``nn.Module``, e.g. distillation) is called as
-    ``extra_loss(model_output, batch) -> (loss, terms)``; its parameters train with the model."""
+    ``extra_loss(model_output, batch) -> (loss, terms)``; its parameters train with the model.
+    ``fingerprint``: the data's content fingerprint, recorded in checkpoints for ``--resume``."""
+    from .guard import StepGuard
+    from .runs import run_identity
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.train.device)
     set_seed(seed)
@@ -217,24 +238,14 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     extra_params = [p for p in extra_loss.parameters() if p.requires_grad] if extra_loss is not None else []
     optimizer = build_optimizer(model, cfg, optimizer_groups, extra_params)
     train_split, valid_split = data["train"], data["valid"]
-    start_epoch, best_val, best_epoch, bad_epochs = 0, float("inf"), -1, 0
+    st = {"start": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "skipped": 0}
     log_path = out / "log.jsonl"
-    history: list[dict] = []
     if resume and (out / "last.pt").is_file():
-        ck = read_checkpoint(out / "last.pt")
-        if ck.get("config", {}).get("model") != cfg.to_dict()["model"]:
-            raise CPSLError(f"{out / 'last.pt'} was written with a different model config; cannot resume")
-        model.load_state_dict(ck["model"])
-        if extra_loss is not None and ck.get("extra_loss") is not None:
-            extra_loss.load_state_dict(ck["extra_loss"])
-        optimizer.load_state_dict(ck["optimizer"])
-        start_epoch = ck["epoch"] + 1
-        best_val, best_epoch, bad_epochs = ck["best_val"], ck["best_epoch"], ck["bad_epochs"]
-        history = ck.get("history", [])
-        _set_rng_state(ck["rng"])
-        log(f"seed {seed}: resuming after epoch {ck['epoch']}")
+        st = _resume(read_checkpoint(out / "last.pt"), out, cfg, fingerprint, model, optimizer, extra_loss)
+        log(f"seed {seed}: resuming after epoch {st['start'] - 1}")
     elif resume:
         log(f"seed {seed}: nothing to resume in {out}; starting fresh")
+    history, best_val, best_epoch, bad_epochs = st["history"], st["best_val"], st["best_epoch"], st["bad_epochs"]
     log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
     tb = ScalarLog(out / "tb", cfg.train.tensorboard)     # every scalar of log.jsonl, when asked
     # built after any optimizer state is loaded: update mode holds the live param groups
@@ -244,43 +255,22 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     # CP groups' grads live in a stable arena (zero_grad goes through it): one native plan per run
     GradArena.for_modulator(modulator, optimizer)
     plan_builds0 = native.plan_builds()
+    params = [p for p in model.parameters() if p.requires_grad]
+    guard = StepGuard(model, params, cfg.train.skip_limit, cfg.train.lr, extreme=train_split.extreme,
+                      extra_params=extra_params)
+    guard.skipped = st["skipped"]
+    identity = run_identity(cfg, fingerprint)
 
     from tqdm.auto import tqdm
     stopped = bad_epochs >= cfg.train.patience
-    bar = tqdm(range(start_epoch, cfg.train.epochs), desc=f"seed {seed}", unit="ep",
+    bar = tqdm(range(st["start"], cfg.train.epochs), desc=f"seed {seed}", unit="ep",
                disable=not cfg.train.progress or stopped, leave=False, dynamic_ncols=True)
-    params = [p for p in model.parameters() if p.requires_grad]
     for epoch in bar:
         if stopped:
             break
         t0 = time.perf_counter()
-        model.train()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        sums: dict[str, torch.Tensor] = {}
-        balance = _Balance(getattr(modulator, "names", ()))
-        nb = 0
-        for b in iterate(train_split, cfg.data.batch_size, shuffle=True, generator=gen, modalities=model.modalities):
-            b = b.to(device)
-            out_ = model(b.x, b.mask, b.text_bert)
-            loss, terms = total_loss(out_, b.y, cfg.loss, epoch)
-            if extra_loss is not None:
-                extra_loss.train()
-                l2, t2 = extra_loss(out_, b)
-                loss = loss + l2
-                terms.update({k: v.detach() for k, v in t2.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if isinstance(modulator, OGMGE):
-                terms.update(ogm_scores(out_.aux, b.y, cfg.loss.task))
-            balance.add(modulator.step(epoch, terms))          # ← gradient modulation hook
-            if cfg.train.clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
-            optimizer.step()
-            for k, v in terms.items():
-                if not k.startswith("ogm_score"):
-                    sums[k] = sums.get(k, 0.0) + v
-            nb += 1
-        train_terms = {k: float(v) / nb for k, v in sums.items()}
+        train_terms, balance = _train_epoch(model, modulator, optimizer, guard, cfg, train_split, epoch, seed,
+                                            device, extra_loss)
         ev = evaluate(model, valid_split, cfg, device)
         val_loss = ev["metrics"]["loss"]
         improved = val_loss < best_val - 1e-9
@@ -288,30 +278,42 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
             best_val, best_epoch, bad_epochs = val_loss, epoch, 0
         else:
             bad_epochs += 1
-        rec = {"epoch": epoch, "train": train_terms, "valid": ev["metrics"],
-               "valid_aux": ev["aux"], "balance": balance.summary(), "time_s": time.perf_counter() - t0}
+        rec = {"epoch": epoch, "train": train_terms, "valid": ev["metrics"], "valid_aux": ev["aux"],
+               "balance": balance.summary(), "skipped_steps": guard.epoch_skipped, "time_s": time.perf_counter() - t0}
         history.append(rec)
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         tb.add(rec, epoch)
+        if guard.epoch_skipped:
+            log(f"seed {seed}: epoch {epoch}: skipped {guard.epoch_skipped} step(s) with a non-finite loss, "
+                f"gradient or batch statistic ({guard.skipped} in all)")
         extra = {"best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                 "history": history, "seed": seed, "data_path": data.path,
+                 "history": history, "seed": seed, "data_path": data.path, "identity": identity,
+                 "skipped_steps": guard.skipped,
                  "extra_loss": extra_loss.state_dict() if extra_loss is not None else None}
         if improved:
             save_checkpoint(out / "best.pt", model, optimizer, cfg, epoch, extra)
         save_checkpoint(out / "last.pt", model, optimizer, cfg, epoch, extra)
-        bar.set_postfix(loss=f"{train_terms['task']:.3f}", val_mae=f"{ev['metrics']['MAE']:.3f}",
-                        best=best_epoch)
+        bar.set_postfix(loss=f"{train_terms.get('task', float('nan')):.3f}", val_mae=f"{ev['metrics']['MAE']:.3f}",
+                        best=best_epoch, skipped=guard.skipped)
         if bad_epochs >= cfg.train.patience:
             log(f"seed {seed}: early stop at epoch {epoch} (best {best_epoch})")
             break
     bar.close()
     tb.close()
-    # the selected checkpoint, evaluated once on valid and test
+    if not (out / "best.pt").is_file():
+        raise CPSLError(f"seed {seed}: no epoch reached a finite validation loss, so there is no best.pt in {out} "
+                        f"({guard.skipped} steps skipped as non-finite); likely cause: {guard.cause()}")
+    res = _finish_seed(cfg, data, seed, out, device, history, best_epoch, modulator, guard.skipped, log)
+    res["cp_plan_builds"] = native.plan_builds() - plan_builds0
+    return res
+
+
+def _finish_seed(cfg, data, seed, out, device, history, best_epoch, modulator, skipped, log) -> dict:
+    """Evaluate the selected checkpoint once on valid and test; plots."""
     best, _, _ = load_model(out / "best.pt", device)
-    res = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history),
-           "backend": getattr(modulator, "backend_name", "none"), "ckpt": str(out / "best.pt"),
-           "cp_plan_builds": native.plan_builds() - plan_builds0}
+    res = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history), "skipped_steps": skipped,
+           "backend": getattr(modulator, "backend_name", "none"), "ckpt": str(out / "best.pt")}
     for split in ("valid", "test"):
         if split in data.splits and len(data[split]):
             ev = evaluate(best, data[split], cfg, device)
@@ -328,11 +330,18 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
 
 # ---------------------------------------------------------------------------- seeds
 def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=print,
-        extra_loss_factory=None) -> dict:
+        extra_loss_factory=None, overwrite: bool = False) -> dict:
     """Train every seed of ``cfg.train.seeds`` and write ``out/results.json``.
+    ``out`` holding a run is refused unless ``resume`` (same run: checked) or ``overwrite``.
     ``extra_loss_factory(seed) -> nn.Module`` adds a loss term per seed (see :func:`train_seed`)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .data.mmsa import require_splits
+    from .runs import data_fingerprint, prepare_out
+    require_splits({n: len(sp) for n, sp in data.splits.items()}, data.path or "the data")
+    check_lengths(cfg.model, data, data.modalities, "config")
+    out = prepare_out(out, resume=resume, overwrite=overwrite)
+    for w in data.warnings():
+        log(f"warning: {data.path or 'the data'}: {w}")
+    fingerprint = data_fingerprint(data)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     cfg.save(out / "config.json")
@@ -344,16 +353,19 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     per_seed = []
     for seed in cfg.train.seeds:
         extra = extra_loss_factory(int(seed)) if extra_loss_factory is not None else None
-        r = train_seed(cfg, data, int(seed), out / f"seed{seed}", resume=resume, log=log, extra_loss=extra)
+        r = train_seed(cfg, data, int(seed), out / f"seed{seed}", resume=resume, log=log, extra_loss=extra,
+                       fingerprint=fingerprint)
         per_seed.append(r)
-        msg = f"seed {seed}: best epoch {r['best_epoch']}"
+        msg = f"seed {seed}: best epoch {r['best_epoch']}" + (f", {r['skipped_steps']} steps skipped"
+                                                             if r["skipped_steps"] else "")
         for split in ("valid", "test"):
             if split in r:
                 msg += f" | {split} MAE {r[split]['MAE']:.4f} Corr {r[split]['Corr']:.4f} Non0_acc_2 {r[split]['Non0_acc_2']:.4f}"
         log(msg)
     results = {"data": data.path, "modalities": list(data.modalities), "seeds": list(cfg.train.seeds),
                "modulation": cfg.cp.modulation, "backend": per_seed[0]["backend"],
-               "config": cfg.to_dict(), "per_seed": per_seed}
+               "config": cfg.to_dict(), "data_fingerprint": fingerprint,
+               "skipped_steps": sum(r["skipped_steps"] for r in per_seed), "per_seed": per_seed}
     for split in ("valid", "test"):
         if all(split in r for r in per_seed):
             results[split] = mean_std([r[split] for r in per_seed])

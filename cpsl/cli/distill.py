@@ -7,7 +7,8 @@ import click
 
 from ..compress.settings import DistillSettings
 from ..compress.text_distill import distill_text_encoder as _td
-from .options import param_option, run_config, run_options, setting_option
+from .options import (overwrite_option, param_option, run_config, run_options, setting_option,
+                      trust_pickle_option)
 
 
 @click.command()
@@ -18,8 +19,10 @@ from .options import param_option, run_config, run_options, setting_option
 @setting_option(DistillSettings, "lambda_hint")
 @setting_option(DistillSettings, "max_ratio")
 @click.option("--no-cache", is_flag=True, help="Run the teacher on every batch instead of caching its outputs.")
+@overwrite_option
+@trust_pickle_option
 def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device, quiet, lambda_kd, lambda_hint,
-            max_ratio, no_cache):
+            max_ratio, no_cache, overwrite, trust_pickle):
     """Distil a teacher checkpoint into a small student; writes OUT/results.json (+ teacher, retention).
 
     With --data synth the teacher's synthetic seed and knobs are used unless --set data.synth_seed=... /
@@ -36,12 +39,14 @@ def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device
     if not any(s.strip().startswith("data.synth=") for s in sets):
         cfg.data.synth = dict(tdata.get("synth", {}) or {})
     del tck
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    from ..runs import check_out
+    check_out(out, overwrite=overwrite)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
     res = run_distill(teacher, data, cfg, out, lambda_kd=lambda_kd, lambda_hint=lambda_hint,
-                      max_ratio=max_ratio, cache=not no_cache, log=click.echo)
+                      max_ratio=max_ratio, cache=not no_cache, log=click.echo, overwrite=overwrite)
     _summary(res, out)
 
 
@@ -73,7 +78,8 @@ def _summary(res: dict, out) -> None:
 @param_option(_td, "lambda_task", "--lambda-task", help="Weight of the task loss on the labels.")
 @param_option(_td, "seed", "--seed")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
-def distill_text(teacher, data_path, layers, out, epochs, lr, lambda_kd, lambda_task, seed, threads):
+@trust_pickle_option
+def distill_text(teacher, data_path, layers, out, epochs, lr, lambda_kd, lambda_task, seed, threads, trust_pickle):
     """Distil a checkpoint's fine-tuned text encoder into its first N layers (the end-to-end student).
 
     Loss: MSE of the last-layer token states + MSE of the prediction against the teacher's + the task
@@ -82,7 +88,7 @@ def distill_text(teacher, data_path, layers, out, epochs, lr, lambda_kd, lambda_
 
     from ..data import load_data
     torch.set_num_threads(max(1, threads))
-    data = load_data(data_path, 0, None)
+    data = load_data(data_path, 0, None, trust_pickle=trust_pickle)
     res = _td(teacher, data, layers, out, epochs=epochs, lr=lr, lambda_kd=lambda_kd, lambda_task=lambda_task,
               seed=seed, log=click.echo)
     t, s = res["teacher"]["valid"], res["valid"]

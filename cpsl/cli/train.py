@@ -9,7 +9,8 @@ import click
 
 from ..config import Config
 from ..errors import CPSLError
-from .options import config_flag, config_option, data_option, device_check, run_config, run_options
+from .options import (config_flag, config_option, data_option, device_check, overwrite_option, run_config,
+                      run_options, trust_pickle_option)
 
 
 @click.command()
@@ -20,15 +21,19 @@ from .options import config_flag, config_option, data_option, device_check, run_
 @config_option("cp.backend", "--cp-backend")
 @config_flag("train.tensorboard", "--tensorboard")
 @click.option("--resume", is_flag=True, help="Continue a stopped run in --out from its last.pt.")
+@overwrite_option
+@trust_pickle_option
 def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, modulation, no_sl, cp_backend,
-          tensorboard, resume):
+          tensorboard, resume, overwrite, trust_pickle):
     """Train CPSL; writes OUT/results.json and OUT/seed*/best.pt."""
     from ..data import load_data
+    from ..runs import check_out
     from ..train import run
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{
         "cp.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend,
         "train.tensorboard": True if tensorboard else None})
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    check_out(out, resume=resume, overwrite=overwrite)     # refuse before the data is read
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
     from ..cp.penalty import resolve_backend
     if cfg.cp.modulation == "cp":
@@ -38,7 +43,7 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
         click.echo(f"modulation: {cfg.cp.modulation}")
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
-    res = run(cfg, data, out, resume=resume, log=click.echo)
+    res = run(cfg, data, out, resume=resume, log=click.echo, overwrite=overwrite)
     from ..metrics import format_table
     rows = {s: res[s] for s in ("valid", "test") if s in res}
     click.echo(format_table(rows, keys=("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")))
@@ -53,7 +58,8 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
 @click.option("--mask-modality", help="Remove this modality at inference (balance diagnostic).")
 @click.option("--device", default=Config().train.device, show_default=True, help="cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
+@trust_pickle_option
+def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json, trust_pickle):
     """Evaluate a checkpoint on a split with MMSA's metrics."""
     from ..data import load_data
     from ..metrics import format_table
@@ -62,7 +68,7 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
     if split not in ("train", "valid", "test"):
         raise CPSLError(f"unknown split {split!r} (choose train, valid or test)")
     model, cfg, _ = load_model(ckpt, device)
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     check_compatible(model, data, ckpt)
     if mask_modality and mask_modality not in model.modalities:
         raise CPSLError(f"--mask-modality {mask_modality!r} is not one of the model's modalities {list(model.modalities)}")
@@ -102,7 +108,10 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
 @run_options(seeds="1,2,3")
 @click.option("--variants", help="Comma-separated subset of: full,-CP,-SL,-CP-SL,-AME,-GCF,OGM-GE (default all).")
 @config_option("cp.backend", "--cp-backend")
-def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, cp_backend):
+@overwrite_option
+@trust_pickle_option
+def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, cp_backend, overwrite,
+           trust_pickle):
     """Run the ablation variants and write OUT/ablation.md, ablation.json and a trajectory figure."""
     from ..ablate import VARIANTS, run_ablation
     from ..data import load_data
@@ -111,9 +120,9 @@ def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, v
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
-    run_ablation(cfg, data, out, names, log=click.echo)
+    run_ablation(cfg, data, out, names, log=click.echo, overwrite=overwrite)
     click.echo((Path(out) / "ablation.md").read_text())
     click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json")
 
