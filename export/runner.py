@@ -12,8 +12,8 @@ beside the artefacts.
     python3 runner.py predict --model model.onnx --csv in.csv --out preds.csv
 
 ``predict`` (end-to-end exports: token ids in) tokenizes raw text with the ``tokenizers`` library
-and the exported ``model.tokenizer.json`` (export/frontend.py, which must sit beside this file);
-it imports neither torch nor transformers.
+and the exported ``model.tokenizer.json``; it lives in predict.py and frontend.py, which must sit
+beside this file, and imports neither torch nor transformers.
 
 Exit codes: 0 ok, 1 golden mismatch, 2 bad input (missing file, unknown extension, missing
 runtime, inputs that do not fit the model), 3 ``--assert-no-torch`` failed.
@@ -94,7 +94,6 @@ class OrtBackend:
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
-        so.add_session_config_entry("session.qdqisint8allowed", "1")   # int8 Q/DQ stays int8 on x86 (all MatMuls fuse)
         try:
             self.sess = ort.InferenceSession(str(path), so, providers=[prov] + (["CPUExecutionProvider"] if prov != "CPUExecutionProvider" else []))
         except Exception as e:  # noqa: BLE001 - corrupt / foreign file
@@ -349,78 +348,6 @@ def _mods(backend) -> list[str]:
     return [("seq" if n == "input_ids" else n) for n in backend.inputs if not n.endswith("_mask")]
 
 
-# ---------------------------------------------------------------------------- predict
-def parse_predict_args(argv):
-    ap = argparse.ArgumentParser(prog="runner.py predict",
-                                 description="Sentiment of raw text (+ the other modalities' features) with an "
-                                             "end-to-end export; torch-free.")
-    ap.add_argument("--model", required=True, help="model.onnx (ONNX Runtime) or model.plan (TensorRT), with its "
-                    "manifest and tokenizer.json beside it")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", action="append", help="a text to score (repeat for several)")
-    src.add_argument("--csv", help="batch mode: a CSV with a 'text' column (optional 'id'), plus a0..aN "
-                     "audio features per row when the model reads audio")
-    ap.add_argument("--audio-features", help="with --text: a CSV (header a0..aN) with one row per audio step")
-    ap.add_argument("--out", help="batch mode: write id,text,sentiment here (default: print)")
-    ap.add_argument("--batch-size", type=int, default=32, help="batch mode: texts per run (default 32)")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
-    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="onnxruntime provider")
-    ap.add_argument("--json", metavar="OUT.json", help="also write the predictions as JSON")
-    return ap.parse_args(argv)
-
-
-def predict_main(argv) -> int:
-    args = parse_predict_args(argv)
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    try:
-        import frontend as fe
-    except ImportError:
-        print("error: frontend.py must sit beside runner.py (copy both from export/)", file=sys.stderr)
-        return 2
-    try:
-        if args.batch_size < 1:
-            raise UsageError("--batch-size must be >= 1")
-        model = Path(args.model)
-        if not model.is_file():
-            raise UsageError(f"model file not found: {args.model}")
-        man = fe.load_manifest(model)
-        tok = fe.load_tokenizer(model, man)
-        others = fe.other_modalities(man)
-        if args.csv:
-            ids, texts, feats = fe.read_batch_csv(args.csv, man)
-        else:
-            ids, texts = [str(k) for k in range(len(args.text))], list(args.text)
-            feats = {}
-            for m in others:
-                if m != "audio" or not args.audio_features:
-                    raise UsageError(f"the model also reads {m} ({man['dims'][m]} features): pass "
-                                     f"--{m}-features FILE.csv" + (" or use --csv" if m != "audio" else ""))
-                x = fe.sequence_features(args.audio_features, m, int(man["dims"][m]))
-                feats[m] = np.repeat(x[None], len(texts), 0)                       # (B, L, d)
-        backend = open_backend(str(model), args.threads, args.provider)
-        preds = []
-        for s in range(0, len(texts), args.batch_size):
-            chunk = {m: x[s:s + args.batch_size] for m, x in feats.items()}
-            preds.append(np.asarray(backend.run(fe.feeds_for(tok, texts[s:s + args.batch_size], chunk)),
-                                    np.float32).reshape(-1))
-        preds = np.concatenate(preds)
-    except (UsageError, fe.InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        fe.write_predictions(args.out, ids, texts, preds)
-        print(f"wrote {args.out}: {len(preds)} predictions ({backend.name} {backend.device})")
-    else:
-        for t, p in zip(texts, preds):
-            print(f"{float(p):+.6f}\t{t}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model), "backend": backend.name, "predictions": [
-            {"id": i, "text": t, "sentiment": float(p)} for i, t, p in zip(ids, texts, preds)]}, indent=2))
-    return 0
-
-
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="runner.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="model.onnx (ONNX Runtime) or model.plan (TensorRT)")
@@ -443,7 +370,16 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["predict"]:
-        return predict_main(argv[1:])
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        try:
+            import predict
+        except ImportError as e:
+            print(f"error: predict needs frontend.py and predict.py beside runner.py (copy export/*.py): {e}",
+                  file=sys.stderr)
+            return 2
+        return predict.main(argv[1:])
     args = parse_args(argv)
     try:
         if not args.check and not args.bench:

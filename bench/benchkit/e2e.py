@@ -114,9 +114,6 @@ def ort_op_profile(path: Path, feeds: dict, threads: int, runs: int, prefix: Pat
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
     so.enable_profiling, so.profile_file_prefix = True, str(prefix)
-    from cpsl.deploy.onnx import ORT_SESSION_CONFIG
-    for k, v in ORT_SESSION_CONFIG.items():
-        so.add_session_config_entry(k, v)
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     for _ in range(3 + runs):
         sess.run(["sentiment"], feeds)

@@ -98,14 +98,6 @@ def export_onnx(model: CPSLModel, path: str | Path, example: Batch, opset: int =
 
 
 # ---------------------------------------------------------------------------- ONNX Runtime
-ORT_SESSION_CONFIG = {
-    # keep int8 Q/DQ as int8 on x86: without it ONNX Runtime's S8->U8 rewrite leaves the MatMuls that
-    # read a LayerNorm output as DequantizeLinear(weight) + float MatMul on every call (18 of 42
-    # MatMuls of MiniLM fused into MatMulIntegerToFloat instead of 42; bench/results/e2e_quick)
-    "session.qdqisint8allowed": "1",
-}
-
-
 def ort_session(model, threads: int = 1):
     """An ONNX Runtime CPU session from a path or serialized bytes."""
     import onnxruntime as ort
@@ -113,8 +105,6 @@ def ort_session(model, threads: int = 1):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    for k, v in ORT_SESSION_CONFIG.items():
-        so.add_session_config_entry(k, v)
     src = str(model) if isinstance(model, (str, Path)) else model
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
