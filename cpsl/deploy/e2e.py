@@ -84,8 +84,8 @@ class TokenGraph(FeatureGraph):
     """Token ids in, the text encoder inside the graph (module docstring)."""
 
     kind = "tokens"
-    # only the encoder's Linear layers (384x384 and up) are worth Q/DQ; per-tensor weight scales, which
-    # ONNX Runtime CPU fuses into MatMulIntegerToFloat (per-channel ones it dequantizes every call)
+    # only the encoder's Linear layers (384x384 and up) are worth Q/DQ; per-tensor weight scales: ONNX
+    # Runtime CPU dequantizes per-channel weights at every call (see compress/quantize.quantize_int8)
     int8_per_channel = False
     int8_min_weight = 65536
     mask = ("attention_mask: int64, 1 on real tokens and 0 on padding; other modalities' masks float32, 1.0 on "
