@@ -52,7 +52,7 @@ def main(argv=None):
     results = []
     for modulation, backend, mode, use_arena in variants:
         cfg = preset(a.preset)
-        cfg.cp.modulation = modulation
+        cfg.train.modulation = modulation
         cfg.cp.backend = backend if modulation == "cp" else "auto"
         cfg.cp.diagnostics = False  # the baseline step measures nothing
         cfg.train.device = a.device

@@ -9,13 +9,18 @@ import click
 
 from ..config import Config
 from ..errors import CPSLError
-from .options import config_flag, config_option, data_option, device_check, run_config, run_options
+from .options import RegistryChoice, config_flag, config_option, data_option, device_check, run_config, run_options
+
+
+def _strategy_names():
+    from .. import strategies
+    return strategies.names()
 
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @run_options()
-@config_option("cp.modulation", "--modulation")
+@config_option("train.modulation", "--modulation", type=RegistryChoice(_strategy_names))
 @click.option("--no-sl", is_flag=True, help="Switch the Statistical Loss off (config loss.sl=0).")
 @config_option("cp.backend", "--cp-backend")
 @config_flag("train.tensorboard", "--tensorboard")
@@ -26,16 +31,18 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
     from ..data import load_data
     from ..train import run
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{
-        "cp.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend,
+        "train.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend,
         "train.tensorboard": True if tensorboard else None})
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
     cfg.data.path = data_path
+    from .. import strategies
     from ..cp.penalty import resolve_backend
-    if cfg.cp.modulation == "cp":
+    strategies.check(cfg)
+    if cfg.train.modulation == "cp":
         be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
         click.echo(f"modulation: cp (backend {be}, mode {cfg.cp.mode})")
     else:
-        click.echo(f"modulation: {cfg.cp.modulation}")
+        click.echo(f"modulation: {cfg.train.modulation}")
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
     res = run(cfg, data, out, resume=resume, log=click.echo)
@@ -52,8 +59,10 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
 @click.option("--out", type=click.Path(dir_okay=False), help="Write predictions (id,label,pred,pred_<m>...) here.")
 @click.option("--mask-modality", help="Remove this modality at inference (balance diagnostic).")
 @click.option("--device", default=Config().train.device, show_default=True, help="cpu or cuda.")
+@click.option("--contributions", is_flag=True,
+              help="Each modality's exact Shapley contribution to the fused error (all 2^M modality masks).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
+def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, as_json):
     """Evaluate a checkpoint on a split with MMSA's metrics."""
     from ..data import load_data
     from ..metrics import format_table
@@ -79,6 +88,9 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
         result["unmasked"] = full["metrics"]
         result["drop"] = {k: full["metrics"][k] - ev["metrics"][k] for k in ev["metrics"]}
         rows = {"all modalities": full["metrics"], f"without {mask_modality}": ev["metrics"]}
+    if contributions:
+        from ..train import contributions as shapley
+        result["contributions"] = shapley(model, s, cfg, device)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as f:
@@ -93,6 +105,12 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
         return
     click.echo(f"{ckpt} on {data_path}:{split} (n={len(s)})" + (f", {mask_modality} removed" if mask_modality else ""))
     click.echo(format_table(rows))
+    if contributions:
+        c = result["contributions"]
+        click.echo(f"Shapley contributions to the fused {c['metric']} (error reduction; {c['metric']} with every "
+                   f"modality masked {c['error_none']:.4f}, with none masked {c['error_all']:.4f}):")
+        for m, v in c["shapley"].items():
+            click.echo(f"  {m:8s} {v:+.4f}")
     if out:
         click.echo(f"wrote {out}")
 
@@ -100,22 +118,28 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json):
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
 @run_options(seeds="1,2,3")
-@click.option("--variants", help="Comma-separated subset of: full,-CP,-SL,-CP-SL,-AME,-GCF,OGM-GE (default all).")
+@click.option("--variants", help="Comma-separated variants: the method's parts (full,-CP,-SL,-CP-SL,-AME,-GCF,OGM-GE; "
+              "the default) and/or registered strategies (e.g. none,cp,ogm_ge,cggm,ags,mmpareto,inforeg,moddrop).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Variant × seed runs in parallel processes (each with train.num_threads threads, 1 when unset).")
 @config_option("cp.backend", "--cp-backend")
-def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, cp_backend):
-    """Run the ablation variants and write OUT/ablation.md, ablation.json and a trajectory figure."""
-    from ..ablate import VARIANTS, run_ablation
+def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, jobs, cp_backend):
+    """Run variants on the same seeds; write OUT/ablation.md, ablation.json and a trajectory figure."""
+    from ..ablate import DEFAULT, run_ablation
+    from ..ablate import variants as known
     from ..data import load_data
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{"cp.backend": cp_backend})
-    names = [v.strip() for v in variants.split(",")] if variants else list(VARIANTS)
-    unknown = [v for v in names if v not in VARIANTS]
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else list(DEFAULT)
+    unknown = [v for v in names if v not in known()]
     if unknown:
-        raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+        raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(known())})")
+    if jobs > 1:
+        cfg.train.progress = False
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
     cfg.data.path = data_path
-    run_ablation(cfg, data, out, names, log=click.echo)
+    summary = run_ablation(cfg, data, out, names, jobs=jobs, log=click.echo)
     click.echo((Path(out) / "ablation.md").read_text())
-    click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json")
+    click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json ({summary['wall_s']:.0f} s wall, {jobs} job(s))")
 
 
 COMMANDS = [train, eval_cmd, ablate]
