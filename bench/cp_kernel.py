@@ -225,6 +225,53 @@ def machine_info(device) -> dict:
     return info
 
 
+def _steps(device, grads, pristine, gidx, G, p, w, ok_native, why) -> dict:
+    """The timed variants of one set: naive loop, registered backends, native fused, CUDA graphs."""
+    steps = {"naive": NaiveStep(grads, gidx, G)}
+    if "foreach" in core.backend_names():
+        steps["foreach"] = backend_step("foreach")
+    else:
+        print("   foreach backend not registered (cpsl.cp.foreach missing)")
+    if ok_native:
+        steps["native"] = backend_step("native")
+        steps["native_fused"] = native_fused_step()
+    else:
+        print(f"   native unavailable: {why}")
+    if device.type == "cuda":
+        for name in ("foreach", "native"):
+            if name in steps:
+                torch._foreach_copy_(grads, pristine)
+                steps[f"{name}+graph"] = GraphStep(steps[name], grads, gidx, G, p, w)
+    return steps
+
+
+def _check_steps(steps, set_name, grads, pristine, gidx, G, p, w, ref, device, max_reps, budget_s,
+                 checks) -> dict:
+    """Correctness of what is timed (stats vs the float64 reference, scaled grads), warm-up, and a
+    per-step time estimate that bounds the reps of slow backends: -> {name: reps}."""
+    n_reps = {}
+    for name, step in steps.items():
+        torch._foreach_copy_(grads, pristine)
+        _sync(device)
+        t0 = time.perf_counter()
+        stats = step(grads, gidx, G, p, w)
+        _sync(device)
+        t_est = time.perf_counter() - t0
+        st = stats.detach().cpu()
+        rel = ((st[:G] - ref[:G]).abs() / ref[:G].abs().clamp(min=1e-300)).max().item()
+        kerr = (st[3 * G:4 * G] - ref[3 * G:4 * G]).abs().max().item()
+        same_flags = bool(torch.equal(st[4 * G:], ref[4 * G:]))
+        kf = st[3 * G:4 * G].float()
+        every = max(1, len(grads) // 16)
+        scale_err = max((g.float() - pg.float() * kf[m]).abs().max().item()
+                        for g, pg, m in zip(grads[::every], pristine[::every], gidx[::every]))
+        checks[f"{set_name}/{name}"] = {"sumsq_rel_err": rel, "k_abs_err": kerr, "flags_equal": same_flags,
+                                        "scale_abs_err": scale_err}
+        time_step(step, grads, pristine, gidx, G, p, w, device, 2)  # warm-up
+        n_reps[name] = max(3, min(max_reps, int(budget_s / max(t_est, 1e-6))))
+    return n_reps
+
+
 # ------------------------------------------------------------------ main
 def run(device: torch.device, reps: dict, budget_s: float, quick: bool,
         layout: str = "separate") -> tuple[list[dict], dict]:
@@ -248,43 +295,9 @@ def run(device: torch.device, reps: dict, budget_s: float, quick: bool,
         kk = CPStats.unpack(ref, G).k.tolist()
         print(f"\n== {set_name} ({layout}): {params / 1e6:.2f} M params in {len(grads)} tensors, {G} groups; "
               f"reference k = {[round(x, 4) for x in kk]} (conflict {CPStats.unpack(ref, G).conflict.tolist()})")
-        steps = {"naive": NaiveStep(grads, gidx, G)}
-        if "foreach" in core.backend_names():
-            steps["foreach"] = backend_step("foreach")
-        else:
-            print("   foreach backend not registered (cpsl.cp.foreach missing)")
-        if ok_native:
-            steps["native"] = backend_step("native")
-            steps["native_fused"] = native_fused_step()
-        else:
-            print(f"   native unavailable: {why}")
-        if device.type == "cuda":
-            for name in ("foreach", "native"):
-                if name in steps:
-                    torch._foreach_copy_(grads, pristine)
-                    steps[f"{name}+graph"] = GraphStep(steps[name], grads, gidx, G, p, w)
-        # correctness of what is timed (stats vs the float64 reference, scaled grads), warm-up,
-        # and a per-step time estimate that bounds the reps of slow backends
-        n_reps = {}
-        for name, step in steps.items():
-            torch._foreach_copy_(grads, pristine)
-            _sync(device)
-            t0 = time.perf_counter()
-            stats = step(grads, gidx, G, p, w)
-            _sync(device)
-            t_est = time.perf_counter() - t0
-            st = stats.detach().cpu()
-            rel = ((st[:G] - ref[:G]).abs() / ref[:G].abs().clamp(min=1e-300)).max().item()
-            kerr = (st[3 * G:4 * G] - ref[3 * G:4 * G]).abs().max().item()
-            same_flags = bool(torch.equal(st[4 * G:], ref[4 * G:]))
-            kf = st[3 * G:4 * G].float()
-            every = max(1, len(grads) // 16)
-            scale_err = max((g.float() - pg.float() * kf[m]).abs().max().item()
-                            for g, pg, m in zip(grads[::every], pristine[::every], gidx[::every]))
-            checks[f"{set_name}/{name}"] = {"sumsq_rel_err": rel, "k_abs_err": kerr, "flags_equal": same_flags,
-                                            "scale_abs_err": scale_err}
-            time_step(step, grads, pristine, gidx, G, p, w, device, 2)  # warm-up
-            n_reps[name] = max(3, min(reps[set_name], int(budget_s / max(t_est, 1e-6))))
+        steps = _steps(device, grads, pristine, gidx, G, p, w, ok_native, why)
+        n_reps = _check_steps(steps, set_name, grads, pristine, gidx, G, p, w, ref, device,
+                              reps[set_name], budget_s, checks)
         # interleaved rounds, so that drifts of a shared machine hit every backend alike
         times: dict = {name: [] for name in steps}
         rounds = 5

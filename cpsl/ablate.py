@@ -42,13 +42,13 @@ def variant_config(base: Config, name: str) -> Config:
 
 def _task(args) -> dict:
     """One (variant, seed) run in its own process: train, then the test contributions."""
-    cfg_dict, data, seed, out = args
+    cfg_dict, data, seed, out, fingerprint = args
     import torch
     from .train import contributions, load_model, train_seed
     cfg = Config.from_dict(cfg_dict)
     torch.set_num_threads(cfg.train.num_threads or 1)
     t0 = time.perf_counter()
-    r = train_seed(cfg, data, seed, Path(out), log=lambda *_: None)
+    r = train_seed(cfg, data, seed, Path(out), log=lambda *_: None, fingerprint=fingerprint)
     r["wall_s"] = time.perf_counter() - t0
     if "test" in data.splits and len(data["test"]):
         best, _, _ = load_model(r["ckpt"], cfg.train.device)
@@ -56,17 +56,28 @@ def _task(args) -> dict:
     return r
 
 
-def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1, log=print) -> dict:
+def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1, log=print,
+                 overwrite: bool = False) -> dict:
+    """Every variant × seed (``jobs`` processes), then per variant ``results.json`` and the tables.
+    A variant folder holding a run is refused unless ``overwrite``."""
     from . import strategies
-    from .train import aggregate, seed_summary
+    from .data.mmsa import require_splits
+    from .runs import data_fingerprint, prepare_out
+    from .train import aggregate, check_lengths, seed_summary
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(names or DEFAULT)
     cfgs = {n: variant_config(base, n) for n in names}
     for n, c in cfgs.items():
         strategies.check(c)
+        check_lengths(c.model, data, data.modalities, f"variant {n}")
+    require_splits({k: len(sp) for k, sp in data.splits.items()}, data.path or "the data")
+    for n in names:
+        prepare_out(out / _dirname(n), overwrite=overwrite)
+        cfgs[n].save(out / _dirname(n) / "config.json")
+    fingerprint = data_fingerprint(data)
     tasks = [(n, int(s)) for n in names for s in base.train.seeds]
-    args = [(cfgs[n].to_dict(), data, s, str(out / _dirname(n) / f"seed{s}")) for n, s in tasks]
+    args = [(cfgs[n].to_dict(), data, s, str(out / _dirname(n) / f"seed{s}"), fingerprint) for n, s in tasks]
     t0 = time.perf_counter()
     done: dict[tuple, dict] = {}
     if jobs > 1:
@@ -86,8 +97,7 @@ def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1,
     results = {}
     for n in names:
         per_seed = [done[(n, int(s))] for s in base.train.seeds]
-        res = aggregate(cfgs[n], data, per_seed)
-        (out / _dirname(n)).mkdir(parents=True, exist_ok=True)
+        res = aggregate(cfgs[n], data, per_seed, fingerprint)
         (out / _dirname(n) / "results.json").write_text(json.dumps(res, indent=2))
         results[n] = res
     summary = summarize(results, data, base, wall, jobs)

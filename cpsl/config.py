@@ -139,6 +139,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = field(default=False, metadata={
         "help": "Also write every logged scalar to OUT/seed*/tb (needs the tensorboard package)."})
+    skip_limit: int = field(default=20, metadata={
+        "help": "Stop after this many consecutive training steps skipped as non-finite."})
 
 
 @dataclass
@@ -200,7 +202,10 @@ def load_mapping(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CPSLError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CPSLError(f"config {path} is not UTF-8 text (a YAML or JSON file?)") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -234,7 +239,7 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             if f != int(f):
                 raise ValueError
             return int(f)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise CPSLError(f"config key {key}: expected an integer, got {value!r}") from None
     if isinstance(current, float):
         try:
@@ -330,14 +335,9 @@ _CHOICES = {(f.name, k): c for f in fields(Config) for k, c in field_choices(f.d
 
 
 def validate(cfg: Config) -> None:
-    for (sec, k), choices in _CHOICES.items():
-        v = getattr(getattr(cfg, sec), k)
-        if v not in choices:
-            raise CPSLError(f"config key {sec}.{k}: {v!r} is not one of {', '.join(choices)}")
-    if cfg.model.d % cfg.model.heads:
-        raise CPSLError(f"config: model.d ({cfg.model.d}) must be divisible by model.heads ({cfg.model.heads})")
-    if cfg.train.epochs < 1:
-        raise CPSLError("config key train.epochs must be >= 1")
+    """Every value's type, range or choices: the rules live in cpsl/config_rules.py."""
+    from .config_rules import check
+    check(cfg, _CHOICES)
 
 
 def build_config(preset_name: str = "teacher", config_file: str | None = None,

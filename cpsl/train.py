@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
 from . import strategies
+from .checkpoint import CKPT_FORMAT, load_model, read_checkpoint, save_checkpoint  # noqa: F401 - re-exports
+from .checkpoint import set_rng_state as _set_rng_state
+from .config import Config
 from .cp import native
 from .data.batch import iterate
 from .data.mmsa import MMSAData, Split
@@ -128,59 +130,7 @@ def contributions(model: CPSLModel, split: Split, cfg: Config, device, metric: s
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(path: Path, model, optimizer, cfg: Config, epoch: int, extra: dict) -> None:
-    ck = {"format": CKPT_FORMAT, "config": cfg.to_dict(), "modalities": list(model.modalities),
-          "dims": dict(model.dims), "model": model.state_dict(),
-          "optimizer": optimizer.state_dict() if optimizer is not None else None,
-          "epoch": epoch, "rng": _rng_state()}
-    ck.update(extra)
-    tmp = path.with_suffix(".tmp")
-    torch.save(ck, tmp)
-    tmp.replace(path)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CPSLError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        raise CPSLError(f"{path} is not a readable cpsl checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise CPSLError(f"{path} is not a cpsl checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck).__name__})")
-    return ck
-
-
-def load_model(path: str | Path, device="cpu") -> tuple[CPSLModel, Config, dict]:
-    ck = read_checkpoint(path)
-    cfg = Config.from_dict(ck["config"])
-    dims = dict(ck["dims"])
-    if cfg.model.text_encoder and "text" in dims:
-        dims["text"] = 1  # replaced by the backbone's hidden size inside the model
-    try:
-        model = CPSLModel(dims, cfg.model)
-        model.load_state_dict(ck["model"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CPSLError(f"{path}: checkpoint weights do not fit its config ({str(e).splitlines()[0]})") from None
-    return model.to(device), cfg, ck
-
-
+# (cpsl/checkpoint.py; re-exported here so existing imports keep working)
 def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpoint") -> None:
     if tuple(model.modalities) != tuple(data.modalities):
         raise CPSLError(f"{ckpt_path} was trained on modalities {list(model.modalities)} "
@@ -192,6 +142,20 @@ def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpo
             continue
         if model.dims[m] != data.dims[m]:
             raise CPSLError(f"{ckpt_path} expects {m} features of size {model.dims[m]} but the data has {data.dims[m]}")
+    check_lengths(model.cfg, data, model.modalities, ckpt_path)
+
+
+def check_lengths(mcfg, data: MMSAData, modalities, what: str = "the model") -> None:
+    """Sequences longer than the positional table (``model.max_len``) cannot be encoded."""
+    if not mcfg.ame:
+        return
+    for m in modalities:
+        if m == "text" and mcfg.text_encoder:
+            continue
+        L = max((s.features[m].shape[1] for s in data.splits.values()), default=0)
+        if L > mcfg.max_len:
+            raise CPSLError(f"{what}: {m} sequences of the data are {L} steps long but model.max_len is "
+                            f"{mcfg.max_len}; raise model.max_len")
 
 
 # ---------------------------------------------------------------------------- one seed
@@ -226,8 +190,11 @@ class _Balance:
 class _State:
     """Everything one seed's training carries between epochs (what ``last.pt`` restores)."""
 
-    def __init__(self, cfg: Config, data: MMSAData, seed: int, out: Path, device, extra_loss):
+    def __init__(self, cfg: Config, data: MMSAData, seed: int, out: Path, device, extra_loss, fingerprint: str):
+        from .guard import StepGuard
+        from .runs import run_identity
         self.cfg, self.data, self.seed, self.out, self.device = cfg, data, seed, out, device
+        self.fingerprint, self.identity = fingerprint, run_identity(cfg, fingerprint)
         set_seed(seed)
         self.model = build_model(cfg, data).to(device)
         self.extra_loss = extra_loss
@@ -237,6 +204,8 @@ class _State:
         self.optimizer = build_optimizer(self.model, cfg, self.model.modality_parameters(cfg.cp.groups or None),
                                          extra_params)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.guard = StepGuard(self.model, self.params, cfg.train.skip_limit, cfg.train.lr,
+                               extreme=data["train"].extreme, extra_params=extra_params)
         self.start_epoch, self.best_val, self.best_epoch, self.bad_epochs = 0, float("inf"), -1, 0
         self.history: list[dict] = []
         self.modulator_state: dict = {}
@@ -246,24 +215,32 @@ class _State:
         if not path.is_file():
             log(f"seed {self.seed}: nothing to resume in {self.out}; starting fresh")
             return
+        from .runs import resume_differences
         ck = read_checkpoint(path)
-        if ck.get("config", {}).get("model") != self.cfg.to_dict()["model"]:
-            raise CPSLError(f"{path} was written with a different model config; cannot resume")
-        self.model.load_state_dict(ck["model"])
-        if self.extra_loss is not None and ck.get("extra_loss") is not None:
-            self.extra_loss.load_state_dict(ck["extra_loss"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.start_epoch = ck["epoch"] + 1
-        self.best_val, self.best_epoch, self.bad_epochs = ck["best_val"], ck["best_epoch"], ck["bad_epochs"]
-        self.history = ck.get("history", [])
-        self.modulator_state = ck.get("modulator") or {}
-        _set_rng_state(ck["rng"])
+        diffs = resume_differences(ck, self.cfg, self.fingerprint)
+        if diffs:
+            raise CPSLError(f"cannot resume from {path}: it was written with another "
+                            f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}")
+        try:
+            self.model.load_state_dict(ck["model"])
+            if self.extra_loss is not None and ck.get("extra_loss") is not None:
+                self.extra_loss.load_state_dict(ck["extra_loss"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            _set_rng_state(ck["rng"])
+            self.start_epoch = int(ck["epoch"]) + 1
+            self.best_val, self.best_epoch = float(ck["best_val"]), int(ck["best_epoch"])
+            self.bad_epochs, self.history = int(ck["bad_epochs"]), list(ck.get("history", []))
+            self.guard.skipped = int(ck.get("skipped_steps", 0))
+            self.modulator_state = ck.get("modulator") or {}
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CPSLError(f"{path} cannot be resumed from ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100] if str(e) else ''})") from None
         log(f"seed {self.seed}: resuming after epoch {ck['epoch']}")
 
     def checkpoint_extra(self, modulator) -> dict:
         return {"best_val": self.best_val, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "history": self.history, "seed": self.seed, "data_path": self.data.path,
-                "modulator": modulator.state_dict(),
+                "identity": self.identity, "skipped_steps": self.guard.skipped, "modulator": modulator.state_dict(),
                 "extra_loss": self.extra_loss.state_dict() if self.extra_loss is not None else None}
 
 
@@ -277,8 +254,12 @@ def _make_modulator(st: _State):
     return modulator
 
 
+_GRAD_EFFECTS = frozenset({"scale_grad", "replace_grad", "grad_noise", "loss_term"})
+
+
 def _train_step(st: _State, modulator, b, epoch: int):
-    """One optimisation step through the modulator's hook points; returns (terms, StepStats)."""
+    """One optimisation step through the modulator's hook points; returns (terms, StepStats), or
+    None when the step guard skips it (non-finite loss, gradient or batch statistic)."""
     b = modulator.prepare_batch(b.to(st.device), epoch)
     out = st.model(b.x, b.mask, b.text_bert)
     loss, terms = total_loss(out, b.y, st.cfg.loss, epoch)
@@ -291,9 +272,13 @@ def _train_step(st: _State, modulator, b, epoch: int):
     loss = modulator.objective(loss, step)
     st.optimizer.zero_grad(set_to_none=True)
     modulator.backward(loss, step)
+    if not st.guard.check(loss):                       # ← non-finite: skip the whole step
+        st.optimizer.zero_grad(set_to_none=True)
+        return None
     stats = modulator.after_backward(step)
-    if st.cfg.train.clip > 0:
-        torch.nn.utils.clip_grad_norm_(st.params, st.cfg.train.clip)
+    if _GRAD_EFFECTS & modulator.effects:              # the guard's norm predates these gradient changes
+        st.guard.norm = torch.nn.utils.get_total_norm([p.grad for p in st.params if p.grad is not None])
+    st.guard.clip(st.cfg.train.clip)
     st.optimizer.step()
     return terms, stats
 
@@ -305,18 +290,23 @@ def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, 
     sums: dict[str, torch.Tensor] = {}
     balance = _Balance(modulator.names)
     modulator.begin_epoch(epoch)
+    st.guard.new_epoch()
     nb = 0
     for b in iterate(st.data["train"], st.cfg.data.batch_size, shuffle=True, generator=gen,
                      modalities=st.model.modalities):
-        terms, stats = _train_step(st, modulator, b, epoch)
+        done = _train_step(st, modulator, b, epoch)
+        if done is None:
+            continue
+        terms, stats = done
         balance.add(stats)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
         nb += 1
-    return {k: float(v) / nb for k, v in sums.items()}, balance.summary(), modulator.end_epoch(epoch)
+    return {k: float(v) / max(nb, 1) for k, v in sums.items()}, balance.summary(), modulator.end_epoch(epoch)
 
 
-def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance, mod_rec, t0: float, tb) -> dict:
+def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance, mod_rec, t0: float, tb,
+                  log=print) -> dict:
     ev = evaluate(st.model, st.data["valid"], st.cfg, st.device)
     val_loss = ev["metrics"]["loss"]
     improved = val_loss < st.best_val - 1e-9
@@ -324,14 +314,18 @@ def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance,
         st.best_val, st.best_epoch, st.bad_epochs = val_loss, epoch, 0
     else:
         st.bad_epochs += 1
+    g = st.guard
     rec = {"epoch": epoch, "train": train_terms, "valid": ev["metrics"], "valid_aux": ev["aux"],
-           "balance": balance, "time_s": time.perf_counter() - t0}
+           "balance": balance, "skipped_steps": g.epoch_skipped, "time_s": time.perf_counter() - t0}
     if mod_rec:
         rec["modulation"] = mod_rec
     st.history.append(rec)
     with open(st.out / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     tb.add(rec, epoch)
+    if g.epoch_skipped:
+        log(f"seed {st.seed}: epoch {epoch}: skipped {g.epoch_skipped} step(s) with a non-finite loss, "
+            f"gradient or batch statistic ({g.skipped} in all)")
     extra = st.checkpoint_extra(modulator)
     if improved:
         save_checkpoint(st.out / "best.pt", st.model, st.optimizer, st.cfg, epoch, extra)
@@ -340,11 +334,12 @@ def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance,
 
 
 def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool = False,
-               log=print, extra_loss=None) -> dict:
+               log=print, extra_loss=None, fingerprint: str = "") -> dict:
     """Train one seed. ``extra_loss`` (optional ``nn.Module``, e.g. distillation) is called as
-    ``extra_loss(model_output, batch) -> (loss, terms)``; its parameters train with the model."""
+    ``extra_loss(model_output, batch) -> (loss, terms)``; its parameters train with the model.
+    ``fingerprint``: the data's content fingerprint, recorded in checkpoints for ``--resume``."""
     out.mkdir(parents=True, exist_ok=True)
-    st = _State(cfg, data, seed, out, torch.device(cfg.train.device), extra_loss)
+    st = _State(cfg, data, seed, out, torch.device(cfg.train.device), extra_loss, fingerprint)
     if resume:
         st.resume(log)
     (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in st.history))
@@ -364,13 +359,17 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
         train_terms, balance, mod_rec = _train_epoch(st, modulator, epoch)
         steps += -(-len(data["train"]) // cfg.data.batch_size)
         step_s += time.perf_counter() - t0
-        ev = _record_epoch(st, modulator, epoch, train_terms, balance, mod_rec, t0, tb)
-        bar.set_postfix(loss=f"{train_terms['task']:.3f}", val_mae=f"{ev['metrics']['MAE']:.3f}", best=st.best_epoch)
+        ev = _record_epoch(st, modulator, epoch, train_terms, balance, mod_rec, t0, tb, log)
+        bar.set_postfix(loss=f"{train_terms.get('task', float('nan')):.3f}", val_mae=f"{ev['metrics']['MAE']:.3f}",
+                        best=st.best_epoch, skipped=st.guard.skipped)
         if st.bad_epochs >= cfg.train.patience:
             log(f"seed {seed}: early stop at epoch {epoch} (best {st.best_epoch})")
             break
     bar.close()
     tb.close()
+    if not (out / "best.pt").is_file():
+        raise CPSLError(f"seed {seed}: no epoch reached a finite validation loss, so there is no best.pt in {out} "
+                        f"({st.guard.skipped} steps skipped as non-finite); likely cause: {st.guard.cause()}")
     res = _final(st, modulator, plan_builds0, log)
     res["ms_per_step"] = 1e3 * step_s / steps if steps else None
     return res
@@ -381,7 +380,7 @@ def _final(st: _State, modulator, plan_builds0: int, log=print) -> dict:
     out = st.out
     best, _, _ = load_model(out / "best.pt", st.device)
     res = {"seed": st.seed, "best_epoch": st.best_epoch, "epochs_run": len(st.history),
-           "backend": modulator.backend_name, "ckpt": str(out / "best.pt"),
+           "skipped_steps": st.guard.skipped, "backend": modulator.backend_name, "ckpt": str(out / "best.pt"),
            "cp_plan_builds": native.plan_builds() - plan_builds0}
     for split in ("valid", "test"):
         if split in st.data.splits and len(st.data[split]):
@@ -399,14 +398,21 @@ def _final(st: _State, modulator, plan_builds0: int, log=print) -> dict:
 
 # ---------------------------------------------------------------------------- seeds
 def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=print,
-        extra_loss_factory=None) -> dict:
+        extra_loss_factory=None, overwrite: bool = False) -> dict:
     """Train every seed of ``cfg.train.seeds`` and write ``out/results.json``.
+    ``out`` holding a run is refused unless ``resume`` (same run: checked) or ``overwrite``.
     ``extra_loss_factory(seed) -> nn.Module`` adds a loss term per seed (see :func:`train_seed`)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .data.mmsa import require_splits
+    from .runs import data_fingerprint, prepare_out
+    strategies.check(cfg)
+    require_splits({n: len(sp) for n, sp in data.splits.items()}, data.path or "the data")
+    check_lengths(cfg.model, data, data.modalities, "config")
+    out = prepare_out(out, resume=resume, overwrite=overwrite)
+    for w in data.warnings():
+        log(f"warning: {data.path or 'the data'}: {w}")
+    fingerprint = data_fingerprint(data)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    strategies.check(cfg)
     cfg.save(out / "config.json")
     if cfg.train.modulation == "cp":
         from .cp.penalty import resolve_backend
@@ -416,27 +422,30 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     per_seed = []
     for seed in cfg.train.seeds:
         extra = extra_loss_factory(int(seed)) if extra_loss_factory is not None else None
-        r = train_seed(cfg, data, int(seed), out / f"seed{seed}", resume=resume, log=log, extra_loss=extra)
+        r = train_seed(cfg, data, int(seed), out / f"seed{seed}", resume=resume, log=log, extra_loss=extra,
+                       fingerprint=fingerprint)
         per_seed.append(r)
         log(seed_summary(r))
-    results = aggregate(cfg, data, per_seed)
+    results = aggregate(cfg, data, per_seed, fingerprint)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
 def seed_summary(r: dict) -> str:
-    msg = f"seed {r['seed']}: best epoch {r['best_epoch']}"
+    msg = f"seed {r['seed']}: best epoch {r['best_epoch']}" + (f", {r['skipped_steps']} steps skipped"
+                                                               if r.get("skipped_steps") else "")
     for split in ("valid", "test"):
         if split in r:
             msg += f" | {split} MAE {r[split]['MAE']:.4f} Corr {r[split]['Corr']:.4f} Non0_acc_2 {r[split]['Non0_acc_2']:.4f}"
     return msg
 
 
-def aggregate(cfg: Config, data: MMSAData, per_seed: list[dict]) -> dict:
+def aggregate(cfg: Config, data: MMSAData, per_seed: list[dict], fingerprint: str = "") -> dict:
     """results.json of a run: per-seed results and mean ± std over seeds per split."""
     results = {"data": data.path, "modalities": list(data.modalities), "seeds": [r["seed"] for r in per_seed],
                "modulation": cfg.train.modulation, "backend": per_seed[0]["backend"],
-               "config": cfg.to_dict(), "per_seed": per_seed}
+               "config": cfg.to_dict(), "data_fingerprint": fingerprint,
+               "skipped_steps": sum(r.get("skipped_steps", 0) for r in per_seed), "per_seed": per_seed}
     for split in ("valid", "test"):
         if all(split in r for r in per_seed):
             results[split] = mean_std([r[split] for r in per_seed])

@@ -231,7 +231,8 @@ def check(backend, golden: str, atol: float | None, rtol: float | None) -> tuple
         raise UsageError(f"{golden} has no inputs {missing} that the model needs (was it written for another model?)")
     rows, ok = [], True
     for i, (feeds, expected, reference) in enumerate(batches):
-        out = np.asarray(backend.run(feeds), dtype=np.float32).reshape(-1)
+        check_feeds(backend, feeds, f"{golden} batch {i}")
+        out = np.asarray(run_checked(backend, feeds, f"{golden} batch {i}"), dtype=np.float32).reshape(-1)
         if out.shape != expected.reshape(-1).shape:
             rows.append({"batch": i, "ok": False, "error": f"output shape {out.shape} != {expected.shape}"})
             ok = False
@@ -244,6 +245,56 @@ def check(backend, golden: str, atol: float | None, rtol: float | None) -> tuple
                      "max_abs_err_vs_fp32_reference": float(np.abs(out - reference.reshape(-1)).max()), "ok": good})
     return ok, {"golden": str(golden), "precision": meta.get("precision"), "atol": atol, "rtol": rtol,
                 "batches": rows, "ok": ok}
+
+
+def check_feeds(backend, feeds: dict, what: str) -> None:
+    """Inputs the model cannot take (dtype, rank, fixed sizes, batch/length mismatch) -> UsageError."""
+    batch = None
+    for n, shape in backend.inputs.items():
+        a = feeds[n]
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiub":
+            raise UsageError(f"{what}: input {n} is not a numeric array (dtype {getattr(a, 'dtype', type(a).__name__)})")
+        if a.ndim != len(shape) or any(d is not None and d != s for d, s in zip(shape, a.shape)):
+            want = "x".join("?" if d is None else str(d) for d in shape)
+            raise UsageError(f"{what}: input {n} has shape {a.shape}, the model takes {want}")
+        if a.ndim and a.shape[0] < 1:
+            raise UsageError(f"{what}: input {n} has an empty batch")
+        batch = a.shape[0] if batch is None else batch
+        if a.ndim and a.shape[0] != batch:
+            raise UsageError(f"{what}: input {n} has batch {a.shape[0]}, another input has {batch}")
+    for n in backend.inputs:
+        if n.endswith("_mask") and n[:-5] in feeds and feeds[n].shape[:2] != feeds[n[:-5]].shape[:2]:
+            raise UsageError(f"{what}: {n} shape {feeds[n].shape} does not match {n[:-5]} {feeds[n[:-5]].shape}")
+
+
+def run_checked(backend, feeds: dict, what: str) -> np.ndarray:
+    try:
+        return backend.run(feeds)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the runtime refused these inputs
+        msg = str(e).strip().splitlines()
+        raise UsageError(f"{what}: {backend.name} refused the inputs ({type(e).__name__}: "
+                         f"{msg[0][:160] if msg else ''})") from None
+
+
+def parse_lengths(text: str, mods: list[str]) -> dict:
+    """``--len N`` or ``--len text=40,audio=50`` -> {modality: length >= 1}."""
+    out = {}
+    try:
+        if "=" in text:
+            for kv in text.split(","):
+                k, v = kv.split("=", 1)
+                if k.strip() not in mods:
+                    raise UsageError(f"--len: unknown modality {k.strip()!r} (the model has {', '.join(mods)})")
+                out[k.strip()] = int(v)
+        else:
+            out = {m: int(text) for m in mods}
+    except ValueError:
+        raise UsageError(f"--len must be N or modality=N,... with integers, got {text!r}") from None
+    if any(v < 1 for v in out.values()):
+        raise UsageError(f"--len lengths must be >= 1, got {text!r}")
+    return out
 
 
 def bench_inputs(backend, batch: int, lens: dict, rng) -> dict:
@@ -266,6 +317,7 @@ def bench(backend, batches: list[int], iters: int, warmup: int, lens: dict) -> l
     out = []
     for b in batches:
         feeds = bench_inputs(backend, b, lens, rng)
+        run_checked(backend, feeds, f"bench batch {b}")
         for _ in range(warmup):
             backend.run(feeds)
         t = np.empty(iters)
@@ -316,8 +368,10 @@ def main(argv=None) -> int:
                 raise ValueError
         except ValueError:
             raise UsageError(f"--batch must be positive integers like 1,32, got {args.batch!r}") from None
-        if args.iters < 1:
-            raise UsageError("--iters must be >= 1")
+        if args.iters < 1 or args.warmup < 0:
+            raise UsageError("--iters must be >= 1 and --warmup >= 0")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise UsageError(f"--json: folder {Path(args.json).parent} does not exist")
         backend = open_backend(args.model, args.threads, args.provider)
         result = {"model": str(args.model), "backend": backend.name, "runtime_version": backend.version,
                   "device": backend.device, "host": platform.node(), "machine": platform.machine(),
@@ -342,12 +396,7 @@ def main(argv=None) -> int:
                 lens = {m: int(man["engine_profile"][m]["opt"][1]) for m in man.get("modalities", []) if m in man["engine_profile"]}
             lens.update(backend.opt_lengths())
             if args.length:
-                if "=" in args.length:
-                    for kv in args.length.split(","):
-                        k, v = kv.split("=", 1)
-                        lens[k.strip()] = int(v)
-                else:
-                    lens = {m: int(args.length) for m in _mods(backend)}
+                lens.update(parse_lengths(args.length, _mods(backend)))
             res = bench(backend, batches, args.iters, args.warmup, lens)
             result["bench"] = res
             for r in res:

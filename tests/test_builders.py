@@ -355,10 +355,11 @@ def test_bclstm_tiny_split_by_video(tmp_path):
     i = data["train"].ids.tolist().index(f"{sorted(v_train)[0]}$_$2")
     x = data["train"].features["audio"][i, 0, 0]
     assert (data["train"].features["text"][i, 0] == x).all() and (data["train"].features["vision"][i, 0] == x).all()
-    # same seed -> same split; another seed -> (here) another one; 0 -> empty valid
+    # same seed -> same split; another seed -> (here) another one; 0 -> refused (no valid split)
     assert valid_videos(vids, 0.2, 3) == valid_videos(list(reversed(vids)), 0.2, 3)
     assert any(valid_videos(vids, 0.2, s) != valid_videos(vids, 0.2, 3) for s in range(4, 10))
-    assert len(build_bclstm(tr, valid_frac=0.0)[0]["valid"]) == 0
+    with pytest.raises(CPSLError, match=r"valid-frac must be in \(0, 1\)"):
+        build_bclstm(tr, valid_frac=0.0)
 
 
 def test_bclstm_checks(tmp_path):

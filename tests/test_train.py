@@ -69,7 +69,7 @@ def test_results_layout(run_a):
             assert {"task", "aux", "rec", "sl", "div"} <= set(x["train"])
             assert set(x["valid_aux"]) == {"text", "audio", "vision"}
             assert set(x["balance"]["ghat"]) == {"text", "audio", "vision"}
-        ck = torch.load(d / "best.pt", weights_only=False)
+        ck = torch.load(d / "best.pt", weights_only=True)
         assert {"config", "model", "optimizer", "epoch", "rng"} <= set(ck)
 
 

@@ -80,7 +80,7 @@ def train_teacher(data, data_arg: str, synth_seed: int, epochs: int, device: str
     cfg = build_config("teacher")
     cfg.train.epochs, cfg.train.seeds, cfg.train.progress, cfg.train.device = epochs, [1], False, device
     cfg.data.path, cfg.data.synth_seed = data_arg, synth_seed
-    res = run(cfg, data, out, log=log)
+    res = run(cfg, data, out, log=log, overwrite=True)     # --work is scratch: a rerun replaces it
     return {"source": "trained", "epochs": epochs, "epochs_run": res["per_seed"][0]["epochs_run"],
             "best_epoch": res["per_seed"][0]["best_epoch"], "ckpt": out / "seed1" / "best.pt"}
 
@@ -92,7 +92,7 @@ def distill_student(teacher_ckpt: Path, data, data_arg: str, synth_seed: int, ep
     cfg = build_config("student")
     cfg.train.epochs, cfg.train.seeds, cfg.train.progress, cfg.train.device = epochs, [1], False, device
     cfg.data.path, cfg.data.synth_seed = data_arg, synth_seed
-    res = distill(teacher_ckpt, data, cfg, out, log=log)
+    res = distill(teacher_ckpt, data, cfg, out, log=log, overwrite=True)
     return {"source": "distilled", "epochs": epochs, "epochs_run": res["per_seed"][0]["epochs_run"],
             "best_epoch": res["per_seed"][0]["best_epoch"], "ckpt": out / "seed1" / "best.pt",
             "param_ratio": res["distill"]["params"]["ratio"]}

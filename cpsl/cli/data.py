@@ -8,6 +8,7 @@ import click
 
 from ..data.synthetic import SynthSpec
 from .data_build import build_bclstm, build_mosi
+from .options import trust_pickle_option
 
 _SPEC = SynthSpec()
 
@@ -47,17 +48,19 @@ def data_synth(out, seed, imbalance, text_memo, av_noise, sizes, knobs):
 @data.command("info")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def data_info(path, as_json):
+@trust_pickle_option
+def data_info(path, as_json, trust_pickle):
     """Splits, shapes, lengths and label statistics of an MMSA pickle (or 'synth')."""
     from ..data import describe, load_data
 
-    d = load_data(path)
+    d = load_data(path, trust_pickle=trust_pickle)
     desc = describe(d)
     if as_json:
         click.echo(json.dumps(desc, indent=2))
         return
-    click.echo(f"{path}: modalities {', '.join(d.modalities)}; dims {d.dims}"
-               + (f"; {d.cleaned} non-finite values replaced by 0" if d.cleaned else ""))
+    click.echo(f"{path}: modalities {', '.join(d.modalities)}; dims {d.dims}")
+    for w in d.warnings():
+        click.echo(f"warning: {w}")
     for name, s in desc["splits"].items():
         lab = s["labels"]
         click.echo(f"  {name:5s} n={s['n']:5d}  labels mean {lab['mean']:+.3f} std {lab['std']:.3f} "

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..compress.settings import DistillSettings
-from .options import run_config, run_options, setting_option
+from .options import overwrite_option, run_config, run_options, setting_option, trust_pickle_option
 
 
 @click.command()
@@ -17,8 +17,10 @@ from .options import run_config, run_options, setting_option
 @setting_option(DistillSettings, "lambda_hint")
 @setting_option(DistillSettings, "max_ratio")
 @click.option("--no-cache", is_flag=True, help="Run the teacher on every batch instead of caching its outputs.")
+@overwrite_option
+@trust_pickle_option
 def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device, quiet, lambda_kd, lambda_hint,
-            max_ratio, no_cache):
+            max_ratio, no_cache, overwrite, trust_pickle):
     """Distil a teacher checkpoint into a small student; writes OUT/results.json (+ teacher, retention).
 
     With --data synth the teacher's synthetic seed and knobs are used unless --set data.synth_seed=... /
@@ -35,12 +37,14 @@ def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device
     if not any(s.strip().startswith("data.synth=") for s in sets):
         cfg.data.synth = dict(tdata.get("synth", {}) or {})
     del tck
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    from ..runs import check_out
+    check_out(out, overwrite=overwrite)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
     res = run_distill(teacher, data, cfg, out, lambda_kd=lambda_kd, lambda_hint=lambda_hint,
-                      max_ratio=max_ratio, cache=not no_cache, log=click.echo)
+                      max_ratio=max_ratio, cache=not no_cache, log=click.echo, overwrite=overwrite)
     _summary(res, out)
 
 

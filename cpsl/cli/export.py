@@ -28,6 +28,7 @@ S = ExportSettings
 @setting_option(S, "opt_len")
 @setting_option(S, "max_len", type=int)
 @setting_option(S, "workspace")
+@setting_option(S, "trust_pickle")
 @click.option("--quiet", is_flag=True, help="Only the summary.")
 def export(ckpt, onnx_path, quiet, **settings):
     """Export a checkpoint to ONNX (any registered precision) with manifest, golden batches and engine script.

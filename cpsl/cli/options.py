@@ -101,6 +101,10 @@ def seeds_option(default=None):
 
 
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a run already in --out (default: refuse).")
+trust_pickle_option = click.option(
+    "--trust-pickle", is_flag=True,
+    help="UNSAFE: read the .pkl with plain pickle, which runs any code it carries (only for files you made).")
 
 
 def run_options(preset="teacher", seeds=None):

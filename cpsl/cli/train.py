@@ -9,7 +9,8 @@ import click
 
 from ..config import Config
 from ..errors import CPSLError
-from .options import RegistryChoice, config_flag, config_option, data_option, device_check, run_config, run_options
+from .options import (RegistryChoice, config_flag, config_option, data_option, device_check, overwrite_option,
+                      run_config, run_options, trust_pickle_option)
 
 
 def _strategy_names():
@@ -25,19 +26,23 @@ def _strategy_names():
 @config_option("cp.backend", "--cp-backend")
 @config_flag("train.tensorboard", "--tensorboard")
 @click.option("--resume", is_flag=True, help="Continue a stopped run in --out from its last.pt.")
+@overwrite_option
+@trust_pickle_option
 def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, modulation, no_sl, cp_backend,
-          tensorboard, resume):
+          tensorboard, resume, overwrite, trust_pickle):
     """Train CPSL; writes OUT/results.json and OUT/seed*/best.pt."""
     from ..data import load_data
+    from ..runs import check_out
     from ..train import run
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{
         "train.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend,
         "train.tensorboard": True if tensorboard else None})
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
-    cfg.data.path = data_path
     from .. import strategies
     from ..cp.penalty import resolve_backend
-    strategies.check(cfg)
+    strategies.check(cfg)                                  # the strategy can run with this config
+    check_out(out, resume=resume, overwrite=overwrite)     # refuse before the data is read
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
+    cfg.data.path = data_path
     if cfg.train.modulation == "cp":
         be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
         click.echo(f"modulation: cp (backend {be}, mode {cfg.cp.mode})")
@@ -45,7 +50,7 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
         click.echo(f"modulation: {cfg.train.modulation}")
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
-    res = run(cfg, data, out, resume=resume, log=click.echo)
+    res = run(cfg, data, out, resume=resume, log=click.echo, overwrite=overwrite)
     from ..metrics import format_table
     rows = {s: res[s] for s in ("valid", "test") if s in res}
     click.echo(format_table(rows, keys=("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")))
@@ -62,7 +67,8 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
 @click.option("--contributions", is_flag=True,
               help="Each modality's exact Shapley contribution to the fused error (all 2^M modality masks).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, as_json):
+@trust_pickle_option
+def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, as_json, trust_pickle):
     """Evaluate a checkpoint on a split with MMSA's metrics."""
     from ..data import load_data
     from ..metrics import format_table
@@ -71,7 +77,7 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
     if split not in ("train", "valid", "test"):
         raise CPSLError(f"unknown split {split!r} (choose train, valid or test)")
     model, cfg, _ = load_model(ckpt, device)
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     check_compatible(model, data, ckpt)
     if mask_modality and mask_modality not in model.modalities:
         raise CPSLError(f"--mask-modality {mask_modality!r} is not one of the model's modalities {list(model.modalities)}")
@@ -123,7 +129,10 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Variant × seed runs in parallel processes (each with train.num_threads threads, 1 when unset).")
 @config_option("cp.backend", "--cp-backend")
-def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, jobs, cp_backend):
+@overwrite_option
+@trust_pickle_option
+def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, jobs, cp_backend, overwrite,
+           trust_pickle):
     """Run variants on the same seeds; write OUT/ablation.md, ablation.json and a trajectory figure."""
     from ..ablate import DEFAULT, run_ablation
     from ..ablate import variants as known
@@ -135,9 +144,9 @@ def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, v
         raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(known())})")
     if jobs > 1:
         cfg.train.progress = False
-    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth)
+    data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
-    summary = run_ablation(cfg, data, out, names, jobs=jobs, log=click.echo)
+    summary = run_ablation(cfg, data, out, names, jobs=jobs, log=click.echo, overwrite=overwrite)
     click.echo((Path(out) / "ablation.md").read_text())
     click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json ({summary['wall_s']:.0f} s wall, {jobs} job(s))")
 

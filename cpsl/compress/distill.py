@@ -113,7 +113,7 @@ def retention(student: dict, teacher: dict) -> dict:
 
 def distill(teacher_ckpt: str | Path, data: MMSAData, cfg: Config, out: str | Path,
             lambda_kd: float = DistillSettings.lambda_kd, lambda_hint: float = DistillSettings.lambda_hint,
-            max_ratio: float = MAX_PARAM_RATIO, cache: bool = True, log=print) -> dict:
+            max_ratio: float = MAX_PARAM_RATIO, cache: bool = True, log=print, overwrite: bool = False) -> dict:
     """Train ``cfg.train.seeds`` students against the teacher checkpoint; write ``out/results.json``
     (``cpsl train``'s layout plus ``teacher``, ``retention`` and ``distill``) and return it."""
     from ..metrics import METRIC_KEYS
@@ -150,7 +150,7 @@ def distill(teacher_ckpt: str | Path, data: MMSAData, cfg: Config, out: str | Pa
         c = tuple(t.clone() for t in cached) if cached is not None else None
         return DistillLoss(teacher, cfg.model.d, lambda_kd, lambda_hint, cache=c)
 
-    res = run(cfg, data, out, log=log, extra_loss_factory=factory)
+    res = run(cfg, data, out, log=log, extra_loss_factory=factory, overwrite=overwrite)
     res["teacher"] = {"ckpt": str(teacher_ckpt), "params": pr["teacher"],
                       "trained_on": tck.get("data_path"), **tres}
     res["retention"] = {s: retention({k: v["mean"] for k, v in res[s].items()}, tres[s])

@@ -37,27 +37,29 @@ def set_knobs(spec: SynthSpec, knobs: dict, where: str = "") -> SynthSpec:
         cur = getattr(spec, k)
         try:
             if isinstance(cur, tuple):
-                v = tuple(int(x) for x in v.split(",")) if isinstance(v, str) else tuple(v)
+                v = tuple(int(x) for x in v.split(",")) if isinstance(v, str) else tuple(int(x) for x in v)
             setattr(spec, k, v if isinstance(cur, tuple) else type(cur)(v))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise CPSLError(f"synthetic knob {k}{where}: bad value {v!r}") from None
+    spec.check()
     return spec
 
 
-def load_data(path: str, synth_seed: int = 0, synth: dict | None = None) -> MMSAData:
+def load_data(path: str, synth_seed: int = 0, synth: dict | None = None, trust_pickle: bool = False) -> MMSAData:
     """``'synth'`` (or ``'synth:SEED'``) gives the embedded generator (``synth``: knob overrides);
-    anything else is an MMSA pickle."""
+    anything else is an MMSA pickle, read without executing code unless ``trust_pickle`` (unsafe)."""
     if path == "synth" or str(path).startswith("synth:"):
         try:
             seed = int(str(path).split(":", 1)[1]) if ":" in str(path) else synth_seed
         except ValueError:
             raise CPSLError(f"bad synthetic data spec {path!r} (use synth or synth:SEED)") from None
         return generate(set_knobs(SynthSpec(seed=seed), synth or {}, " in data.synth"))
-    return load_mmsa(path)
+    return load_mmsa(path, trust_pickle=trust_pickle)
 
 
 def describe(d: MMSAData) -> dict:
-    out = {"path": d.path, "modalities": list(d.modalities), "dims": d.dims, "cleaned": d.cleaned, "splits": {}}
+    out = {"path": d.path, "modalities": list(d.modalities), "dims": d.dims, "cleaned": d.cleaned,
+           "extreme": d.extreme, "warnings": d.warnings(), "splits": {}}
     for name, s in d.splits.items():
         y = s.labels
         sd = {"n": len(s), "labels": {

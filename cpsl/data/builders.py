@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import CPSLError
 from ..fileutil import sha256_file
-from .mmsa import SPLITS, MMSAData, Split
+from .mmsa import SPLITS, MMSAData, Split, require_splits
 
 FIRST = 5                     # how many unjoined ids a report names
 KEY = ("video_id", "clip_id")
@@ -262,6 +262,8 @@ def build_mosi(labels_csv, audio_csv, text_encoder: str = "minilm", max_len: int
     if max_len < 2:
         raise CPSLError(f"--max-len must be at least 2, got {max_len}")
     rows, jrep = join_mosi(labels_csv, audio_csv, strict=strict)   # all table checks before the encoder
+    modes = np.asarray(rows["mode"])
+    require_splits({n: int((modes == n).sum()) for n in SPLITS}, f"{labels_csv} (after the join)")
     enc_path = resolve_encoder_path(text_encoder)
     tok = load_tokenizer(text_encoder)
     model, hidden = load_encoder(text_encoder)
@@ -359,8 +361,8 @@ def build_bclstm(train_csv, test_csv=None, valid_frac: float = 0.15, seed: int =
     lands in one split). Test = ``test_csv`` when given, else an empty split.
     """
     valid_frac = float(valid_frac)
-    if not (0.0 <= valid_frac < 1.0):
-        raise CPSLError(f"--valid-frac must be in [0, 1), got {valid_frac}")
+    if not (0.0 < valid_frac < 1.0):
+        raise CPSLError(f"--valid-frac must be in (0, 1) (training needs a valid split), got {valid_frac}")
     tr = _read_bclstm(train_csv, "train")
     te = _read_bclstm(test_csv, "test", dims=tr["dims"]) if test_csv is not None else None
 
@@ -372,6 +374,7 @@ def build_bclstm(train_csv, test_csv=None, valid_frac: float = 0.15, seed: int =
         "valid": _take(tr, np.flatnonzero(is_valid), "valid"),
         "test": _take(te, np.arange(len(te["labels"])), "test") if te is not None else _empty(tr, "test"),
     }
+    require_splits({n: len(sp) for n, sp in splits.items()}, f"{train_csv} with --valid-frac {valid_frac}")
     overlap = _video_overlap(splits)
     if "train&test" in overlap or "valid&test" in overlap:
         n = sum(overlap[k]["count"] for k in overlap if k.endswith("&test"))

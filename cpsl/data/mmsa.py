@@ -17,7 +17,9 @@ A file is a pickled dict ``{"train": S, "valid": S, "test": S}``; each split ``S
 Masks come from the lengths when present (``text_lengths`` for text, a cpsl extension, or
 the ``text_bert`` attention mask); aligned files without lengths use every step, as MMSA
 does. A modality key may be absent (two-modality data). Utterance-level features given as
-``(N, d)`` are read as ``(N, 1, d)``. ``-inf``/``+inf``/NaN are replaced by 0 and counted.
+``(N, d)`` are read as ``(N, 1, d)``. ``-inf``/``+inf``/NaN are replaced by 0 and counted; finite values with
+``|x| > EXTREME`` are counted too (``data info`` and ``train`` warn about them). Lengths must be
+integers in ``[1, L]``. The file is read by :mod:`.safe_pickle`, which never executes code.
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ import numpy as np
 
 from ..config import MODALITIES
 from ..errors import CPSLError
+from .safe_pickle import safe_load
 
 SPLITS = ("train", "valid", "test")
 REQUIRED_KEYS = ("regression_labels", "id", "raw_text")
+EXTREME = 1e6          # |feature| above this is reported: it can swamp the batch statistics
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Split:
     raw_text: np.ndarray                     # (N,) str
     text_bert: np.ndarray | None = None      # (N, 3, L) int64
     cleaned: int = 0                         # non-finite values replaced by 0
+    extreme: int = 0                         # finite values with |x| > EXTREME
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,6 +74,21 @@ class MMSAData:
     def cleaned(self) -> int:
         return sum(s.cleaned for s in self.splits.values())
 
+    @property
+    def extreme(self) -> int:
+        return sum(s.extreme for s in self.splits.values())
+
+    def warnings(self) -> list[str]:
+        """One line per data-quality problem worth a warning (non-finite or extreme features)."""
+        out = []
+        if self.cleaned:
+            out.append(f"{self.cleaned} non-finite values replaced by 0")
+        if self.extreme:
+            where = ", ".join(f"{s.name} {s.extreme}" for s in self.splits.values() if s.extreme)
+            out.append(f"{self.extreme} feature values with |x| > {EXTREME:g} ({where}); check the feature "
+                       "extraction (such values dominate the batch statistics)")
+        return out
+
     def __getitem__(self, name: str) -> Split:
         if name not in self.splits:
             raise CPSLError(f"split {name!r} not in {self.path or 'the data'} (has: {', '.join(self.splits)})")
@@ -84,6 +104,8 @@ def _as_3d(a, key: str, split: str, path: str) -> np.ndarray:
         arr = arr[:, None, :]
     if arr.ndim != 3:
         raise CPSLError(f"{path}: {split}/{key} must have shape (N, L, d) or (N, d), got {arr.shape}")
+    if arr.shape[1] < 1 or arr.shape[2] < 1:
+        raise CPSLError(f"{path}: {split}/{key} has an empty sequence or feature axis (shape {arr.shape})")
     return arr
 
 
@@ -94,20 +116,35 @@ def _numeric(a, dtype, what: str, path: str) -> np.ndarray:
         raise CPSLError(f"{path}: {what} is not a numeric array") from None
 
 
+def _whole(a, what: str, path: str) -> np.ndarray:
+    """Whole numbers (lengths, token ids) as int64, refusing NaN, fractions and overflow instead of coercing."""
+    f = _numeric(a, np.float64, what, path).reshape(-1)
+    bad = ~np.isfinite(f) | (f != np.round(f)) | (np.abs(f) > 2.0 ** 62)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CPSLError(f"{path}: {what} must be whole numbers; {int(bad.sum())} are not (first: item {i}, {f[i]})")
+    return f.astype(np.int64)
+
+
 def _lengths(raw: dict, mod: str, arr: np.ndarray, split: str, path: str) -> np.ndarray:
     n, L = arr.shape[:2]
     lens = None
     if f"{mod}_lengths" in raw and raw[f"{mod}_lengths"] is not None:
-        lens = _numeric(raw[f"{mod}_lengths"], np.int64, f"{split}/{mod}_lengths", path).reshape(-1)
+        lens = _whole(raw[f"{mod}_lengths"], f"{split}/{mod}_lengths", path)
     elif mod == "text" and raw.get("text_bert") is not None:
         tb = np.asarray(raw["text_bert"])
         if tb.ndim == 3 and tb.shape[0] == n and tb.shape[2] == L:
-            lens = tb[:, 1, :].astype(bool).sum(1).astype(np.int64)
+            return np.clip(tb[:, 1, :].astype(bool).sum(1).astype(np.int64), 1, L)   # [CLS] always counts
     if lens is None:
         return np.full(n, L, dtype=np.int64)
     if lens.shape[0] != n:
         raise CPSLError(f"{path}: {split}/{mod}_lengths has {lens.shape[0]} entries but {mod} has {n} samples")
-    return np.clip(lens, 1, L)
+    bad = (lens < 1) | (lens > L)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CPSLError(f"{path}: {split}/{mod}_lengths must be integers in [1, {L}]; "
+                        f"{int(bad.sum())} are not (first: item {i}, {lens[i]})")
+    return lens
 
 
 def _read_split(raw, name: str, path: str) -> Split:
@@ -123,7 +160,7 @@ def _read_split(raw, name: str, path: str) -> Split:
     if n and (labels.min() < -3.0 - 1e-6 or labels.max() > 3.0 + 1e-6):
         raise CPSLError(f"{path}: {name}/regression_labels outside [-3, 3] "
                         f"(min {labels.min():.3f}, max {labels.max():.3f})")
-    feats, lens, cleaned = {}, {}, 0
+    feats, lens, cleaned, extreme = {}, {}, 0, 0
     for mod in MODALITIES:
         if mod not in raw or raw[mod] is None:
             continue
@@ -135,6 +172,7 @@ def _read_split(raw, name: str, path: str) -> Split:
         if nbad:
             arr = np.where(bad, np.float32(0), arr)
             cleaned += nbad
+        extreme += int(np.count_nonzero(np.abs(arr) > EXTREME))
         feats[mod] = np.ascontiguousarray(arr)
         lens[mod] = _lengths(raw, mod, arr, name, path)
     ids = np.asarray(raw["id"]).astype(str).reshape(-1)
@@ -144,14 +182,17 @@ def _read_split(raw, name: str, path: str) -> Split:
             raise CPSLError(f"{path}: {name}/{key} has {arr.shape[0]} entries but regression_labels has {n}")
     tb = raw.get("text_bert")
     if tb is not None:
-        tb = _numeric(tb, np.int64, f"{name}/text_bert", path)
+        tb = _whole(tb, f"{name}/text_bert", path).reshape(np.shape(tb))
         if tb.ndim != 3 or tb.shape[0] != n or tb.shape[1] != 3:
             raise CPSLError(f"{path}: {name}/text_bert must have shape (N, 3, L), got {tb.shape}")
-    return Split(name, feats, lens, labels, ids, raw_text, tb, cleaned)
+    return Split(name, feats, lens, labels, ids, raw_text, tb, cleaned, extreme)
 
 
-def load_mmsa(path: str | Path, require_splits=SPLITS) -> MMSAData:
-    """Load an MMSA pickle; raises :class:`CPSLError` with one clear line on bad input."""
+def load_mmsa(path: str | Path, require_splits=SPLITS, trust_pickle: bool = False) -> MMSAData:
+    """Load an MMSA pickle; raises :class:`CPSLError` with one clear line on bad input.
+
+    The file is read without executing code (:func:`.safe_pickle.safe_load`); ``trust_pickle``
+    uses plain ``pickle.load`` instead, which runs any code the file carries (unsafe)."""
     path = str(path)
     p = Path(path)
     if not p.exists():
@@ -160,7 +201,9 @@ def load_mmsa(path: str | Path, require_splits=SPLITS) -> MMSAData:
         raise CPSLError(f"data path is a folder, expected an MMSA .pkl file: {path}")
     try:
         with open(p, "rb") as f:
-            raw = pickle.load(f)
+            raw = safe_load(f, path, trust=trust_pickle)
+    except CPSLError:
+        raise
     except Exception as e:  # noqa: BLE001 - anything unpicklable is the user's file
         raise CPSLError(f"{path} is not a readable pickle ({type(e).__name__})") from None
     if not isinstance(raw, dict):
@@ -177,6 +220,14 @@ def load_mmsa(path: str | Path, require_splits=SPLITS) -> MMSAData:
         if len(set(dims.values())) != 1:
             raise CPSLError(f"{path}: {m} feature size differs between splits: {dims}")
     return MMSAData(splits, tuple(mods), path)
+
+
+def require_splits(counts: dict, where: str, needed=("train", "valid"), minimum: int = 1) -> None:
+    """Refuse data whose ``needed`` splits have fewer than ``minimum`` items (``counts``: name -> n)."""
+    short = [f"{s} ({counts.get(s, 0)})" for s in needed if counts.get(s, 0) < minimum]
+    if short:
+        raise CPSLError(f"{where}: split(s) {', '.join(short)} need at least {minimum} item(s); "
+                        "training needs a train split and a valid split to select the checkpoint on")
 
 
 def split_to_raw(s: Split) -> dict:

@@ -30,9 +30,12 @@ Default sizes follow CMU-MOSI's standard folds: 1284 / 229 / 686 segments.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from ..errors import CPSLError
 
 from .mmsa import MMSAData, Split
 
@@ -62,6 +65,29 @@ class SynthSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> None:
+        """Raise :class:`CPSLError` naming the first knob that would give an unusable dataset."""
+        for k in ("n_train", "n_valid"):
+            if int(getattr(self, k)) < 2:
+                raise CPSLError(f"synthetic knob {k} must be >= 2 (a split training or selecting on), "
+                                f"got {getattr(self, k)}")
+        if int(self.n_test) < 0:
+            raise CPSLError(f"synthetic knob n_test must be >= 0, got {self.n_test}")
+        for k in ("d_text", "d_audio", "d_vision"):
+            if int(getattr(self, k)) < 1:
+                raise CPSLError(f"synthetic knob {k} must be >= 1, got {getattr(self, k)}")
+        for k in ("text_len", "audio_len", "vision_len"):
+            v = getattr(self, k)
+            if len(v) != 2 or not 1 <= int(v[0]) <= int(v[1]):
+                raise CPSLError(f"synthetic knob {k} must be two integers 1 <= min <= max, got {v!r}")
+        for k in ("imbalance", "interaction", "label_noise", "text_noise", "text_memo", "text_shortcut",
+                  "av_noise", "cue_frac", "cue_gain"):
+            v = float(getattr(self, k))
+            if not math.isfinite(v) or v < 0:
+                raise CPSLError(f"synthetic knob {k} must be a finite number >= 0, got {v}")
+        if self.cue_frac > 1:
+            raise CPSLError(f"synthetic knob cue_frac must be in [0, 1], got {self.cue_frac}")
+
 
 def _unit(rng: np.random.Generator, d: int) -> np.ndarray:
     u = rng.standard_normal(d).astype(np.float32)
@@ -84,6 +110,7 @@ def generate(spec: SynthSpec | None = None, **overrides) -> MMSAData:
         if not hasattr(spec, k):
             raise ValueError(f"unknown synthetic knob {k!r}")
         setattr(spec, k, v)
+    spec.check()
     root = np.random.default_rng(spec.seed)
     u_t, u_a, u_v = _unit(root, spec.d_text), _unit(root, spec.d_audio), _unit(root, spec.d_vision)
     u_s = _unit(root, spec.d_text)

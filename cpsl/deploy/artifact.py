@@ -48,6 +48,8 @@ class ExportSettings:
     opt_len: str = _opt("p95", "Engine profile: length to tune for (p95, max or N).")
     max_len: int | None = _opt(None, "Engine profile: longest sequence (default: the data's longest).")
     workspace: int = _opt(1024, "TensorRT workspace (MiB).")
+    trust_pickle: bool = _opt(False, "UNSAFE: read .pkl data with plain pickle, which runs any code it carries "
+                                     "(only for files you made).")
 
     def check(self, onnx_path: Path) -> None:
         if onnx_path.suffix != ".onnx":

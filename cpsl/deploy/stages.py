@@ -22,11 +22,11 @@ class ExportInputs:
     profile: dict
 
 
-def _load_checked(path, synth_seed, model, ckpt, what, synth=None):
+def _load_checked(path, synth_seed, model, ckpt, what, synth=None, trust_pickle=False):
     from ..data import load_data
     from ..train import check_compatible
     try:
-        d = load_data(path, synth_seed, synth)
+        d = load_data(path, synth_seed, synth, trust_pickle=trust_pickle)
     except CPSLError as e:
         raise CPSLError(f"{what}: {e}") from None
     except (OSError, EOFError, ValueError, TypeError) as e:
@@ -59,14 +59,15 @@ def load_inputs(model, cfg, ck, ckpt, s, prec: Precision) -> ExportInputs:
         data_path = ck.get("data_path") or cfg.data.path or "synth"
         if data_path != "synth" and not str(data_path).startswith("synth:") and not Path(data_path).is_file():
             raise CPSLError(f"the checkpoint's data {data_path} is not here; pass --data")
-    data = _load_checked(data_path, cfg.data.synth_seed, model, ckpt, "--data", cfg.data.synth)
+    data = _load_checked(data_path, cfg.data.synth_seed, model, ckpt, "--data", cfg.data.synth,
+                         s.trust_pickle)
     if len(data["valid"]) == 0:
         raise CPSLError(f"the valid split of {data_path} is empty")
     calib = None
     if prec.needs_calibration:
         cpath = s.calib_data or data_path
         cd = data if cpath == data_path else _load_checked(cpath, cfg.data.synth_seed, model, ckpt,
-                                                           "--calib-data", cfg.data.synth)
+                                                           "--calib-data", cfg.data.synth, s.trust_pickle)
         if len(cd["train"]) == 0:
             raise CPSLError(f"the train split of {cpath} is empty: nothing to calibrate on")
         calib = calib_feeds(cd["train"], mods, s.calib_batches, s.calib_batch_size)

@@ -91,6 +91,11 @@ def trtexec_args(onnx_name: str, plan_name: str, profile: dict, precision: str, 
             + precision_flags(precision) + [f"--memPoolSize=workspace:{int(workspace_mib)}"])
 
 
+def _comment_safe(text: str) -> str:
+    """One line (no newline can end the comment and start a command)."""
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def write_build_script(path: str | Path, onnx_name: str, plan_name: str, profile: dict, precision: str,
                        workspace_mib: int = 1024) -> str:
     """Write an executable ``trtexec`` script (run it on the target from anywhere); returns the
@@ -99,7 +104,7 @@ def write_build_script(path: str | Path, onnx_name: str, plan_name: str, profile
     cmd = "trtexec " + " ".join(shlex.quote(a) for a in args)
     body = "\n".join([
         "#!/usr/bin/env bash",
-        f"# Build the TensorRT engine for {onnx_name} ({precision}) on the target GPU.",
+        f"# Build the TensorRT engine for {_comment_safe(onnx_name)} ({precision}) on the target GPU.",
         "# Written by `cpsl export` for JetPack 6.x / TensorRT 10.3 (trtexec ships in",
         "# /usr/src/tensorrt/bin). Engines are specific to the GPU and TensorRT version: build on the device.",
         "# Extra trtexec flags may be appended, e.g. ./build_engine.sh --verbose",
@@ -109,8 +114,8 @@ def write_build_script(path: str | Path, onnx_name: str, plan_name: str, profile
         '"$TRTEXEC" \\',
         *[f"  {shlex.quote(a)} \\" for a in args],
         '  "$@"',
-        f"echo 'wrote {plan_name}; check it with: python3 runner.py {plan_name} --check "
-        f"{Path(plan_name).stem}.golden.npz'",
+        "echo " + shlex.quote(f"wrote {plan_name}; check it with: python3 runner.py {plan_name} --check "
+                              f"{Path(plan_name).stem}.golden.npz"),
         "",
     ])
     p = Path(path)

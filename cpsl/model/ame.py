@@ -28,7 +28,13 @@ def masked_std(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor | None = 
 
 
 class MaskedBatchNorm(nn.Module):
-    """BatchNorm over the valid steps of a padded sequence batch, with running statistics."""
+    """BatchNorm over the valid steps of a padded sequence batch, with running statistics.
+
+    Training statistics and the normalisation are computed in float64, where no finite float32
+    input can overflow (|x| < 3.4e38, so x² < 1.2e77). A batch whose variance does not fit the
+    float32 running buffer (e.g. one feature of 1e30) leaves the running statistics untouched
+    and sets ``stats_ok`` (a 0-d bool tensor, no host sync) to False: the training loop skips
+    such a step."""
 
     def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
@@ -41,16 +47,21 @@ class MaskedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, L, d)
         w = mask.to(x.dtype).unsqueeze(-1)
         if self.training:
-            n = w.sum().clamp(min=1.0)
-            mean = (x * w).sum((0, 1)) / n
-            var = (((x - mean) ** 2) * w).sum((0, 1)) / n
+            x64, w64 = x.double(), w.double()
+            n = w64.sum().clamp(min=1.0)
+            mean = (x64 * w64).sum((0, 1)) / n
+            var = (((x64 - mean) ** 2) * w64).sum((0, 1)) / n
             with torch.no_grad():
-                unbiased = var * n / (n - 1).clamp(min=1.0)
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(unbiased.detach(), self.momentum)
+                unbiased = (var * n / (n - 1).clamp(min=1.0)).float()
+                ok = torch.isfinite(unbiased).all()
+                self.stats_ok = ok
+                m32 = mean.detach().float()
+                self.running_mean.copy_(torch.where(ok, torch.lerp(self.running_mean, m32, self.momentum), self.running_mean))
+                self.running_var.copy_(torch.where(ok, torch.lerp(self.running_var, unbiased, self.momentum), self.running_var))
+            xn = ((x64 - mean) / torch.sqrt(var + self.eps)).to(x.dtype)
         else:
-            mean, var = self.running_mean, self.running_var
-        y = (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+            xn = (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+        y = xn * self.weight + self.bias
         return y * w                                            # padded steps are exactly 0
 
 

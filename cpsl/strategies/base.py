@@ -43,6 +43,7 @@ EFFECTS = {
     "scale_grad": "multiplies a modality group's gradients",
     "scale_lr": "multiplies a modality group's learning rate (the update under Adam/AdamW)",
     "replace_grad": "replaces a modality group's gradient by a combination of per-loss gradients",
+    "grad_noise": "adds noise to a modality group's gradients",
     "loss_term": "adds a term to the objective",
     "mask_inputs": "masks whole modalities of training samples",
 }
@@ -245,6 +246,8 @@ class ScalingModulator(BaseModulator):
     def __init__(self, groups, cfg, model=None, optimizer=None, device=None):
         super().__init__(groups, cfg, model, optimizer, device)
         self.scale = GroupScale(groups, self.names, self.scfg.mode)
+        # what this instance does (the class declares both modes)
+        self.effects = (self.effects - {"scale_grad", "scale_lr"}) | {"scale_lr" if self.scfg.mode == "update" else "scale_grad"}
 
     def bind(self, optimizer) -> None:
         self.optimizer = optimizer

@@ -13,7 +13,7 @@ from .base import BaseModulator, Step, register
 class CPModulator(ConflictAwarePenalty, BaseModulator):
     name = "cp"
     needs = frozenset({"optimizer"})
-    effects = frozenset({"scale_lr", "scale_grad"})
+    effects = frozenset({"scale_lr", "scale_grad", "grad_noise"})
     section = "cp"
 
     def __init__(self, groups, cfg, model=None, optimizer=None, device=None):
@@ -21,6 +21,8 @@ class CPModulator(ConflictAwarePenalty, BaseModulator):
                                       optimizer=optimizer if cfg.cp.mode == "update" else None, device=device)
         self.groups, self.model, self.device = groups, model, device
         self.arena = None
+        self.effects = frozenset({"scale_lr" if cfg.cp.mode == "update" else "scale_grad"}
+                                 | ({"grad_noise"} if cfg.cp.ge_noise > 0 else set()))
 
     def bind(self, optimizer) -> None:
         # CP groups' grads live in a stable arena (zero_grad goes through it): one native plan per run

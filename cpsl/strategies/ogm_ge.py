@@ -32,7 +32,7 @@ def ogm_ge_coefficients(scores: torch.Tensor, alpha: float) -> tuple[torch.Tenso
 class OGMGE(ScalingModulator):
     name = "ogm_ge"
     needs = frozenset({"unimodal_heads", "optimizer"})
-    effects = frozenset({"scale_grad", "scale_lr"})
+    effects = frozenset({"scale_grad", "scale_lr", "grad_noise"})
     section = "ogm_ge"
 
     def after_backward(self, step: Step):

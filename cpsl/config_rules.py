@@ -1,0 +1,115 @@
+"""Every config value's type, range or choices, checked in one place.
+
+:func:`check` raises :class:`CPSLError` with one line that names the key (``section.key``) and
+says what it must be. ``cpsl.config.validate`` calls it after every merge, so presets, config
+files, ``--set`` overrides and checkpoint configs all pass through the same rules.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import fields
+
+from .errors import CPSLError
+
+INF = math.inf
+
+
+def _int(lo=-INF, hi=INF, odd=False):
+    def chk(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            return "an integer"
+        if not lo <= v <= hi or (odd and v % 2 == 0):
+            return _range("an" + (" odd" if odd else "") + " integer", lo, hi)
+        return None
+    return chk
+
+
+def _float(lo=-INF, hi=INF, lo_open=False, hi_open=False):
+    def chk(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return "a finite number"
+        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            return _range("a number", lo, hi, lo_open, hi_open)
+        return None
+    return chk
+
+
+def _range(what, lo, hi, lo_open=False, hi_open=False) -> str:
+    if hi == INF:
+        return f"{what} {'>' if lo_open else '>='} {lo:g}"
+    if lo == -INF:
+        return f"{what} {'<' if hi_open else '<='} {hi:g}"
+    return f"{what} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _type(t, name):
+    return lambda v: None if isinstance(v, t) else name
+
+
+def _seeds(v):
+    if not isinstance(v, list) or not v:
+        return "a non-empty list of integers (e.g. 1,2,3)"
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
+        return "a list of integers >= 0 (e.g. 1,2,3)"
+    if len(set(v)) != len(v):
+        return "a list of distinct seeds"
+    return None
+
+
+def _device(v):
+    if isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v):
+        return None
+    return "cpu, cuda or cuda:N"
+
+
+_BOOL, _STR, _DICT = _type(bool, "true or false"), _type(str, "a string"), _type(dict, "a mapping")
+_NONNEG = _float(0.0)
+
+RULES = {
+    "data": {"path": _STR, "batch_size": _int(1), "eval_batch_size": _int(1), "synth_seed": _int(0),
+             "synth": _DICT},
+    "model": {"d": _int(1), "heads": _int(1), "dropout": _float(0.0, 1.0, hi_open=True),
+              "text_layers": _int(0), "audio_layers": _int(0), "vision_layers": _int(0),
+              "text_kernel": _int(1, odd=True), "audio_kernel": _int(1, odd=True), "vision_kernel": _int(1, odd=True),
+              "norm_momentum": _float(0.0, 1.0), "max_len": _int(1), "ame": _BOOL, "head_hidden": _int(0),
+              "text_encoder": _STR, "finetune_text": _BOOL},
+    "loss": {"aux": _NONNEG, "rec": _NONNEG, "sl": _NONNEG, "div": _NONNEG, "sl_out": _NONNEG,
+             "warmup_epochs": _int(0), "eps": _float(0.0, lo_open=True)},
+    "cp": {"tau": _float(0.0, lo_open=True), "alpha": _NONNEG, "k_min": _float(0.0, 1.0), "beta": _float(0.0, 1.0),
+           "normalize": _BOOL, "start_epoch": _int(0), "ramp_epochs": _int(0), "end_epoch": _int(0),
+           "ge_noise": _NONNEG, "diagnostics": _BOOL, "groups": _DICT},
+    # the strategies' sections (cpsl/strategies/; train.modulation is checked against their registry)
+    "ogm_ge": {"alpha": _NONNEG, "ge": _BOOL},
+    "cggm": {"rho": _NONNEG, "lam": _NONNEG, "ema": _float(0.0, 1.0, hi_open=True)},
+    "ags": {"alpha": _NONNEG, "end_epoch": _int(0)},
+    "mmpareto": {"gamma": _float(0.0, lo_open=True), "uni_weight": _NONNEG},
+    "inforeg": {"beta": _NONNEG, "threshold": _float(), "horizon": _int(1)},
+    "moddrop": {"p": _float(0.0, 1.0), "p_dominant": _float(0.0, 1.0), "ema": _float(0.0, 1.0, hi_open=True)},
+    "train": {"epochs": _int(1), "patience": _int(1), "lr": _float(0.0, lo_open=True), "text_lr": _NONNEG,
+              "weight_decay": _NONNEG, "clip": _NONNEG, "seeds": _seeds, "device": _device,
+              "num_threads": _int(0), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL},
+}
+
+
+def check(cfg, choices: dict) -> None:
+    """Raise :class:`CPSLError` naming the first config value outside its rule (``choices``:
+    ``{(section, key): allowed values}``, declared on the config fields)."""
+    for sec in fields(cfg):
+        obj = getattr(cfg, sec.name)
+        for f in fields(obj):
+            key, v = f"{sec.name}.{f.name}", getattr(obj, f.name)
+            if (sec.name, f.name) in choices:
+                ok = choices[(sec.name, f.name)]
+                if v not in ok:
+                    raise CPSLError(f"config key {key}: {v!r} is not one of {', '.join(ok)}")
+                continue
+            rule = RULES.get(sec.name, {}).get(f.name)
+            why = rule(v) if rule else None
+            if why:
+                raise CPSLError(f"config key {key} must be {why}, got {v!r}")
+    m = cfg.model
+    if m.d % m.heads:
+        raise CPSLError(f"config: model.d ({m.d}) must be divisible by model.heads ({m.heads})")
+    if cfg.cp.end_epoch < cfg.cp.start_epoch:
+        raise CPSLError(f"config key cp.end_epoch ({cfg.cp.end_epoch}) must be >= cp.start_epoch ({cfg.cp.start_epoch})")

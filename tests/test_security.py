@@ -1,0 +1,178 @@
+"""No code runs from data files, checkpoints or generated scripts (issue 18, security).
+
+Each malicious file carries an object whose unpickling would call ``os.system('touch MARKER')``;
+every command that reads it must refuse it (exit 2, one ``error:`` line naming the problem) and
+the marker must never appear.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+import pickle
+import subprocess
+
+import pytest
+import torch
+
+from cpsl.checkpoint import read_checkpoint, save_checkpoint
+from cpsl.config import preset
+from cpsl.data.mmsa import load_mmsa
+from cpsl.errors import CPSLError
+from cpsl.model import CPSLModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: find helpers_cli
+from helpers_cli import Payload, cli, one_error_line, tiny_dataset, write_pickle  # noqa: E402
+
+torch.set_num_threads(1)
+DIMS = {"text": 6, "audio": 4, "vision": 5}
+
+
+@pytest.fixture
+def files(tmp_path):
+    """(good.pkl, evil.pkl, good.pt, evil.pt, marker): the evil ones are valid files plus a payload."""
+    marker = tmp_path / "PWNED"
+    raw = tiny_dataset()
+    good_pkl = write_pickle(tmp_path / "good.pkl", raw)
+    evil = dict(raw)
+    evil["train"] = dict(raw["train"], note=Payload(marker))      # deep inside, like a real attack
+    evil_pkl = write_pickle(tmp_path / "evil.pkl", evil)
+    cfg = preset("student")
+    torch.manual_seed(0)
+    model = CPSLModel(DIMS, cfg.model)
+    good_pt = tmp_path / "good.pt"
+    save_checkpoint(good_pt, model, None, cfg, 0, {"data_path": str(good_pkl)})
+    ck = torch.load(good_pt, weights_only=True)
+    ck["extra"] = Payload(marker)
+    evil_pt = tmp_path / "evil.pt"
+    torch.save(ck, evil_pt)
+    return good_pkl, evil_pkl, good_pt, evil_pt, marker
+
+
+def test_payload_really_runs_under_plain_pickle(files):
+    """The test payload is real: plain pickle.load creates the marker (so its absence below means something)."""
+    _, evil_pkl, _, _, marker = files
+    with open(evil_pkl, "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
+PKL_COMMANDS = {
+    "data info": lambda g, e, ck, o: ["data", "info", e],
+    "train": lambda g, e, ck, o: ["train", "--data", e, "--out", o, "--quiet", "--epochs", "1", "--preset", "student"],
+    "eval": lambda g, e, ck, o: ["eval", "--ckpt", ck, "--data", e],
+    "export": lambda g, e, ck, o: ["export", "--ckpt", ck, "--onnx", o / "m.onnx", "--data", e, "--quiet"],
+    "distill": lambda g, e, ck, o: ["distill", "--teacher", ck, "--data", e, "--out", o, "--quiet", "--epochs", "1"],
+    "ablate": lambda g, e, ck, o: ["ablate", "--data", e, "--out", o, "--quiet", "--epochs", "1", "--seeds", "1",
+                                   "--variants", "full"],
+}
+
+
+@pytest.mark.parametrize("command", list(PKL_COMMANDS))
+def test_malicious_pkl_refused_by_every_command(files, tmp_path, command):
+    good_pkl, evil_pkl, good_pt, _, marker = files
+    if command == "export":
+        pytest.importorskip("onnxruntime")
+    res = cli(*PKL_COMMANDS[command](good_pkl, evil_pkl, good_pt, tmp_path / "out"))
+    line = one_error_line(res, "posix.system", "refusing")
+    assert "--trust-pickle" in line
+    assert not marker.exists()
+
+
+PT_COMMANDS = {
+    "eval --ckpt": lambda g, ck, o: ["eval", "--ckpt", ck, "--data", g],
+    "export --ckpt": lambda g, ck, o: ["export", "--ckpt", ck, "--onnx", o / "m.onnx", "--data", g, "--quiet"],
+    "distill --teacher": lambda g, ck, o: ["distill", "--teacher", ck, "--data", g, "--out", o, "--quiet"],
+}
+
+
+@pytest.mark.parametrize("command", list(PT_COMMANDS))
+def test_malicious_checkpoint_refused_by_every_command(files, tmp_path, command):
+    good_pkl, _, _, evil_pt, marker = files
+    if command == "export --ckpt":
+        pytest.importorskip("onnxruntime")
+    res = cli(*PT_COMMANDS[command](good_pkl, evil_pt, tmp_path / "out"))
+    one_error_line(res, "refusing to load it")
+    assert not marker.exists()
+
+
+def test_malicious_last_pt_refused_by_resume(files, tmp_path):
+    good_pkl, _, _, evil_pt, marker = files
+    out = tmp_path / "run"
+    (out / "seed1").mkdir(parents=True)
+    (out / "seed1" / "last.pt").write_bytes(evil_pt.read_bytes())
+    res = cli("train", "--data", good_pkl, "--out", out, "--resume", "--quiet", "--epochs", "1", "--preset", "student",
+              "--set", "train.num_threads=1")
+    one_error_line(res, "last.pt", "refusing to load it")
+    assert not marker.exists()
+
+
+def test_library_loaders_refuse_and_name_the_global(files):
+    _, evil_pkl, _, evil_pt, marker = files
+    with pytest.raises(CPSLError, match=r"posix\.system"):
+        load_mmsa(evil_pkl)
+    with pytest.raises(CPSLError, match=r"posix.system"):
+        read_checkpoint(evil_pt)
+    assert not marker.exists()
+
+
+def test_trust_pickle_is_the_documented_unsafe_escape_hatch(files, tmp_path):
+    """--trust-pickle reads with plain pickle: a file with a foreign (here harmless) class loads."""
+    import collections
+    raw = tiny_dataset()
+    raw["train"] = collections.OrderedDict(raw["train"])          # not MMSA content: refused by default
+    p = write_pickle(tmp_path / "od.pkl", raw)
+    one_error_line(cli("data", "info", p), "collections.OrderedDict")
+    res = cli("data", "info", p, "--trust-pickle")
+    assert res.exit_code == 0, res.output
+    help_text = cli("train", "--help").output
+    assert "--trust-pickle" in help_text and "UNSAFE" in help_text
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_safe_reader_reads_every_numpy_pickle_protocol(tmp_path, protocol):
+    raw = tiny_dataset()
+    raw["train"]["raw_text"] = raw["train"]["raw_text"].astype(object)   # MMSA stores transcripts as objects
+    p = tmp_path / f"p{protocol}.pkl"
+    with open(p, "wb") as f:
+        pickle.dump(raw, f, protocol=protocol)
+    d = load_mmsa(p)
+    assert d.dims == DIMS and len(d["train"]) == 24
+    assert (d["train"].features["text"] == raw["train"]["text"]).all()
+
+
+def test_old_format_checkpoint_loads_safely(tmp_path):
+    """cpsl-ckpt-1 files (NumPy RNG state as arrays) are read through the weights-only loader."""
+    import random
+
+    import numpy as np
+
+    from cpsl.checkpoint import load_model, set_rng_state
+    cfg = preset("student")
+    m = CPSLModel(DIMS, cfg.model)
+    ck = {"format": "cpsl-ckpt-1", "config": cfg.to_dict(), "modalities": list(DIMS), "dims": DIMS,
+          "model": m.state_dict(), "optimizer": None, "epoch": 0,
+          "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    torch.save(ck, tmp_path / "old.pt")
+    model, _, ck2 = load_model(tmp_path / "old.pt")
+    set_rng_state(ck2["rng"])
+    for k, v in m.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_build_engine_script_quotes_the_plan_name(tmp_path):
+    """A plan name with quotes and $(...) stays data: running the script's echo prints it verbatim."""
+    from cpsl.deploy.tensorrt import write_build_script
+    evil = "x'; touch PWNED; echo '$(touch PWNED2).plan"
+    prof = {"text": {"min": [1, 1, 4], "opt": [1, 2, 4], "max": [2, 3, 4]}}
+    script = tmp_path / "b.sh"
+    write_build_script(script, "m\n touch PWNED3 .onnx", evil, prof, "fp32")
+    body = script.read_text()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "trtexec").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "trtexec").chmod(0o755)
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path,
+                       env={"PATH": f"{fake}:/usr/bin:/bin", "TRTEXEC": str(fake / "trtexec")})
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {evil}" in r.stdout
+    assert not any((tmp_path / n).exists() for n in ("PWNED", "PWNED2", "PWNED3")), body
