@@ -137,7 +137,25 @@ def summarize(results: dict, data, base: Config, wall_s: float, jobs: int) -> di
                               for k in ("MAE", "Corr", "Non0_acc_2")}
         variants_[n] = v
     return {"data": data.path, "seeds": list(base.train.seeds), "reference": ref, "wall_s": wall_s, "jobs": jobs,
-            "epochs": base.train.epochs, "variants": variants_}
+            "epochs": base.train.epochs, "machine": machine(), "variants": variants_}
+
+
+def machine() -> dict:
+    """Where the numbers were measured (CPU, cores, load, torch)."""
+    import os
+    import platform
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_at_end": load, "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(), "platform": platform.platform()}
 
 
 def _dirname(name: str) -> str:
@@ -162,8 +180,12 @@ def _mean(xs):
 def markdown(summary: dict, split: str = "test") -> str:
     keys = ("MAE", "Corr", "Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "Mult_acc_5", "Mult_acc_7")
     ref = summary.get("reference")
+    mc = summary.get("machine") or {}
     lines = [f"# Strategies on {summary['data']} (seeds {summary['seeds']}; {split} split of the checkpoint "
              "selected on valid; mean ± std over seeds)", "",
+             f"Measured on {mc.get('cpu', '?')} ({mc.get('cores', '?')} cores, torch {mc.get('torch', '?')}, "
+             f"load average at the end {mc.get('loadavg_at_end')}); {summary.get('jobs', 1)} parallel job(s), "
+             f"wall time {summary.get('wall_s', 0):.0f} s, at most {summary.get('epochs')} epochs.", "",
              "| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, v in summary["variants"].items():
         m = v.get(split) or {}

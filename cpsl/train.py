@@ -3,7 +3,8 @@
     batch = modulator.prepare_batch(batch, epoch)      # ┐
     loss = modulator.objective(loss, step)             # │ the modulation strategy's hook points
     modulator.backward(loss, step)                     # │ (cpsl/strategies/base.py documents them;
-    stats = modulator.after_backward(step)             # ┘  no strategy-specific code in this file)
+    if not guard.check(loss): skip the step            # │  no strategy-specific code in this file)
+    stats = modulator.after_backward(step)             # ┘
     clip_grad_norm_(...)
     optimizer.step()
 

@@ -13,6 +13,7 @@ which strategy it is::
             loss = modulator.objective(loss, step)    # (3) add a loss term (CGGM's direction term)
             optimizer.zero_grad()
             modulator.backward(loss, step)            # (4) backward; extra passes (MMPareto) go here
+            if not guard.check(loss): continue        #     non-finite step: skipped whole, before (5)
             stats = modulator.after_backward(step)    # (5) scale gradients or learning rates → StepStats
             clip_grad_norm_(...); optimizer.step()
         log["modulation"] = modulator.end_epoch(epoch)  # (6) per-epoch bookkeeping (InfoReg's Fisher trace)
