@@ -57,8 +57,9 @@ def _task(args) -> dict:
 
 
 def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1, log=print,
-                 overwrite: bool = False) -> dict:
-    """Every variant × seed (``jobs`` processes), then per variant ``results.json`` and the tables.
+                 overwrite: bool = False, cost_steps: int = 20) -> dict:
+    """Every variant × seed (``jobs`` processes), then per variant ``results.json`` and the tables;
+    ``cost_steps`` interleaved steps per variant time the training step in one process (0: skip).
     A variant folder holding a run is refused unless ``overwrite``."""
     from . import strategies
     from .data.mmsa import require_splits
@@ -100,12 +101,55 @@ def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1,
         res = aggregate(cfgs[n], data, per_seed, fingerprint)
         (out / _dirname(n) / "results.json").write_text(json.dumps(res, indent=2))
         results[n] = res
-    summary = summarize(results, data, base, wall, jobs)
+    costs = step_costs(base, data, names, cost_steps) if cost_steps else None
+    summary = summarize(results, data, base, wall, jobs, costs)
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     (out / "ablation.md").write_text(markdown(summary))
     plot_trajectories({n: [_history(out / _dirname(n) / f"seed{s}") for s in base.train.seeds] for n in names},
                       out / "balance_trajectories.png")
     return summary
+
+
+def step_costs(base: Config, data, names, steps: int = 20, warmup: int = 3) -> dict:
+    """Median ms per training step of each variant, measured in this process on the same batches,
+    the variants interleaved step by step so that every one sees the same machine load."""
+    import statistics
+    import numpy as np
+    import torch
+    from .data.batch import make_batch
+    from .train import stepper
+    torch.set_num_threads(base.train.num_threads or 1)
+    train, bs = data["train"], base.data.batch_size
+    rows = [np.arange(i, min(i + bs, len(train))) for i in range(0, min(len(train), 4 * bs), bs)]
+    steps_of = {n: stepper(variant_config(base, n), data) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + steps):
+        for n in names:
+            b = make_batch(train, rows[i % len(rows)])
+            t0 = time.perf_counter()
+            steps_of[n](b)
+            if i >= warmup:
+                times[n].append(1e3 * (time.perf_counter() - t0))
+    return {n: {"ms_median": statistics.median(t), "ms_p10": sorted(t)[len(t) // 10], "steps": steps} for n, t in times.items()}
+
+
+def add_step_costs(base: Config, data, out: str | Path, names, steps: int = 20) -> dict:
+    """Time the variants' training steps (:func:`step_costs`) and write them into OUT/ablation.json and
+    ablation.md when an ablation is there (else OUT/step_cost.json alone)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    costs = step_costs(base, data, names, steps)
+    (out / "step_cost.json").write_text(json.dumps({"costs": costs, "machine": machine()}, indent=2))
+    p = out / "ablation.json"
+    if p.is_file():
+        summary = json.loads(p.read_text())
+        for n, c in costs.items():
+            if n in summary["variants"]:
+                summary["variants"][n]["step_cost"] = c
+        summary["step_cost_machine"] = machine()
+        p.write_text(json.dumps(summary, indent=2))
+        (out / "ablation.md").write_text(markdown(summary))
+    return costs
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict:
@@ -121,13 +165,15 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - h, mean + h], "n": n}
 
 
-def summarize(results: dict, data, base: Config, wall_s: float, jobs: int) -> dict:
+def summarize(results: dict, data, base: Config, wall_s: float, jobs: int, costs: dict | None = None) -> dict:
     ref = "none" if "none" in results else ("-CP" if "-CP" in results else None)
     variants_ = {}
     for n, res in results.items():
         ps = res["per_seed"]
         v = {k: res.get(k) for k in ("valid", "test", "test_aux", "valid_aux")}
         v["ms_per_step"] = [r.get("ms_per_step") for r in ps]
+        if costs and n in costs:
+            v["step_cost"] = costs[n]
         v["epochs_run"] = [r["epochs_run"] for r in ps]
         if all("contributions" in r for r in ps):
             mods = list(ps[0]["contributions"]["shapley"])
@@ -180,12 +226,15 @@ def _mean(xs):
 def markdown(summary: dict, split: str = "test") -> str:
     keys = ("MAE", "Corr", "Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "Mult_acc_5", "Mult_acc_7")
     ref = summary.get("reference")
-    mc = summary.get("machine") or {}
     lines = [f"# Strategies on {summary['data']} (seeds {summary['seeds']}; {split} split of the checkpoint "
-             "selected on valid; mean ± std over seeds)", "",
-             f"Measured on {mc.get('cpu', '?')} ({mc.get('cores', '?')} cores, torch {mc.get('torch', '?')}, "
-             f"load average at the end {mc.get('loadavg_at_end')}); {summary.get('jobs', 1)} parallel job(s), "
-             f"wall time {summary.get('wall_s', 0):.0f} s, at most {summary.get('epochs')} epochs.", "",
+             "selected on valid; mean ± std over seeds)", ""]
+    for what, key in (("Runs", "machine"), ("Isolated step timings", "step_cost_machine")):
+        mc = summary.get(key)
+        if mc:
+            lines += [f"{what} measured on {mc.get('cpu')} ({mc.get('cores')} cores, torch {mc.get('torch')}, "
+                      f"load average at the end {mc.get('loadavg_at_end')}).", ""]
+    lines += [f"{summary.get('jobs', 1)} parallel job(s), wall time {summary.get('wall_s', 0):.0f} s, at most "
+              f"{summary.get('epochs')} epochs.", "",
              "| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, v in summary["variants"].items():
         m = v.get(split) or {}
@@ -206,15 +255,20 @@ def markdown(summary: dict, split: str = "test") -> str:
 def _cost_and_contrib(summary: dict) -> list[str]:
     vs = summary["variants"]
     mods = next((list(v["shapley"]) for v in vs.values() if v.get("shapley")), [])
-    base = _mean(vs.get("none", vs.get("-CP", {})).get("ms_per_step", []) or [None])
-    lines = ["", "Training-step cost (ms/step: wall time of the training epochs / steps, CPU, "
-             f"{summary['jobs']} parallel 1-thread job(s)) and each modality's Shapley contribution to the "
-             "test MAE (error reduction, mean over seeds; sums to MAE(all masked) − MAE(all)):", "",
-             "| variant | ms/step | × none | epochs run | " + " | ".join(f"φ {m}" for m in mods) + " |",
-             "|---" * (4 + len(mods)) + "|"]
+    ref = vs.get("none", vs.get("-CP", {}))
+    iso = (ref.get("step_cost") or {}).get("ms_median")
+    lines = ["", "Training-step cost on CPU: *isolated* = median ms of one training step (forward, loss, the "
+             "strategy's hooks, backward(s), AdamW) measured in one process with the variants interleaved step "
+             "by step on the same batches (the fair comparison); *in run* = training-epoch wall time / steps of "
+             f"the runs above ({summary['jobs']} parallel 1-thread job(s) on a shared machine: load-dependent). "
+             "Each modality's Shapley contribution to the test MAE (error reduction, mean over seeds; sums to "
+             "MAE(all masked) − MAE(all)):", "",
+             "| variant | isolated ms/step | × none | in-run ms/step | epochs run | "
+             + " | ".join(f"φ {m}" for m in mods) + " |", "|---" * (5 + len(mods)) + "|"]
     for name, v in vs.items():
         ms = _mean(v.get("ms_per_step", []))
-        cells = [f"{ms:.1f}" if ms else "", f"{ms / base:.2f}" if ms and base else "",
+        c = (v.get("step_cost") or {}).get("ms_median")
+        cells = [f"{c:.1f}" if c else "", f"{c / iso:.2f}" if c and iso else "", f"{ms:.1f}" if ms else "",
                  f"{_mean(v['epochs_run']):.1f}"]
         cells += [f"{_mean(v['shapley'][m]):+.4f}" if v.get("shapley") else "" for m in mods]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

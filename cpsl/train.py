@@ -334,6 +334,19 @@ def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance,
     return ev
 
 
+def stepper(cfg: Config, data: MMSAData, seed: int = 1, epoch: int = 5):
+    """``step(batch)``: one training step of a fresh run of ``cfg`` (model, AdamW, the modulator at its
+    hook points, the guard), exactly as :func:`train_seed` takes it; for timing a strategy."""
+    st = _State(cfg, data, seed, Path("."), torch.device(cfg.train.device), None, "")
+    modulator = _make_modulator(st)
+    modulator.begin_epoch(epoch)
+    st.model.train()
+
+    def step(b) -> None:
+        _train_step(st, modulator, b, epoch)
+    return step
+
+
 def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool = False,
                log=print, extra_loss=None, fingerprint: str = "") -> dict:
     """Train one seed. ``extra_loss`` (optional ``nn.Module``, e.g. distillation) is called as

@@ -268,7 +268,7 @@ def test_eval_contributions_sum_to_the_error_drop(run_a, tiny_pkl, tmp_path):
 
 def test_ablate_runs_strategies_in_parallel_jobs(tiny_pkl, tmp_path):
     r = cli("ablate", "--data", tiny_pkl, "--out", tmp_path, "--variants", "none,ags", "--seeds", "1,2", "--epochs", 1,
-            "--jobs", 2, "--set", "train.num_threads=1", *TINY)
+            "--jobs", 2, "--cost-steps", 2, "--set", "train.num_threads=1", *TINY)
     assert r.exit_code == 0, r.output
     s = read(tmp_path / "ablation.json")
     assert set(s["variants"]) == {"none", "ags"} and s["jobs"] == 2 and s["reference"] == "none"
@@ -276,8 +276,17 @@ def test_ablate_runs_strategies_in_parallel_jobs(tiny_pkl, tmp_path):
     a, n = s["variants"]["ags"]["test"]["MAE"]["values"], s["variants"]["none"]["test"]["MAE"]["values"]
     assert d["mean"] == pytest.approx(np.mean(np.subtract(a, n))) and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     assert all(v > 0 for v in s["variants"]["ags"]["ms_per_step"])
+    assert all(s["variants"][n]["step_cost"]["ms_median"] > 0 and s["variants"][n]["step_cost"]["steps"] == 2
+               for n in ("none", "ags"))
     md = (tmp_path / "ablation.md").read_text()
-    assert "ms/step" in md and "φ text" in md and "Paired difference" in md
+    assert "isolated ms/step" in md and "φ text" in md and "Paired difference" in md and "cores" in md
+    # --cost-only re-times the steps into the existing tables
+    r = cli("ablate", "--data", tiny_pkl, "--out", tmp_path, "--variants", "none,mmpareto", "--cost-only",
+            "--cost-steps", 3, "--set", "train.num_threads=1", *TINY)
+    assert r.exit_code == 0 and "mmpareto" in r.output, r.output
+    s2 = read(tmp_path / "ablation.json")
+    assert s2["variants"]["none"]["step_cost"]["steps"] == 3 and "mmpareto" not in s2["variants"]
+    assert read(tmp_path / "step_cost.json")["costs"]["mmpareto"]["ms_median"] > 0
     # the same run in one process gives the same numbers (the jobs are independent)
     r = cli("ablate", "--data", tiny_pkl, "--out", tmp_path / "one", "--variants", "none,ags", "--seeds", "1,2",
             "--epochs", 1, "--set", "train.num_threads=1", *TINY)

@@ -128,13 +128,17 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
               "the default) and/or registered strategies (e.g. none,cp,ogm_ge,cggm,ags,mmpareto,inforeg,moddrop).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Variant × seed runs in parallel processes (each with train.num_threads threads, 1 when unset).")
+@click.option("--cost-steps", default=20, show_default=True, type=click.IntRange(0, 10_000),
+              help="Interleaved training steps per variant timed in one process after the runs (0: skip).")
+@click.option("--cost-only", is_flag=True,
+              help="Only time the variants' training steps; merged into OUT/ablation.json/md when present.")
 @config_option("cp.backend", "--cp-backend")
 @overwrite_option
 @trust_pickle_option
-def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, jobs, cp_backend, overwrite,
-           trust_pickle):
+def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, jobs, cost_steps, cost_only,
+           cp_backend, overwrite, trust_pickle):
     """Run variants on the same seeds; write OUT/ablation.md, ablation.json and a trajectory figure."""
-    from ..ablate import DEFAULT, run_ablation
+    from ..ablate import DEFAULT, add_step_costs, run_ablation
     from ..ablate import variants as known
     from ..data import load_data
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{"cp.backend": cp_backend})
@@ -146,7 +150,14 @@ def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, v
         cfg.train.progress = False
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
-    summary = run_ablation(cfg, data, out, names, jobs=jobs, log=click.echo, overwrite=overwrite)
+    if cost_only:
+        costs = add_step_costs(cfg, data, out, names, max(cost_steps, 1))
+        for n, c in costs.items():
+            click.echo(f"{n:10s} {c['ms_median']:8.1f} ms/step (median of {c['steps']}, interleaved)")
+        click.echo(f"wrote {Path(out) / 'step_cost.json'}")
+        return
+    summary = run_ablation(cfg, data, out, names, jobs=jobs, log=click.echo, overwrite=overwrite,
+                           cost_steps=cost_steps)
     click.echo((Path(out) / "ablation.md").read_text())
     click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json ({summary['wall_s']:.0f} s wall, {jobs} job(s))")
 
