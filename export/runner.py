@@ -8,6 +8,12 @@ beside the artefacts.
     python3 runner.py model.onnx --check model.golden.npz          # compare with golden outputs
     python3 runner.py model.plan --check model.golden.npz
     python3 runner.py model.plan --bench --batch 1,32 --iters 200 --json bench.json
+    python3 runner.py predict --model model.onnx --text "a great movie" [--audio-features a.csv]
+    python3 runner.py predict --model model.onnx --csv in.csv --out preds.csv
+
+``predict`` (end-to-end exports: token ids in) tokenizes raw text with the ``tokenizers`` library
+and the exported ``model.tokenizer.json``; it lives in predict.py and frontend.py, which must sit
+beside this file, and imports neither torch nor transformers.
 
 Exit codes: 0 ok, 1 golden mismatch, 2 bad input (missing file, unknown extension, missing
 runtime, inputs that do not fit the model), 3 ``--assert-no-torch`` failed.
@@ -31,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 OUTPUT = "sentiment"
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+TOKEN_INPUTS = ("input_ids", "attention_mask")
 
 
 class UsageError(Exception):
@@ -93,7 +101,7 @@ class OrtBackend:
         self.version = ort.__version__
         self.device = prov
         self.inputs = {i.name: [d if isinstance(d, int) else None for d in i.shape] for i in self.sess.get_inputs()}
-        self.dtypes = {i.name: np.float32 for i in self.sess.get_inputs()}
+        self.dtypes = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in self.sess.get_inputs()}
 
     def opt_lengths(self) -> dict:
         return {}
@@ -301,8 +309,12 @@ def bench_inputs(backend, batch: int, lens: dict, rng) -> dict:
     feeds = {}
     for n, shape in backend.inputs.items():
         m = n[:-5] if n.endswith("_mask") else n
-        L = int(lens.get(m, 32))
-        if n.endswith("_mask"):
+        L = int(lens.get("seq" if n in TOKEN_INPUTS else m, 32))
+        if n == "input_ids":                            # [CLS] random word pieces [SEP]
+            ids = rng.integers(1000, 29000, (batch, L))
+            ids[:, 0], ids[:, -1] = 101, 102
+            feeds[n] = ids.astype(backend.dtypes.get(n, np.int64))
+        elif n.endswith("_mask"):
             feeds[n] = np.ones((batch, L), dtype=backend.dtypes.get(n, np.float32))
         else:
             d = shape[2]
@@ -333,7 +345,7 @@ def bench(backend, batches: list[int], iters: int, warmup: int, lens: dict) -> l
 
 
 def _mods(backend) -> list[str]:
-    return [n for n in backend.inputs if not n.endswith("_mask")]
+    return [("seq" if n == "input_ids" else n) for n in backend.inputs if not n.endswith("_mask")]
 
 
 def parse_args(argv):
@@ -356,6 +368,18 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        try:
+            import predict
+        except ImportError as e:
+            print(f"error: predict needs frontend.py and predict.py beside runner.py (copy export/*.py): {e}",
+                  file=sys.stderr)
+            return 2
+        return predict.main(argv[1:])
     args = parse_args(argv)
     try:
         if not args.check and not args.bench:
@@ -393,7 +417,10 @@ def main(argv=None) -> int:
             lens = {}
             man = find_manifest(Path(args.model))
             if man and "engine_profile" in man:
-                lens = {m: int(man["engine_profile"][m]["opt"][1]) for m in man.get("modalities", []) if m in man["engine_profile"]}
+                prof = man["engine_profile"]
+                lens = {m: int(prof[m]["opt"][1]) for m in man.get("modalities", []) if m in prof}
+                if "input_ids" in prof:
+                    lens["seq"] = int(prof["input_ids"]["opt"][1])
             lens.update(backend.opt_lengths())
             if args.length:
                 lens.update(parse_lengths(args.length, _mods(backend)))

@@ -6,7 +6,9 @@ from pathlib import Path
 import click
 
 from ..compress.settings import DistillSettings
-from .options import overwrite_option, run_config, run_options, setting_option, trust_pickle_option
+from ..compress.text_distill import distill_text_encoder as _td
+from .options import (overwrite_option, param_option, run_config, run_options, setting_option,
+                      trust_pickle_option)
 
 
 @click.command()
@@ -65,4 +67,33 @@ def _summary(res: dict, out) -> None:
     click.echo(f"wrote {Path(out) / 'results.json'}")
 
 
-COMMANDS = [distill]
+@click.command("distill-text")
+@click.option("--teacher", required=True, type=click.Path(), help="A best.pt with a fine-tuned text encoder.")
+@click.option("--data", "data_path", required=True, help="The MMSA .pkl with text_bert token ids.")
+@click.option("--layers", required=True, type=int, help="Encoder layers the student keeps (the teacher's first N).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (best.pt, results.json).")
+@param_option(_td, "epochs", "--epochs")
+@param_option(_td, "lr", "--lr", help="Learning rate of the encoder layers.")
+@param_option(_td, "lambda_kd", "--lambda-kd", help="Weight of MSE(student prediction, teacher prediction).")
+@param_option(_td, "lambda_task", "--lambda-task", help="Weight of the task loss on the labels.")
+@param_option(_td, "seed", "--seed")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@trust_pickle_option
+def distill_text(teacher, data_path, layers, out, epochs, lr, lambda_kd, lambda_task, seed, threads, trust_pickle):
+    """Distil a checkpoint's fine-tuned text encoder into its first N layers (the end-to-end student).
+
+    Loss: MSE of the last-layer token states + MSE of the prediction against the teacher's + the task
+    loss; writes OUT/best.pt (config: text_encoder <spec>@N) and OUT/results.json."""
+    import torch
+
+    from ..data import load_data
+    torch.set_num_threads(max(1, threads))
+    data = load_data(data_path, 0, None, trust_pickle=trust_pickle)
+    res = _td(teacher, data, layers, out, epochs=epochs, lr=lr, lambda_kd=lambda_kd, lambda_task=lambda_task,
+              seed=seed, log=click.echo)
+    t, s = res["teacher"]["valid"], res["valid"]
+    click.echo(f"{layers}-layer student (epoch {res['best_epoch']}): valid MAE {s['MAE']:.4f} (teacher {t['MAE']:.4f}), "
+               f"Non0_acc_2 {s['Non0_acc_2']:.4f} (teacher {t['Non0_acc_2']:.4f}); wrote {Path(out) / 'best.pt'}")
+
+
+COMMANDS = [distill, distill_text]

@@ -30,6 +30,8 @@ class ExportSettings:
     """Every knob of an export (``cpsl export`` derives its options, defaults and help from these)."""
 
     precision: str = _opt("fp32", "Artefact precision (the precision registry).", registry=True)
+    e2e: bool | None = _opt(None, "End to end: token ids in, the text encoder inside the graph, OUT.tokenizer.json "
+                                  "beside it (default: on where the checkpoint has a text encoder).")
     data: str | None = _opt(None, "Data for parity, golden batches and VALID metrics "
                                   "(default: the data the checkpoint was trained on).")
     calib_data: str | None = _opt(None, "Calibrating precisions: data whose training split calibrates "
@@ -41,6 +43,10 @@ class ExportSettings:
     quantize_attention: bool = _opt(False, "int8: also quantize the activation×activation MatMuls (QKᵀ, AV); off "
                                            "by default: at MSA sequence lengths their Q/DQ pairs cost more than "
                                            "they save (bench/results).")
+    int8_per_channel: bool | None = _opt(None, "int8: per-output-channel weight scales (default: on for features "
+                                               "graphs, off for end-to-end ones; see cpsl/deploy/e2e.py).")
+    int8_min_weight: int | None = _opt(None, "int8: ops whose weight has fewer elements stay float (default: 0, "
+                                             "end-to-end graphs 65536: the text encoder's Linear layers).")
     trt: bool = _opt(False, "Build a TensorRT engine (.plan) here when `import tensorrt` works.")
     opset: int = _opt(17, "ONNX opset (13-20); a precision may force its own.")
     max_batch: int = _opt(64, "Engine profile: largest batch.")
@@ -82,6 +88,8 @@ class Manifest:
     engine: dict
     golden: dict
     versions: dict
+    graph: str = "features"          # "features" or "tokens" (end to end, cpsl/deploy/e2e.py)
+    tokenizer: dict | None = None    # tokens graphs: the tokenizer file and its settings
     files: dict = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
     onnx_path: Path = field(default=Path(), metadata={"json": False})
@@ -107,12 +115,13 @@ class _Paths:
     golden: Path
     script: Path
     plan: Path
+    tokenizer: Path
 
     @classmethod
     def beside(cls, onnx_path: Path) -> "_Paths":
         d, stem = onnx_path.parent, onnx_path.stem
         return cls(onnx_path, d / f"{stem}.manifest.json", d / f"{stem}.golden.npz", d / f"{stem}.build_engine.sh",
-                   d / f"{stem}.plan")
+                   d / f"{stem}.plan", d / f"{stem}.tokenizer.json")
 
 
 def export_artifact(ckpt: str | Path, onnx_path: str | Path, settings: ExportSettings | None = None,
@@ -137,29 +146,34 @@ def export_artifact(ckpt: str | Path, onnx_path: str | Path, settings: ExportSet
     model.eval()
     inp = load_inputs(model, cfg, ck, ckpt, s, prec)
     paths.onnx.parent.mkdir(parents=True, exist_ok=True)
-    ref = reference_outputs(model, inp.data)
+    ref = reference_outputs(model, inp.data, inp.graph)
     with tempfile.TemporaryDirectory() as td:
         say(f"exporting {ckpt} ({', '.join(model.modalities)}; {model.num_parameters():,} parameters) "
             f"to ONNX opset {prec.opset or s.opset}")
         graphs = export_graphs(model, ref, prec, s, paths.onnx, Path(td), inp, say)
-    return _finish(model, ck, ckpt, s, prec, inp, ref, graphs, paths, say, warn or say)
+    tok = None
+    if inp.graph.kind == "tokens":
+        from .e2e import tokenizer_entry
+        tok = tokenizer_entry(model, cfg, inp.data, paths.tokenizer)
+    return _finish(model, ck, ckpt, s, prec, inp, ref, graphs, paths, say, warn or say, tok)
 
 
-def _finish(model, ck, ckpt, s, prec, inp, ref, graphs, paths, say, warn) -> Manifest:
+def _finish(model, ck, ckpt, s, prec, inp, ref, graphs, paths, say, warn, tok) -> Manifest:
     from . import onnx as ox
     from .stages import check_artefact, engine_stage, manifest_fields
-    art = check_artefact(paths.onnx, graphs, ref, model.modalities, inp.data["valid"])
+    art = check_artefact(paths.onnx, graphs, ref, inp.graph, inp.data["valid"])
     tol = {"atol": prec.tolerance(art["dev_max"]), "rtol": 0.0}
     ox.save_golden(paths.golden, ref["golden_feeds"], art["golden"], ref["torch_golden"],
-                   {"model": paths.onnx.name, "precision": prec.name, "inputs": ox.input_names(model.modalities),
+                   {"model": paths.onnx.name, "precision": prec.name, "inputs": inp.graph.input_names(),
                     "output": ox.OUTPUT_NAME, "tolerance": tol,
                     "expected": "this artefact's output under ONNX Runtime (CPU)",
                     "reference": "the PyTorch fp32 checkpoint"})
     engine = engine_stage(paths, inp.profile, prec.name, s, say, warn)
     m = Manifest(**manifest_fields(model, ck, ckpt, prec, inp, ref, graphs, art, tol, engine, paths),
-                 onnx_path=paths.onnx, manifest_path=paths.manifest)
+                 tokenizer=tok, onnx_path=paths.onnx, manifest_path=paths.manifest)
     m.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-               for p in (paths.onnx, paths.golden, paths.script, paths.plan) if p.is_file()}
+               for p in (paths.onnx, paths.golden, paths.script, paths.plan, paths.tokenizer)
+               if p.is_file() and (p != paths.tokenizer or tok)}
     paths.manifest.write_text(json.dumps(m.to_dict(), indent=2))
     return m
 

@@ -109,9 +109,11 @@ def ort_session(model, threads: int = 1):
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def ort_predict(sess, split: Split, modalities, batch_size: int = 64) -> np.ndarray:
-    """ONNX Runtime predictions over a whole split, batched like the trainer (trimmed padding)."""
-    out = [sess.run([OUTPUT_NAME], batch_feeds(b, modalities))[0]
+def ort_predict(sess, split: Split, modalities, batch_size: int = 64, feeds=None) -> np.ndarray:
+    """ONNX Runtime predictions over a whole split, batched like the trainer (trimmed padding);
+    ``feeds(batch)`` makes the graph's inputs (default: the features graph's)."""
+    feeds = feeds or (lambda b: batch_feeds(b, modalities))
+    out = [sess.run([OUTPUT_NAME], feeds(b))[0]
            for b in iterate(split, batch_size, modalities=modalities)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
@@ -119,7 +121,8 @@ def ort_predict(sess, split: Split, modalities, batch_size: int = 64) -> np.ndar
 @torch.no_grad()
 def torch_predict(model: CPSLModel, split: Split, batch_size: int = 64) -> np.ndarray:
     model.eval()
-    out = [model.predict(b.x, b.mask).float().numpy() for b in iterate(split, batch_size, modalities=model.modalities)]
+    out = [model.predict(b.x, b.mask, b.text_bert).float().numpy()
+           for b in iterate(split, batch_size, modalities=model.modalities)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

@@ -31,6 +31,8 @@ class ConvertContext:
     calib: list | None             # calibration feeds (precisions with needs_calibration)
     calib_method: str = "percentile"
     quantize_attention: bool = False
+    per_channel: bool = True           # int8 weight scales per output channel (else per tensor)
+    min_weight_elems: int = 0          # int8: ops with smaller weights stay float
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ def to_int8_artefact(ctx: ConvertContext):
     from ..compress.quantize import check_qdq, quantize_int8
     with _silence():
         info = quantize_int8(ctx.fp32_path, ctx.out_path, ctx.calib, method=ctx.calib_method,
-                             quantize_attention=ctx.quantize_attention)
+                             quantize_attention=ctx.quantize_attention, per_channel=ctx.per_channel,
+                             min_weight_elems=ctx.min_weight_elems)
     proto = onnx.load(str(ctx.out_path))
     check_qdq(proto)
     return proto, info

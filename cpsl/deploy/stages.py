@@ -20,6 +20,7 @@ class ExportInputs:
     data: object          # MMSAData
     calib: list | None
     profile: dict
+    graph: object         # e2e.FeatureGraph | e2e.TokenGraph: the graph's interface
 
 
 def _load_checked(path, synth_seed, model, ckpt, what, synth=None, trust_pickle=False):
@@ -35,14 +36,14 @@ def _load_checked(path, synth_seed, model, ckpt, what, synth=None, trust_pickle=
     return d
 
 
-def calib_feeds(split, modalities, n_batches: int, batch_size: int, seed: int = 0) -> list[dict]:
+def calib_feeds(split, graph, n_batches: int, batch_size: int, seed: int = 0) -> list[dict]:
     import torch
 
     from ..data.batch import iterate
     gen = torch.Generator().manual_seed(seed)
     feeds = []
-    for b in iterate(split, batch_size, shuffle=True, generator=gen, modalities=modalities):
-        feeds.append(ox.batch_feeds(b, modalities))
+    for b in iterate(split, batch_size, shuffle=True, generator=gen, modalities=graph.modalities):
+        feeds.append(graph.feeds(b))
         if len(feeds) >= n_batches:
             break
     return feeds
@@ -51,8 +52,9 @@ def calib_feeds(split, modalities, n_batches: int, batch_size: int, seed: int = 
 def load_inputs(model, cfg, ck, ckpt, s, prec: Precision) -> ExportInputs:
     """The data (default: the checkpoint's), calibration feeds when the precision needs them, the
     engine profile."""
+    from .e2e import graph_for
     from .tensorrt import shape_profile
-    ox.check_exportable(model)
+    graph = graph_for(model, s.e2e)
     mods = model.modalities
     data_path = s.data
     if not data_path:
@@ -70,13 +72,14 @@ def load_inputs(model, cfg, ck, ckpt, s, prec: Precision) -> ExportInputs:
                                                            "--calib-data", cfg.data.synth, s.trust_pickle)
         if len(cd["train"]) == 0:
             raise CPSLError(f"the train split of {cpath} is empty: nothing to calibrate on")
-        calib = calib_feeds(cd["train"], mods, s.calib_batches, s.calib_batch_size)
-    profile = shape_profile(data, mods, model.dims, max_batch=s.max_batch, opt_batch=s.opt_batch,
-                            opt_len=s.opt_len, max_len=s.max_len, model_max_len=cfg.model.max_len)
-    return ExportInputs(str(data_path), data, calib, profile)
+        calib = calib_feeds(cd["train"], graph, s.calib_batches, s.calib_batch_size)
+    profile = graph.profile(shape_profile(data, mods, model.dims, max_batch=s.max_batch, opt_batch=s.opt_batch,
+                                          opt_len=s.opt_len, max_len=s.max_len, model_max_len=cfg.model.max_len),
+                            data, s.max_len)
+    return ExportInputs(str(data_path), data, calib, profile, graph)
 
 
-def reference_outputs(model, data) -> dict:
+def reference_outputs(model, data, graph) -> dict:
     """PyTorch fp32 outputs on the valid split and on the golden batches (+ a trace example)."""
     import torch
 
@@ -85,10 +88,10 @@ def reference_outputs(model, data) -> dict:
     src = data["train"] if len(data["train"]) >= 2 else valid
     golden = ox.golden_batches(valid, mods, sizes=(1, 7, 3))
     with torch.no_grad():
-        torch_golden = [model.predict(b.x, b.mask).float().numpy() for b in golden]
+        torch_golden = [model.predict(b.x, b.mask, b.text_bert).float().numpy() for b in golden]
     return {"example": make_batch(src, np.arange(min(2, len(src))), mods),  # fixes the trace only: axes are dynamic
             "valid": ox.torch_predict(model, valid, batch_size=64), "golden": golden,
-            "torch_golden": torch_golden, "golden_feeds": [ox.batch_feeds(b, mods) for b in golden]}
+            "torch_golden": torch_golden, "golden_feeds": [graph.feeds(b) for b in golden]}
 
 
 def _deviation(valid_pred, golden_pred, ref) -> list[np.ndarray]:
@@ -100,9 +103,9 @@ def export_graphs(model, ref, prec: Precision, s, onnx_path: Path, tmp: Path, in
     import onnx
     valid, mods = inp.data["valid"], model.modalities
     fp32_path = onnx_path if prec.convert is None else tmp / "fp32.onnx"
-    proto32 = ox.export_onnx(model, fp32_path, ref["example"], opset=prec.opset or s.opset)
+    proto32 = inp.graph.export(model, fp32_path, ref["example"], prec.opset or s.opset)
     s32 = ox.ort_session(fp32_path)
-    ort32_valid = ox.ort_predict(s32, valid, mods, batch_size=64)
+    ort32_valid = ox.ort_predict(s32, valid, mods, batch_size=64, feeds=inp.graph.feeds)
     diffs = _deviation(ort32_valid, [s32.run([ox.OUTPUT_NAME], f)[0] for f in ref["golden_feeds"]], ref)
     fp32_max, fp32_mean = float(max(d.max() for d in diffs)), float(np.concatenate(diffs).mean())
     if not fp32_max <= FP32_PARITY_TOL:
@@ -115,7 +118,10 @@ def export_graphs(model, ref, prec: Precision, s, onnx_path: Path, tmp: Path, in
         proto = proto32
     else:
         say(f"converting to {prec.name}: {prec.description}")
-        ctx = ConvertContext(fp32_path, proto32, onnx_path, inp.calib, s.calib_method, s.quantize_attention)
+        g = inp.graph
+        ctx = ConvertContext(fp32_path, proto32, onnx_path, inp.calib, s.calib_method, s.quantize_attention,
+                             g.int8_per_channel if s.int8_per_channel is None else s.int8_per_channel,
+                             g.int8_min_weight if s.int8_min_weight is None else s.int8_min_weight)
         proto, quant_info = prec.convert(ctx)
     del proto.graph.value_info[:]   # neither ONNX Runtime nor TensorRT needs it; it doubles the file
     onnx.save(proto, str(onnx_path))
@@ -126,10 +132,11 @@ def export_graphs(model, ref, prec: Precision, s, onnx_path: Path, tmp: Path, in
             "fp32_mean": fp32_mean, "same_as_fp32": prec.convert is None}
 
 
-def check_artefact(onnx_path: Path, graphs: dict, ref: dict, mods, valid) -> dict:
+def check_artefact(onnx_path: Path, graphs: dict, ref: dict, graph, valid) -> dict:
     """The artefact under ONNX Runtime: valid predictions, golden outputs, deviation from PyTorch fp32."""
     sess = ox.ort_session(onnx_path)
-    art_valid = graphs["ort32_valid"] if graphs["same_as_fp32"] else ox.ort_predict(sess, valid, mods, batch_size=64)
+    art_valid = graphs["ort32_valid"] if graphs["same_as_fp32"] else ox.ort_predict(
+        sess, valid, graph.modalities, batch_size=64, feeds=graph.feeds)
     art_golden = [sess.run([ox.OUTPUT_NAME], f)[0] for f in ref["golden_feeds"]]
     dev = _deviation(art_valid, art_golden, ref)
     return {"valid": art_valid, "golden": art_golden, "dev_max": float(max(d.max() for d in dev)),
@@ -186,8 +193,8 @@ def manifest_fields(model, ck, ckpt, prec, inp, ref, graphs, art, tol, engine, p
     return {
         "model": paths.onnx.name, "precision": prec.name, "opset": ox.opset_of(proto), "modalities": list(mods),
         "dims": dict(model.dims), "inputs": io_desc["inputs"], "output": io_desc["outputs"][0],
-        "mask": "float32, 1.0 on valid steps and 0.0 on padding (the graph tests mask > 0.5)",
-        "preprocessing": ox.PREPROCESSING,
+        "mask": inp.graph.mask,
+        "preprocessing": inp.graph.preprocessing, "graph": inp.graph.kind,
         "parity": {
             "fp32_onnxruntime_vs_pytorch": {"max_abs": graphs["fp32_max"], "mean_abs": graphs["fp32_mean"],
                                             "tolerance": FP32_PARITY_TOL, "samples": int(len(valid)),
@@ -204,7 +211,7 @@ def manifest_fields(model, ck, ckpt, prec, inp, ref, graphs, art, tol, engine, p
         "checkpoint": _checkpoint_summary(ckpt, ck, model, row(m_torch)),
         "quantization": graphs["quant_info"], "engine_profile": inp.profile, "engine": engine,
         "golden": {"file": paths.golden.name, "batches": [int(len(b)) for b in ref["golden"]],
-                   "lengths": [{m: int(b.x[m].shape[1]) for m in mods} for b in ref["golden"]], "tolerance": tol,
+                   "lengths": [inp.graph.golden_lengths(b) for b in ref["golden"]], "tolerance": tol,
                    "check_command": f"python export/runner.py {paths.onnx.name} --check {paths.golden.name}"},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
