@@ -30,7 +30,7 @@ def time_variant(a, dev, data, batches, modulation: str, backend: str, use_arena
     from cpsl.train import build_model, build_modulator, build_optimizer, set_seed
 
     cfg = preset(a.preset)
-    cfg.cp.modulation = modulation
+    cfg.train.modulation = modulation
     cfg.cp.backend = backend if modulation == "cp" else "auto"
     cfg.cp.diagnostics = False  # the baseline step measures nothing
     cfg.train.device = a.device

@@ -58,8 +58,6 @@ class LossConfig:
 
 @dataclass
 class CPConfig:
-    modulation: str = field(default="cp", metadata={"choices": ("cp", "ogm_ge", "none"),
-                                                    "help": "Gradient modulation."})
     backend: str = field(default="auto", metadata={"choices": ("auto", "native", "foreach", "reference"),
                                                    "help": "CP backend (auto: native when built, else foreach)."})
     mode: str = field(default="update", metadata={"choices": ("update", "grad"),
@@ -74,14 +72,61 @@ class CPConfig:
     ramp_epochs: int = 0
     end_epoch: int = 1_000_000
     ge_noise: float = 0.0         # σ_GE of the optional generalisation noise (0 = off)
-    diagnostics: bool = True      # modulation none: still measure ĝ/r/conflicts for the balance plots
-    ogm_alpha: float = 0.1        # OGM-GE's α
-    # parameter groups: modality -> module-name prefixes ("" = the modality's AME encoder)
+    diagnostics: bool = True      # other strategies: still measure CP's ĝ/r/conflicts for the balance plots
+    # parameter groups of every strategy: modality -> module-name prefixes ("" = the modality's AME encoder)
     groups: dict = field(default_factory=dict)
+
+
+_SCALE_MODE = {"choices": ("update", "grad"),
+               "help": "update (scale the group's learning rate: survives AdamW) or grad (published; SGD)."}
+
+
+@dataclass
+class OGMGEConfig:
+    alpha: float = 0.1            # OGM-GE's α
+    ge: bool = True               # generalisation-enhancement noise
+    mode: str = field(default="update", metadata=_SCALE_MODE)
+
+
+@dataclass
+class CGGMConfig:
+    rho: float = 1.0              # ρ: the magnitude factor is ρ · c_m
+    lam: float = 0.1              # λ of the direction term L_gm
+    ema: float = 0.9              # EMA of the unimodal losses before differencing (0 = published per batch)
+    mode: str = field(default="update", metadata=_SCALE_MODE)
+
+
+@dataclass
+class AGSConfig:
+    alpha: float = 0.5            # α of k = 1 − tanh(α · ratio / (1 + ratio))
+    end_epoch: int = 1_000_000    # scale until this epoch (inclusive)
+    mode: str = field(default="update", metadata=_SCALE_MODE)
+
+
+@dataclass
+class MMParetoConfig:
+    gamma: float = 1.5            # γ of the published code
+    uni_weight: float = 1.0       # weight of the unimodal loss in the Pareto pair (published: 1)
+
+
+@dataclass
+class InfoRegConfig:
+    beta: float = 0.95            # β of β exp(tanh(s_d − s_other))
+    threshold: float = 0.04       # the prime learning window is open while κ > threshold
+    horizon: int = 10             # epochs averaged in κ's trace means
+
+
+@dataclass
+class ModDropConfig:
+    p: float = 0.1                # drop probability of a non-dominant modality
+    p_dominant: float = 0.3       # drop probability of the dominant modality
+    ema: float = 0.9              # EMA of the unimodal losses that picks the dominant modality
 
 
 @dataclass
 class TrainConfig:
+    modulation: str = field(default="cp", metadata={
+        "registry": "cpsl.strategies", "help": "Modulation strategy (a registered name; its knobs are its config section)."})
     epochs: int = field(default=30, metadata={"help": "Maximum epochs (early stopping on valid loss still applies)."})
     patience: int = 8
     lr: float = 1e-3
@@ -104,6 +149,12 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     cp: CPConfig = field(default_factory=CPConfig)
+    ogm_ge: OGMGEConfig = field(default_factory=OGMGEConfig)
+    cggm: CGGMConfig = field(default_factory=CGGMConfig)
+    ags: AGSConfig = field(default_factory=AGSConfig)
+    mmpareto: MMParetoConfig = field(default_factory=MMParetoConfig)
+    inforeg: InfoRegConfig = field(default_factory=InfoRegConfig)
+    moddrop: ModDropConfig = field(default_factory=ModDropConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     # ------------------------------------------------------------------ io
@@ -221,10 +272,25 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
     return value
 
 
+# keys that moved when strategies became plug-ins (old configs and checkpoints still load)
+_MOVED = {("cp", "modulation"): ("train", "modulation"), ("cp", "ogm_alpha"): ("ogm_ge", "alpha")}
+
+
+def _upgrade(d: dict) -> dict:
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for (sec, key), (new_sec, new_key) in _MOVED.items():
+        if isinstance(d.get(sec), dict) and key in d[sec]:
+            v = d[sec].pop(key)
+            tgt = d.setdefault(new_sec, {})
+            if isinstance(tgt, dict):
+                tgt.setdefault(new_key, v)
+    return d
+
+
 def merge(cfg: Config, d: dict) -> Config:
     """Merge a nested mapping into ``cfg`` in place; unknown sections/keys raise CPSLError."""
     sections = {f.name for f in fields(cfg)}
-    for sec, vals in d.items():
+    for sec, vals in _upgrade(d).items():
         if sec not in sections:
             raise CPSLError(f"unknown config section {sec!r} (known: {', '.join(sorted(sections))})")
         if not isinstance(vals, dict):

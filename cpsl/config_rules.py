@@ -78,10 +78,17 @@ RULES = {
              "warmup_epochs": _int(0), "eps": _float(0.0, lo_open=True)},
     "cp": {"tau": _float(0.0, lo_open=True), "alpha": _NONNEG, "k_min": _float(0.0, 1.0), "beta": _float(0.0, 1.0),
            "normalize": _BOOL, "start_epoch": _int(0), "ramp_epochs": _int(0), "end_epoch": _int(0),
-           "ge_noise": _NONNEG, "diagnostics": _BOOL, "ogm_alpha": _NONNEG, "groups": _DICT},
+           "ge_noise": _NONNEG, "diagnostics": _BOOL, "groups": _DICT},
+    # the strategies' sections (cpsl/strategies/; train.modulation is checked against their registry)
+    "ogm_ge": {"alpha": _NONNEG, "ge": _BOOL},
+    "cggm": {"rho": _NONNEG, "lam": _NONNEG, "ema": _float(0.0, 1.0, hi_open=True)},
+    "ags": {"alpha": _NONNEG, "end_epoch": _int(0)},
+    "mmpareto": {"gamma": _float(0.0, lo_open=True), "uni_weight": _NONNEG},
+    "inforeg": {"beta": _NONNEG, "threshold": _float(), "horizon": _int(1)},
+    "moddrop": {"p": _float(0.0, 1.0), "p_dominant": _float(0.0, 1.0), "ema": _float(0.0, 1.0, hi_open=True)},
     "train": {"epochs": _int(1), "patience": _int(1), "lr": _float(0.0, lo_open=True), "text_lr": _NONNEG,
               "weight_decay": _NONNEG, "clip": _NONNEG, "seeds": _seeds, "device": _device,
-              "num_threads": _int(0), "progress": _BOOL, "skip_limit": _int(1), "tensorboard": _BOOL},
+              "num_threads": _int(0), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL},
 }
 
 

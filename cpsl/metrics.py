@@ -95,3 +95,23 @@ def retention(metrics: dict, reference: dict, missing=None) -> dict:
     mae, ref_mae = metrics["MAE"], reference["MAE"]
     return {"Non0_acc_2": ratio("Non0_acc_2"), "Corr": ratio("Corr"), "MAE_increase": float(mae - ref_mae),
             "MAE_increase_rel": float((mae - ref_mae) / ref_mae) if ref_mae else missing}
+
+
+def shapley_values(value: dict, players) -> dict:
+    """Exact Shapley values φ_i = Σ_{S ⊆ N∖{i}} |S|!(n−|S|−1)!/n! (v(S ∪ {i}) − v(S)) of a game
+    given as ``{frozenset(coalition): v}`` over every subset of ``players``."""
+    from itertools import combinations
+    from math import factorial
+    players = tuple(players)
+    n = len(players)
+    out = {}
+    for i in players:
+        rest = [p for p in players if p != i]
+        phi = 0.0
+        for k in range(n):
+            w = factorial(k) * factorial(n - k - 1) / factorial(n)
+            for S in combinations(rest, k):
+                S = frozenset(S)
+                phi += w * (value[S | {i}] - value[S])
+        out[i] = float(phi)
+    return out

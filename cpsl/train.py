@@ -1,7 +1,10 @@
 """One explicit training loop: seed → epochs (train, valid, early stop, checkpoint) → test once.
 
-    loss.backward()
-    stats = modulator.step(epoch, terms)   # ← gradient modulation (CP / OGM-GE / none)
+    batch = modulator.prepare_batch(batch, epoch)      # ┐
+    loss = modulator.objective(loss, step)             # │ the modulation strategy's hook points
+    modulator.backward(loss, step)                     # │ (cpsl/strategies/base.py documents them;
+    if not guard.check(loss): skip the step            # │  no strategy-specific code in this file)
+    stats = modulator.after_backward(step)             # ┘
     clip_grad_norm_(...)
     optimizer.step()
 
@@ -20,13 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import strategies
 from .checkpoint import CKPT_FORMAT, load_model, read_checkpoint, save_checkpoint  # noqa: F401 - re-exports
 from .checkpoint import set_rng_state as _set_rng_state
 from .config import Config
 from .cp import native
-from .cp.arena import GradArena
-from .cp.baselines import OGMGE, NoModulation, ogm_scores
-from .cp.penalty import ConflictAwarePenalty
 from .data.batch import iterate
 from .data.mmsa import MMSAData, Split
 from .errors import CPSLError
@@ -34,6 +35,8 @@ from .losses import task_loss, total_loss
 from .metrics import METRIC_KEYS, mean_std, mmsa_metrics
 from .model import CPSLModel
 from .tblog import ScalarLog
+
+CKPT_FORMAT = "cpsl-ckpt-1"
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -71,27 +74,24 @@ def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list], extr
 
 
 def build_modulator(cfg: Config, model: CPSLModel, optimizer, device):
-    groups = model.modality_parameters(cfg.cp.groups or None)
-    if cfg.cp.modulation == "none":
-        return NoModulation(groups, cfg.cp, diagnostics=cfg.cp.diagnostics, device=device)
-    if cfg.cp.modulation == "ogm_ge":
-        return OGMGE(groups, cfg.cp)
-    return ConflictAwarePenalty(groups, cfg.cp, optimizer=optimizer if cfg.cp.mode == "update" else None,
-                                device=device)
+    """The registered strategy ``cfg.train.modulation`` (see :mod:`cpsl.strategies`)."""
+    return strategies.build(cfg, model, optimizer, device)
 
 
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict(model: CPSLModel, split: Split, batch_size: int, device, mask_modality: str | None = None):
-    """Fused and unimodal predictions on a split: (pred (N,), aux {m: (N,)}, labels (N,))."""
+def predict(model: CPSLModel, split: Split, batch_size: int, device, mask_modality=None):
+    """Fused and unimodal predictions on a split: (pred (N,), aux {m: (N,)}, labels (N,)).
+    ``mask_modality``: a modality or a collection of them, each replaced by one zero frame."""
     model.eval()
+    masked = [mask_modality] if isinstance(mask_modality, str) else list(mask_modality or ())
     preds, aux = [], {m: [] for m in model.modalities}
     for b in iterate(split, batch_size, modalities=model.modalities):
         b = b.to(device)
-        if mask_modality:
+        for m in masked:
             B = len(b)
-            b.x[mask_modality] = torch.zeros(B, 1, b.x[mask_modality].shape[-1], device=device)
-            b.mask[mask_modality] = torch.ones(B, 1, dtype=torch.bool, device=device)
+            b.x[m] = torch.zeros(B, 1, b.x[m].shape[-1], device=device)
+            b.mask[m] = torch.ones(B, 1, dtype=torch.bool, device=device)
         out = model(b.x, b.mask, b.text_bert)
         preds.append(out.pred.float().cpu())
         for m in model.modalities:
@@ -105,6 +105,29 @@ def evaluate(model, split, cfg: Config, device, mask_modality=None) -> dict:
     res = mmsa_metrics(pred, y)
     res["loss"] = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), cfg.loss.task))
     return {"metrics": res, "aux": {m: mmsa_metrics(p, y) for m, p in aux.items()}, "pred": pred, "aux_pred": aux}
+
+
+def contributions(model: CPSLModel, split: Split, cfg: Config, device, metric: str = "MAE") -> dict:
+    """Each modality's exact Shapley contribution to the fused prediction's error on ``split``.
+
+    The value of a coalition S of modalities is the error (``metric``, MAE by default) of the
+    fused prediction with every modality outside S replaced by one zero frame (all 2^M masks,
+    M ≤ 4); a modality's contribution is its Shapley value of the error *reduction*
+    ``v(∅) − v(S)``: positive = it lowers the error. The contributions sum to
+    ``v(∅) − v(all)`` (efficiency)."""
+    from .metrics import shapley_values
+    mods = tuple(model.modalities)
+    if len(mods) > 4:
+        raise CPSLError(f"exact Shapley contributions need at most 4 modalities, the model has {len(mods)}")
+    values = {}
+    for mask in range(2 ** len(mods)):
+        keep = frozenset(m for i, m in enumerate(mods) if mask >> i & 1)
+        pred, _, y = predict(model, split, cfg.data.eval_batch_size, device, [m for m in mods if m not in keep])
+        values[keep] = mmsa_metrics(pred, y)[metric]
+    empty = values[frozenset()]
+    phi = shapley_values({S: empty - v for S, v in values.items()}, mods)
+    return {"metric": metric, "shapley": phi, "error_all": values[frozenset(mods)], "error_none": empty,
+            "coalitions": {"+".join(sorted(S)) or "-": v for S, v in values.items()}}
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -165,60 +188,163 @@ class _Balance:
                 "imbalance": (max(pos) / min(pos)) if len(pos) >= 2 else None}
 
 
-def _resume(ck: dict, out: Path, cfg: Config, identity_fp: str, model, optimizer, extra_loss) -> dict:
-    """Load ``last.pt`` into the model/optimizer after checking it is the same run; its loop state."""
-    from .runs import resume_differences
-    diffs = resume_differences(ck, cfg, identity_fp)
-    if diffs:
-        raise CPSLError(f"cannot resume from {out / 'last.pt'}: it was written with another "
-                        f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}")
-    try:
-        model.load_state_dict(ck["model"])
-        if extra_loss is not None and ck.get("extra_loss") is not None:
-            extra_loss.load_state_dict(ck["extra_loss"])
-        optimizer.load_state_dict(ck["optimizer"])
-        _set_rng_state(ck["rng"])
-        return {"start": int(ck["epoch"]) + 1, "best_val": float(ck["best_val"]), "best_epoch": int(ck["best_epoch"]),
-                "bad_epochs": int(ck["bad_epochs"]), "history": list(ck.get("history", [])),
-                "skipped": int(ck.get("skipped_steps", 0))}
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CPSLError(f"{out / 'last.pt'} cannot be resumed from ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:100] if str(e) else ''})") from None
+class _State:
+    """Everything one seed's training carries between epochs (what ``last.pt`` restores)."""
 
-
-def _train_epoch(model, modulator, optimizer, guard, cfg: Config, split, epoch: int, seed: int, device,
-                 extra_loss=None):
-    """One pass over the training split; returns (mean terms of the steps taken, balance)."""
-    model.train()
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    sums: dict[str, torch.Tensor] = {}
-    balance = _Balance(getattr(modulator, "names", ()))
-    guard.new_epoch()
-    nb = 0
-    for b in iterate(split, cfg.data.batch_size, shuffle=True, generator=gen, modalities=model.modalities):
-        b = b.to(device)
-        out_ = model(b.x, b.mask, b.text_bert)
-        loss, terms = total_loss(out_, b.y, cfg.loss, epoch)
+    def __init__(self, cfg: Config, data: MMSAData, seed: int, out: Path, device, extra_loss, fingerprint: str):
+        from .guard import StepGuard
+        from .runs import run_identity
+        self.cfg, self.data, self.seed, self.out, self.device = cfg, data, seed, out, device
+        self.fingerprint, self.identity = fingerprint, run_identity(cfg, fingerprint)
+        set_seed(seed)
+        self.model = build_model(cfg, data).to(device)
+        self.extra_loss = extra_loss
         if extra_loss is not None:
-            extra_loss.train()
-            l2, t2 = extra_loss(out_, b)
-            loss = loss + l2
-            terms.update({k: v.detach() for k, v in t2.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not guard.check(loss):                          # ← non-finite: skip the whole step
-            optimizer.zero_grad(set_to_none=True)
+            extra_loss.to(device)
+        extra_params = [p for p in extra_loss.parameters() if p.requires_grad] if extra_loss is not None else []
+        self.optimizer = build_optimizer(self.model, cfg, self.model.modality_parameters(cfg.cp.groups or None),
+                                         extra_params)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.guard = StepGuard(self.model, self.params, cfg.train.skip_limit, cfg.train.lr,
+                               extreme=data["train"].extreme, extra_params=extra_params)
+        self.start_epoch, self.best_val, self.best_epoch, self.bad_epochs = 0, float("inf"), -1, 0
+        self.history: list[dict] = []
+        self.modulator_state: dict = {}
+
+    def resume(self, log) -> None:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            log(f"seed {self.seed}: nothing to resume in {self.out}; starting fresh")
+            return
+        from .runs import resume_differences
+        ck = read_checkpoint(path)
+        diffs = resume_differences(ck, self.cfg, self.fingerprint)
+        if diffs:
+            raise CPSLError(f"cannot resume from {path}: it was written with another "
+                            f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}")
+        try:
+            self.model.load_state_dict(ck["model"])
+            if self.extra_loss is not None and ck.get("extra_loss") is not None:
+                self.extra_loss.load_state_dict(ck["extra_loss"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            _set_rng_state(ck["rng"])
+            self.start_epoch = int(ck["epoch"]) + 1
+            self.best_val, self.best_epoch = float(ck["best_val"]), int(ck["best_epoch"])
+            self.bad_epochs, self.history = int(ck["bad_epochs"]), list(ck.get("history", []))
+            self.guard.skipped = int(ck.get("skipped_steps", 0))
+            self.modulator_state = ck.get("modulator") or {}
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CPSLError(f"{path} cannot be resumed from ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100] if str(e) else ''})") from None
+        log(f"seed {self.seed}: resuming after epoch {ck['epoch']}")
+
+    def checkpoint_extra(self, modulator) -> dict:
+        return {"best_val": self.best_val, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "history": self.history, "seed": self.seed, "data_path": self.data.path,
+                "identity": self.identity, "skipped_steps": self.guard.skipped, "modulator": modulator.state_dict(),
+                "extra_loss": self.extra_loss.state_dict() if self.extra_loss is not None else None}
+
+
+def _make_modulator(st: _State):
+    # built after any optimizer state is loaded: scaled learning rates hold the live param groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the CP backend fallback is reported once by run()
+        modulator = build_modulator(st.cfg, st.model, st.optimizer, st.device)
+    modulator.load_state_dict(st.modulator_state)
+    modulator.bind(st.optimizer)                      # hook point 0 (e.g. CP's gradient arena)
+    return modulator
+
+
+_GRAD_EFFECTS = frozenset({"scale_grad", "replace_grad", "grad_noise", "loss_term"})
+
+
+def _train_step(st: _State, modulator, b, epoch: int):
+    """One optimisation step through the modulator's hook points; returns (terms, StepStats), or
+    None when the step guard skips it (non-finite loss, gradient or batch statistic)."""
+    b = modulator.prepare_batch(b.to(st.device), epoch)
+    out = st.model(b.x, b.mask, b.text_bert)
+    loss, terms = total_loss(out, b.y, st.cfg.loss, epoch)
+    if st.extra_loss is not None:
+        st.extra_loss.train()
+        l2, t2 = st.extra_loss(out, b)
+        loss = loss + l2
+        terms.update({k: v.detach() for k, v in t2.items()})
+    step = strategies.Step(epoch, b, out, terms, loss)
+    loss = modulator.objective(loss, step)
+    st.optimizer.zero_grad(set_to_none=True)
+    modulator.backward(loss, step)
+    if not st.guard.check(loss):                       # ← non-finite: skip the whole step
+        st.optimizer.zero_grad(set_to_none=True)
+        return None
+    stats = modulator.after_backward(step)
+    if _GRAD_EFFECTS & modulator.effects:              # the guard's norm predates these gradient changes
+        st.guard.norm = torch.nn.utils.get_total_norm([p.grad for p in st.params if p.grad is not None])
+    st.guard.clip(st.cfg.train.clip)
+    st.optimizer.step()
+    return terms, stats
+
+
+def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, dict | None]:
+    """(mean train terms, balance summary, the modulator's epoch record)."""
+    st.model.train()
+    gen = torch.Generator().manual_seed(st.seed * 1_000_003 + epoch)
+    sums: dict[str, torch.Tensor] = {}
+    balance = _Balance(modulator.names)
+    modulator.begin_epoch(epoch)
+    st.guard.new_epoch()
+    nb = 0
+    for b in iterate(st.data["train"], st.cfg.data.batch_size, shuffle=True, generator=gen,
+                     modalities=st.model.modalities):
+        done = _train_step(st, modulator, b, epoch)
+        if done is None:
             continue
-        if isinstance(modulator, OGMGE):
-            terms.update(ogm_scores(out_.aux, b.y, cfg.loss.task))
-        balance.add(modulator.step(epoch, terms))          # ← gradient modulation hook
-        guard.clip(cfg.train.clip)
-        optimizer.step()
+        terms, stats = done
+        balance.add(stats)
         for k, v in terms.items():
-            if not k.startswith("ogm_score"):
-                sums[k] = sums.get(k, 0.0) + v
+            sums[k] = sums.get(k, 0.0) + v
         nb += 1
-    return {k: float(v) / nb for k, v in sums.items()}, balance
+    return {k: float(v) / max(nb, 1) for k, v in sums.items()}, balance.summary(), modulator.end_epoch(epoch)
+
+
+def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance, mod_rec, t0: float, tb,
+                  log=print) -> dict:
+    ev = evaluate(st.model, st.data["valid"], st.cfg, st.device)
+    val_loss = ev["metrics"]["loss"]
+    improved = val_loss < st.best_val - 1e-9
+    if improved:
+        st.best_val, st.best_epoch, st.bad_epochs = val_loss, epoch, 0
+    else:
+        st.bad_epochs += 1
+    g = st.guard
+    rec = {"epoch": epoch, "train": train_terms, "valid": ev["metrics"], "valid_aux": ev["aux"],
+           "balance": balance, "skipped_steps": g.epoch_skipped, "time_s": time.perf_counter() - t0}
+    if mod_rec:
+        rec["modulation"] = mod_rec
+    st.history.append(rec)
+    with open(st.out / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    tb.add(rec, epoch)
+    if g.epoch_skipped:
+        log(f"seed {st.seed}: epoch {epoch}: skipped {g.epoch_skipped} step(s) with a non-finite loss, "
+            f"gradient or batch statistic ({g.skipped} in all)")
+    extra = st.checkpoint_extra(modulator)
+    if improved:
+        save_checkpoint(st.out / "best.pt", st.model, st.optimizer, st.cfg, epoch, extra)
+    save_checkpoint(st.out / "last.pt", st.model, st.optimizer, st.cfg, epoch, extra)
+    return ev
+
+
+def stepper(cfg: Config, data: MMSAData, seed: int = 1, epoch: int = 5):
+    """``step(batch)``: one training step of a fresh run of ``cfg`` (model, AdamW, the modulator at its
+    hook points, the guard), exactly as :func:`train_seed` takes it; for timing a strategy."""
+    st = _State(cfg, data, seed, Path("."), torch.device(cfg.train.device), None, "")
+    modulator = _make_modulator(st)
+    modulator.begin_epoch(epoch)
+    st.model.train()
+
+    def step(b) -> None:
+        _train_step(st, modulator, b, epoch)
+    return step
 
 
 def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool = False,
@@ -226,103 +352,59 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     """Train one seed. ``extra_loss`` (optional ``nn.Module``, e.g. distillation) is called as
     ``extra_loss(model_output, batch) -> (loss, terms)``; its parameters train with the model.
     ``fingerprint``: the data's content fingerprint, recorded in checkpoints for ``--resume``."""
-    from .guard import StepGuard
-    from .runs import run_identity
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.train.device)
-    set_seed(seed)
-    model = build_model(cfg, data).to(device)
-    optimizer_groups = model.modality_parameters(cfg.cp.groups or None)
-    if extra_loss is not None:
-        extra_loss.to(device)
-    extra_params = [p for p in extra_loss.parameters() if p.requires_grad] if extra_loss is not None else []
-    optimizer = build_optimizer(model, cfg, optimizer_groups, extra_params)
-    train_split, valid_split = data["train"], data["valid"]
-    st = {"start": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "skipped": 0}
-    log_path = out / "log.jsonl"
-    if resume and (out / "last.pt").is_file():
-        st = _resume(read_checkpoint(out / "last.pt"), out, cfg, fingerprint, model, optimizer, extra_loss)
-        log(f"seed {seed}: resuming after epoch {st['start'] - 1}")
-    elif resume:
-        log(f"seed {seed}: nothing to resume in {out}; starting fresh")
-    history, best_val, best_epoch, bad_epochs = st["history"], st["best_val"], st["best_epoch"], st["bad_epochs"]
-    log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    st = _State(cfg, data, seed, out, torch.device(cfg.train.device), extra_loss, fingerprint)
+    if resume:
+        st.resume(log)
+    (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in st.history))
     tb = ScalarLog(out / "tb", cfg.train.tensorboard)     # every scalar of log.jsonl, when asked
-    # built after any optimizer state is loaded: update mode holds the live param groups
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the backend fallback is reported once by run()
-        modulator = build_modulator(cfg, model, optimizer, device)
-    # CP groups' grads live in a stable arena (zero_grad goes through it): one native plan per run
-    GradArena.for_modulator(modulator, optimizer)
+    modulator = _make_modulator(st)
     plan_builds0 = native.plan_builds()
-    params = [p for p in model.parameters() if p.requires_grad]
-    guard = StepGuard(model, params, cfg.train.skip_limit, cfg.train.lr, extreme=train_split.extreme,
-                      extra_params=extra_params)
-    guard.skipped = st["skipped"]
-    identity = run_identity(cfg, fingerprint)
+    steps, step_s = 0, 0.0
 
     from tqdm.auto import tqdm
-    stopped = bad_epochs >= cfg.train.patience
-    bar = tqdm(range(st["start"], cfg.train.epochs), desc=f"seed {seed}", unit="ep",
+    stopped = st.bad_epochs >= cfg.train.patience
+    bar = tqdm(range(st.start_epoch, cfg.train.epochs), desc=f"seed {seed}", unit="ep",
                disable=not cfg.train.progress or stopped, leave=False, dynamic_ncols=True)
     for epoch in bar:
         if stopped:
             break
         t0 = time.perf_counter()
-        train_terms, balance = _train_epoch(model, modulator, optimizer, guard, cfg, train_split, epoch, seed,
-                                            device, extra_loss)
-        ev = evaluate(model, valid_split, cfg, device)
-        val_loss = ev["metrics"]["loss"]
-        improved = val_loss < best_val - 1e-9
-        if improved:
-            best_val, best_epoch, bad_epochs = val_loss, epoch, 0
-        else:
-            bad_epochs += 1
-        rec = {"epoch": epoch, "train": train_terms, "valid": ev["metrics"], "valid_aux": ev["aux"],
-               "balance": balance.summary(), "skipped_steps": guard.epoch_skipped, "time_s": time.perf_counter() - t0}
-        history.append(rec)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        tb.add(rec, epoch)
-        if guard.epoch_skipped:
-            log(f"seed {seed}: epoch {epoch}: skipped {guard.epoch_skipped} step(s) with a non-finite loss, "
-                f"gradient or batch statistic ({guard.skipped} in all)")
-        extra = {"best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                 "history": history, "seed": seed, "data_path": data.path, "identity": identity,
-                 "skipped_steps": guard.skipped,
-                 "extra_loss": extra_loss.state_dict() if extra_loss is not None else None}
-        if improved:
-            save_checkpoint(out / "best.pt", model, optimizer, cfg, epoch, extra)
-        save_checkpoint(out / "last.pt", model, optimizer, cfg, epoch, extra)
+        train_terms, balance, mod_rec = _train_epoch(st, modulator, epoch)
+        steps += -(-len(data["train"]) // cfg.data.batch_size)
+        step_s += time.perf_counter() - t0
+        ev = _record_epoch(st, modulator, epoch, train_terms, balance, mod_rec, t0, tb, log)
         bar.set_postfix(loss=f"{train_terms.get('task', float('nan')):.3f}", val_mae=f"{ev['metrics']['MAE']:.3f}",
-                        best=best_epoch, skipped=guard.skipped)
-        if bad_epochs >= cfg.train.patience:
-            log(f"seed {seed}: early stop at epoch {epoch} (best {best_epoch})")
+                        best=st.best_epoch, skipped=st.guard.skipped)
+        if st.bad_epochs >= cfg.train.patience:
+            log(f"seed {seed}: early stop at epoch {epoch} (best {st.best_epoch})")
             break
     bar.close()
     tb.close()
     if not (out / "best.pt").is_file():
         raise CPSLError(f"seed {seed}: no epoch reached a finite validation loss, so there is no best.pt in {out} "
-                        f"({guard.skipped} steps skipped as non-finite); likely cause: {guard.cause()}")
-    res = _finish_seed(cfg, data, seed, out, device, history, best_epoch, modulator, guard.skipped, log)
-    res["cp_plan_builds"] = native.plan_builds() - plan_builds0
+                        f"({st.guard.skipped} steps skipped as non-finite); likely cause: {st.guard.cause()}")
+    res = _final(st, modulator, plan_builds0, log)
+    res["ms_per_step"] = 1e3 * step_s / steps if steps else None
     return res
 
 
-def _finish_seed(cfg, data, seed, out, device, history, best_epoch, modulator, skipped, log) -> dict:
-    """Evaluate the selected checkpoint once on valid and test; plots."""
-    best, _, _ = load_model(out / "best.pt", device)
-    res = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history), "skipped_steps": skipped,
-           "backend": getattr(modulator, "backend_name", "none"), "ckpt": str(out / "best.pt")}
+def _final(st: _State, modulator, plan_builds0: int, log=print) -> dict:
+    """The selected checkpoint, evaluated once on valid and test; plots."""
+    out = st.out
+    best, _, _ = load_model(out / "best.pt", st.device)
+    res = {"seed": st.seed, "best_epoch": st.best_epoch, "epochs_run": len(st.history),
+           "skipped_steps": st.guard.skipped, "backend": modulator.backend_name, "ckpt": str(out / "best.pt"),
+           "cp_plan_builds": native.plan_builds() - plan_builds0}
     for split in ("valid", "test"):
-        if split in data.splits and len(data[split]):
-            ev = evaluate(best, data[split], cfg, device)
+        if split in st.data.splits and len(st.data[split]):
+            ev = evaluate(best, st.data[split], st.cfg, st.device)
             res[split] = {k: ev["metrics"][k] for k in METRIC_KEYS}
             res[f"{split}_aux"] = ev["aux"]
     try:
         from .plots import plot_balance, plot_curves
-        plot_curves(history, out / "curves.png", title=f"seed {seed}")
-        plot_balance(history, out / "balance.png", title=f"seed {seed}")
+        plot_curves(st.history, out / "curves.png", title=f"seed {st.seed}")
+        plot_balance(st.history, out / "balance.png", title=f"seed {st.seed}")
     except Exception as e:  # noqa: BLE001 - plots must never sink a finished run
         log(f"warning: plots not written ({e})")
     return res
@@ -336,6 +418,7 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     ``extra_loss_factory(seed) -> nn.Module`` adds a loss term per seed (see :func:`train_seed`)."""
     from .data.mmsa import require_splits
     from .runs import data_fingerprint, prepare_out
+    strategies.check(cfg)
     require_splits({n: len(sp) for n, sp in data.splits.items()}, data.path or "the data")
     check_lengths(cfg.model, data, data.modalities, "config")
     out = prepare_out(out, resume=resume, overwrite=overwrite)
@@ -345,7 +428,7 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     cfg.save(out / "config.json")
-    if cfg.cp.modulation == "cp":
+    if cfg.train.modulation == "cp":
         from .cp.penalty import resolve_backend
         be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
         if why:
@@ -356,20 +439,30 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
         r = train_seed(cfg, data, int(seed), out / f"seed{seed}", resume=resume, log=log, extra_loss=extra,
                        fingerprint=fingerprint)
         per_seed.append(r)
-        msg = f"seed {seed}: best epoch {r['best_epoch']}" + (f", {r['skipped_steps']} steps skipped"
-                                                             if r["skipped_steps"] else "")
-        for split in ("valid", "test"):
-            if split in r:
-                msg += f" | {split} MAE {r[split]['MAE']:.4f} Corr {r[split]['Corr']:.4f} Non0_acc_2 {r[split]['Non0_acc_2']:.4f}"
-        log(msg)
-    results = {"data": data.path, "modalities": list(data.modalities), "seeds": list(cfg.train.seeds),
-               "modulation": cfg.cp.modulation, "backend": per_seed[0]["backend"],
+        log(seed_summary(r))
+    results = aggregate(cfg, data, per_seed, fingerprint)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def seed_summary(r: dict) -> str:
+    msg = f"seed {r['seed']}: best epoch {r['best_epoch']}" + (f", {r['skipped_steps']} steps skipped"
+                                                               if r.get("skipped_steps") else "")
+    for split in ("valid", "test"):
+        if split in r:
+            msg += f" | {split} MAE {r[split]['MAE']:.4f} Corr {r[split]['Corr']:.4f} Non0_acc_2 {r[split]['Non0_acc_2']:.4f}"
+    return msg
+
+
+def aggregate(cfg: Config, data: MMSAData, per_seed: list[dict], fingerprint: str = "") -> dict:
+    """results.json of a run: per-seed results and mean ± std over seeds per split."""
+    results = {"data": data.path, "modalities": list(data.modalities), "seeds": [r["seed"] for r in per_seed],
+               "modulation": cfg.train.modulation, "backend": per_seed[0]["backend"],
                "config": cfg.to_dict(), "data_fingerprint": fingerprint,
-               "skipped_steps": sum(r["skipped_steps"] for r in per_seed), "per_seed": per_seed}
+               "skipped_steps": sum(r.get("skipped_steps", 0) for r in per_seed), "per_seed": per_seed}
     for split in ("valid", "test"):
         if all(split in r for r in per_seed):
             results[split] = mean_std([r[split] for r in per_seed])
             results[f"{split}_aux"] = {m: mean_std([r[f"{split}_aux"][m] for r in per_seed])
                                        for m in data.modalities}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

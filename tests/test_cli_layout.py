@@ -34,8 +34,9 @@ def help_of(*cmd) -> str:
 def test_help_defaults_and_choices_come_from_the_dataclasses():
     cfg = Config()
     h = help_of("train")
-    assert f"train.epochs={cfg.train.epochs}" in h and f"cp.modulation={cfg.cp.modulation}" in h
-    assert f"[{'|'.join(_CHOICES[('cp', 'modulation')])}]" in h
+    assert f"train.epochs={cfg.train.epochs}" in h and f"train.modulation={cfg.train.modulation}" in h
+    from cpsl import strategies
+    assert f"[{'|'.join(strategies.names())}]" in h      # --modulation: the registry's names
     assert f"[{'|'.join(_CHOICES[('cp', 'backend')])}]" in h
     assert "--tensorboard" in h
     h = help_of("export")

@@ -19,7 +19,7 @@ def test_defaults_follow_method_md():
     assert c.loss.sl_out == 0.1
     assert c.loss.warmup_epochs == 3
     # §5 CP
-    assert c.cp.modulation == "cp"
+    assert c.train.modulation == "cp"
     assert (c.cp.tau, c.cp.alpha, c.cp.k_min, c.cp.beta) == (1.2, 0.5, 0.1, 0.5)
     assert c.cp.penalty == "tanh"
     assert c.cp.normalize is False
@@ -64,7 +64,7 @@ def test_save_load_round_trip(tmp_path, suffix):
     p = tmp_path / f"cfg{suffix}"
     c.save(p)
     raw = yaml.safe_load(p.read_text()) if suffix != ".json" else json.loads(p.read_text())
-    assert set(raw) == {"data", "model", "loss", "cp", "train"}
+    assert set(raw) == {"data", "model", "loss", "cp", "ogm_ge", "cggm", "ags", "mmpareto", "inforeg", "moddrop", "train"}
     assert raw["train"]["seeds"] == [1, 2, 3]
     back = Config.load(p)
     assert back.to_dict() == c.to_dict()

@@ -1,4 +1,5 @@
-"""Conflict-aware Penalty: backends agree, the rule, the schedule, grad/update modes, OGM-GE."""
+"""Conflict-aware Penalty: backends agree, the rule, the schedule, grad/update modes (OGM-GE and the
+other strategies: tests/test_strategies.py)."""
 import math
 
 import numpy as np
@@ -8,7 +9,6 @@ from hypothesis import given, settings, strategies as st
 
 from cpsl.config import CPConfig
 from cpsl.cp import PenaltyParams, get_backend
-from cpsl.cp.baselines import OGMGE, ogm_ge_coefficients
 from cpsl.cp.core import CPStats, penalty_scalar
 from cpsl.cp.penalty import ConflictAwarePenalty, schedule_weight
 
@@ -223,41 +223,19 @@ def test_ge_noise_only_on_penalised_groups():
     torch.testing.assert_close(enc["audio"].weight.grad, before["audio.weight"])
 
 
-def test_ogm_ge_reduces_to_the_published_two_modality_rule():
-    alpha = 0.3
-    for s_a, s_v in ((5.0, 2.0), (1.0, 3.0), (2.0, 2.0)):
-        rho, k = ogm_ge_coefficients(torch.tensor([s_a, s_v], dtype=torch.float64), alpha)
-        # published: ratio_v = s_v / s_a; coeff_v = 1 − tanh(α relu(ratio_v − 1)) if ratio_v > 1 else 1
-        ratio_a, ratio_v = s_a / s_v, s_v / s_a
-        coeff_a = 1 - math.tanh(alpha * max(ratio_a - 1, 0))
-        coeff_v = 1 - math.tanh(alpha * max(ratio_v - 1, 0))
-        assert rho.tolist() == pytest.approx([ratio_a, ratio_v])
-        assert k.tolist() == pytest.approx([coeff_a, coeff_v])
-
-
-def test_ogm_ge_step_scales_the_dominant_encoder():
-    torch.manual_seed(0)
-    enc = _toy()
-    groups = {m: list(enc[m].parameters()) for m in enc}
-    ogm = OGMGE(groups, CPConfig(ogm_alpha=0.5))
-    ogm.ge = False
-    _backward(enc)
-    before = {n: p.grad.clone() for n, p in enc.named_parameters()}
-    s = ogm.step(0, {"ogm_score_text": torch.tensor(6.0), "ogm_score_audio": torch.tensor(2.0)})
-    assert s.k[0].item() == pytest.approx(1 - math.tanh(0.5 * 2.0)) and s.k[1] == 1
-    torch.testing.assert_close(enc["text"].weight.grad, before["text.weight"] * s.k[0].float())
-    torch.testing.assert_close(enc["audio"].weight.grad, before["audio.weight"])
-
-
 def test_no_modulation_still_measures_the_balance_and_changes_nothing():
-    from cpsl.cp.baselines import NoModulation
+    from cpsl.config import Config
+    from cpsl.strategies.none import NoModulation
     enc = _toy()
     groups = {m: list(enc[m].parameters()) for m in enc}
-    none = NoModulation(groups, CPConfig(backend="foreach"))
+    cfg = Config()
+    cfg.cp.backend = "foreach"
+    none = NoModulation(groups, cfg)
     _backward(enc)
     before = {n: p.grad.clone() for n, p in enc.named_parameters()}
     s = none.step(0)
     assert s.conflict.tolist() == [1.0, 0.0] and s.r[0] > 1.2       # the imbalance is detected...
     assert s.k.tolist() == [1.0, 1.0]                                # ...and nothing is applied
     assert all(torch.equal(before[n], p.grad) for n, p in enc.named_parameters())
-    assert NoModulation(groups, CPConfig(), diagnostics=False).step(0) is None
+    cfg.cp.diagnostics = False
+    assert NoModulation(groups, cfg).step(0) is None

@@ -49,7 +49,7 @@ def _poisoned(tmp_path, value=1e30):
     return tmp_path / "clean.pkl", tmp_path / "poison.pkl"
 
 
-@pytest.mark.parametrize("modulation", ["cp", "none"])
+@pytest.mark.parametrize("modulation", ["cp", "none", "cggm", "mmpareto", "inforeg"])
 def test_one_1e30_value_training_stays_finite_and_reports_skips(tmp_path, modulation):
     clean, poison = _poisoned(tmp_path)
     runs = {}
@@ -182,7 +182,7 @@ def test_out_on_an_existing_run_refuses_then_overwrite_replaces(ckpt, pkl, tmp_p
 
 @pytest.mark.parametrize("change,needle", [
     (["--set", "train.lr=0.01"], "train.lr (0.001 -> 0.01)"),
-    (["--modulation", "none"], "cp.modulation ('cp' -> 'none')"),
+    (["--modulation", "none"], "train.modulation ('cp' -> 'none')"),
     (["--data", "OTHER"], "the data (content fingerprint differs)"),
     (["--set", "loss.task=mse"], "loss.task"),
     (["--set", "data.batch_size=8"], "data.batch_size"),

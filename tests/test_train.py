@@ -38,6 +38,7 @@ def strip_volatile(res):
     res = json.loads(json.dumps(res))
     for r in res["per_seed"]:
         r.pop("ckpt")
+        r.pop("ms_per_step")
     res["config"]["data"].pop("path", None)
     return res
 
@@ -58,7 +59,7 @@ def test_results_layout(run_a):
             v = res[split][k]
             assert set(v) == {"mean", "std", "values"} and len(v["values"]) == 2
             assert v["mean"] == pytest.approx(np.mean(v["values"]))
-    assert res["config"]["cp"]["modulation"] == "cp"
+    assert res["config"]["train"]["modulation"] == "cp" and res["modulation"] == "cp"
     for s in (1, 2):
         d = run_a / f"seed{s}"
         assert (d / "best.pt").is_file() and (d / "curves.png").is_file() and (d / "balance.png").is_file()
@@ -179,15 +180,8 @@ def test_train_bad_input_exits_2(tmp_path):
         assert r.output.startswith("error:") and r.output.strip().count("\n") == 0, r.output
 
 
-def test_two_modality_training(tmp_path):
-    d = generate(SynthSpec(n_train=32, n_valid=16, n_test=16, d_text=6, d_audio=4, d_vision=4,
-                           text_len=(2, 5), audio_len=(2, 5), vision_len=(2, 5)))
-    for s in d.splits.values():
-        s.features.pop("vision"); s.lengths.pop("vision")
-    d.modalities = ("text", "audio")
-    p = tmp_path / "two.pkl"
-    save_mmsa(d, p)
-    r = cli("train", "--data", p, "--out", tmp_path / "o", "--epochs", 1, *TINY)
+def test_two_modality_training(two_pkl, tmp_path):
+    r = cli("train", "--data", two_pkl, "--out", tmp_path / "o", "--epochs", 1, *TINY)
     assert r.exit_code == 0, r.output
     res = read(tmp_path / "o" / "results.json")
     assert res["modalities"] == ["text", "audio"] and set(res["test_aux"]) == {"text", "audio"}
@@ -204,3 +198,101 @@ def test_every_run_logs_balance_diagnostics(tiny_pkl, tmp_path, modulation):
     assert sum(b["r"].values()) == pytest.approx(3.0, rel=1e-6)     # r = ĝ / mean ĝ
     if modulation == "none":
         assert all(v == 1.0 for v in b["k"].values())               # measured, never applied
+
+
+# ---------------------------------------------------------------------------- every strategy
+ALL = ("none", "cp", "ogm_ge", "cggm", "ags", "mmpareto", "inforeg", "moddrop")
+SYNTH = ["--data", "synth", "--set", 'data.synth={"n_train": 48, "n_valid": 16, "n_test": 16, "text_len": [2, 6], '
+         '"audio_len": [2, 6], "vision_len": [2, 6]}']
+
+
+@pytest.fixture(scope="module")
+def two_pkl(tmp_path_factory):
+    d = generate(SynthSpec(n_train=32, n_valid=16, n_test=16, d_text=6, d_audio=4, d_vision=4,
+                           text_len=(2, 5), audio_len=(2, 5), vision_len=(2, 5)))
+    for s in d.splits.values():
+        s.features.pop("vision"); s.lengths.pop("vision")
+    d.modalities = ("text", "audio")
+    p = tmp_path_factory.mktemp("two") / "two.pkl"
+    save_mmsa(d, p)
+    return p
+
+
+@pytest.mark.parametrize("modulation", ALL)
+def test_every_strategy_trains_on_synth_and_on_two_modalities(modulation, two_pkl, tmp_path):
+    r = cli("train", *SYNTH, "--out", tmp_path / "s", "--epochs", 1, "--modulation", modulation, *TINY)
+    assert r.exit_code == 0, r.output
+    assert read(tmp_path / "s" / "results.json")["modulation"] == modulation
+    r = cli("train", "--data", two_pkl, "--out", tmp_path / "t", "--epochs", 1, "--modulation", modulation, *TINY)
+    assert r.exit_code == 0, r.output
+    res = read(tmp_path / "t" / "results.json")
+    assert res["modalities"] == ["text", "audio"] and math.isfinite(res["test"]["MAE"]["mean"])
+    rec = json.loads((tmp_path / "t" / "seed1" / "log.jsonl").read_text().splitlines()[0])
+    if modulation != "none":
+        assert set(rec["balance"]["k"]) == {"text", "audio"}
+
+
+@pytest.mark.parametrize("modulation", ALL)
+def test_every_strategy_resumes_to_the_uninterrupted_result(modulation, tiny_pkl, tmp_path):
+    args = ["--data", tiny_pkl, "--modulation", modulation, "--cp-backend", "foreach", *TINY]
+    r = cli("train", "--out", tmp_path / "a", "--epochs", 3, *args)
+    assert r.exit_code == 0, r.output
+    r = cli("train", "--out", tmp_path / "b", "--epochs", 1, *args)
+    assert r.exit_code == 0, r.output
+    r = cli("train", "--out", tmp_path / "b", "--epochs", 3, "--resume", *args)
+    assert r.exit_code == 0 and "resuming after epoch 0" in r.output, r.output
+    assert strip_volatile(read(tmp_path / "b" / "results.json")) == strip_volatile(read(tmp_path / "a" / "results.json"))
+
+
+@pytest.mark.parametrize("modulation", ["cggm", "mmpareto", "ogm_ge", "inforeg", "moddrop"])
+def test_a_strategy_without_its_unimodal_heads_exits_2(modulation, tiny_pkl, tmp_path):
+    r = CliRunner().invoke(main, ["train", "--data", str(tiny_pkl), "--out", str(tmp_path), "--modulation", modulation,
+                                  "--set", "loss.aux=0", "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error:") and "unimodal heads" in r.output and r.output.strip().count("\n") == 0
+
+
+def test_eval_contributions_sum_to_the_error_drop(run_a, tiny_pkl, tmp_path):
+    csv_path = tmp_path / "p.csv"
+    r = cli("eval", "--ckpt", run_a / "seed1" / "best.pt", "--data", tiny_pkl, "--contributions", "--out", csv_path)
+    assert r.exit_code == 0, r.output
+    c = json.loads((tmp_path / "p.csv.json").read_text())["contributions"]
+    assert set(c["shapley"]) == {"text", "audio", "vision"} and len(c["coalitions"]) == 8
+    assert sum(c["shapley"].values()) == pytest.approx(c["error_none"] - c["error_all"], abs=1e-9)
+    got = json.loads((tmp_path / "p.csv.json").read_text())["metrics"]["MAE"]
+    assert c["error_all"] == pytest.approx(got)
+    # the one-modality-masked coalition is what --mask-modality measures
+    r = cli("eval", "--ckpt", run_a / "seed1" / "best.pt", "--data", tiny_pkl, "--mask-modality", "text", "--json")
+    assert c["coalitions"]["audio+vision"] == pytest.approx(json.loads(r.output)["metrics"]["MAE"])
+
+
+def test_ablate_runs_strategies_in_parallel_jobs(tiny_pkl, tmp_path):
+    r = cli("ablate", "--data", tiny_pkl, "--out", tmp_path, "--variants", "none,ags", "--seeds", "1,2", "--epochs", 1,
+            "--jobs", 2, "--cost-steps", 2, "--set", "train.num_threads=1", *TINY)
+    assert r.exit_code == 0, r.output
+    s = read(tmp_path / "ablation.json")
+    assert set(s["variants"]) == {"none", "ags"} and s["jobs"] == 2 and s["reference"] == "none"
+    d = s["variants"]["ags"]["vs_none"]["MAE"]
+    a, n = s["variants"]["ags"]["test"]["MAE"]["values"], s["variants"]["none"]["test"]["MAE"]["values"]
+    assert d["mean"] == pytest.approx(np.mean(np.subtract(a, n))) and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert all(v > 0 for v in s["variants"]["ags"]["ms_per_step"])
+    assert all(s["variants"][n]["step_cost"]["ms_median"] > 0 and s["variants"][n]["step_cost"]["steps"] == 2
+               for n in ("none", "ags"))
+    md = (tmp_path / "ablation.md").read_text()
+    assert "isolated ms/step" in md and "φ text" in md and "Paired difference" in md and "cores" in md
+    # --cost-only re-times the steps into the existing tables
+    r = cli("ablate", "--data", tiny_pkl, "--out", tmp_path, "--variants", "none,mmpareto", "--cost-only",
+            "--cost-steps", 3, "--set", "train.num_threads=1", *TINY)
+    assert r.exit_code == 0 and "mmpareto" in r.output, r.output
+    s2 = read(tmp_path / "ablation.json")
+    assert s2["variants"]["none"]["step_cost"]["steps"] == 3 and "mmpareto" not in s2["variants"]
+    assert read(tmp_path / "step_cost.json")["costs"]["mmpareto"]["ms_median"] > 0
+    # the same run in one process gives the same numbers (the jobs are independent)
+    r = cli("ablate", "--data", tiny_pkl, "--out", tmp_path / "one", "--variants", "none,ags", "--seeds", "1,2",
+            "--epochs", 1, "--set", "train.num_threads=1", *TINY)
+    assert read(tmp_path / "one" / "ablation.json")["variants"]["ags"]["test"] == s["variants"]["ags"]["test"]
+
+
+def test_ablate_unknown_variant_exits_2(tmp_path):
+    r = CliRunner().invoke(main, ["ablate", "--out", str(tmp_path), "--variants", "none,bogus"])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "bogus" in r.output, r.output

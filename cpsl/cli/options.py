@@ -122,7 +122,7 @@ def run_options(preset="teacher", seeds=None):
 
 def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet=False, **cfg_paths):
     """The run config: preset ← config file ← --set ← the dedicated options (``cfg_paths``:
-    ``{"cp.modulation": value, ...}``; None = unset)."""
+    ``{"train.modulation": value, ...}``; None = unset)."""
     from ..config import apply_overrides, build_config
     cfg = build_config(preset, config, sets)
     if seeds:

@@ -9,14 +9,19 @@ import click
 
 from ..config import Config
 from ..errors import CPSLError
-from .options import (config_flag, config_option, data_option, device_check, overwrite_option, run_config,
-                      run_options, trust_pickle_option)
+from .options import (RegistryChoice, config_flag, config_option, data_option, device_check, overwrite_option,
+                      run_config, run_options, trust_pickle_option)
+
+
+def _strategy_names():
+    from .. import strategies
+    return strategies.names()
 
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @run_options()
-@config_option("cp.modulation", "--modulation")
+@config_option("train.modulation", "--modulation", type=RegistryChoice(_strategy_names))
 @click.option("--no-sl", is_flag=True, help="Switch the Statistical Loss off (config loss.sl=0).")
 @config_option("cp.backend", "--cp-backend")
 @config_flag("train.tensorboard", "--tensorboard")
@@ -30,17 +35,19 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
     from ..runs import check_out
     from ..train import run
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{
-        "cp.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend,
+        "train.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend,
         "train.tensorboard": True if tensorboard else None})
+    from .. import strategies
+    from ..cp.penalty import resolve_backend
+    strategies.check(cfg)                                  # the strategy can run with this config
     check_out(out, resume=resume, overwrite=overwrite)     # refuse before the data is read
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
-    from ..cp.penalty import resolve_backend
-    if cfg.cp.modulation == "cp":
+    if cfg.train.modulation == "cp":
         be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
         click.echo(f"modulation: cp (backend {be}, mode {cfg.cp.mode})")
     else:
-        click.echo(f"modulation: {cfg.cp.modulation}")
+        click.echo(f"modulation: {cfg.train.modulation}")
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
     res = run(cfg, data, out, resume=resume, log=click.echo, overwrite=overwrite)
@@ -57,9 +64,11 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
 @click.option("--out", type=click.Path(dir_okay=False), help="Write predictions (id,label,pred,pred_<m>...) here.")
 @click.option("--mask-modality", help="Remove this modality at inference (balance diagnostic).")
 @click.option("--device", default=Config().train.device, show_default=True, help="cpu or cuda.")
+@click.option("--contributions", is_flag=True,
+              help="Each modality's exact Shapley contribution to the fused error (all 2^M modality masks).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @trust_pickle_option
-def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json, trust_pickle):
+def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, as_json, trust_pickle):
     """Evaluate a checkpoint on a split with MMSA's metrics."""
     from ..data import load_data
     from ..metrics import format_table
@@ -85,6 +94,9 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json, trust_
         result["unmasked"] = full["metrics"]
         result["drop"] = {k: full["metrics"][k] - ev["metrics"][k] for k in ev["metrics"]}
         rows = {"all modalities": full["metrics"], f"without {mask_modality}": ev["metrics"]}
+    if contributions:
+        from ..train import contributions as shapley
+        result["contributions"] = shapley(model, s, cfg, device)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as f:
@@ -99,6 +111,12 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json, trust_
         return
     click.echo(f"{ckpt} on {data_path}:{split} (n={len(s)})" + (f", {mask_modality} removed" if mask_modality else ""))
     click.echo(format_table(rows))
+    if contributions:
+        c = result["contributions"]
+        click.echo(f"Shapley contributions to the fused {c['metric']} (error reduction; {c['metric']} with every "
+                   f"modality masked {c['error_none']:.4f}, with none masked {c['error_all']:.4f}):")
+        for m, v in c["shapley"].items():
+            click.echo(f"  {m:8s} {v:+.4f}")
     if out:
         click.echo(f"wrote {out}")
 
@@ -106,25 +124,42 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, as_json, trust_
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
 @run_options(seeds="1,2,3")
-@click.option("--variants", help="Comma-separated subset of: full,-CP,-SL,-CP-SL,-AME,-GCF,OGM-GE (default all).")
+@click.option("--variants", help="Comma-separated variants: the method's parts (full,-CP,-SL,-CP-SL,-AME,-GCF,OGM-GE; "
+              "the default) and/or registered strategies (e.g. none,cp,ogm_ge,cggm,ags,mmpareto,inforeg,moddrop).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Variant × seed runs in parallel processes (each with train.num_threads threads, 1 when unset).")
+@click.option("--cost-steps", default=20, show_default=True, type=click.IntRange(0, 10_000),
+              help="Interleaved training steps per variant timed in one process after the runs (0: skip).")
+@click.option("--cost-only", is_flag=True,
+              help="Only time the variants' training steps; merged into OUT/ablation.json/md when present.")
 @config_option("cp.backend", "--cp-backend")
 @overwrite_option
 @trust_pickle_option
-def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, cp_backend, overwrite,
-           trust_pickle):
-    """Run the ablation variants and write OUT/ablation.md, ablation.json and a trajectory figure."""
-    from ..ablate import VARIANTS, run_ablation
+def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, jobs, cost_steps, cost_only,
+           cp_backend, overwrite, trust_pickle):
+    """Run variants on the same seeds; write OUT/ablation.md, ablation.json and a trajectory figure."""
+    from ..ablate import DEFAULT, add_step_costs, run_ablation
+    from ..ablate import variants as known
     from ..data import load_data
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{"cp.backend": cp_backend})
-    names = [v.strip() for v in variants.split(",")] if variants else list(VARIANTS)
-    unknown = [v for v in names if v not in VARIANTS]
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else list(DEFAULT)
+    unknown = [v for v in names if v not in known()]
     if unknown:
-        raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+        raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(known())})")
+    if jobs > 1:
+        cfg.train.progress = False
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
-    run_ablation(cfg, data, out, names, log=click.echo, overwrite=overwrite)
+    if cost_only:
+        costs = add_step_costs(cfg, data, out, names, max(cost_steps, 1))
+        for n, c in costs.items():
+            click.echo(f"{n:10s} {c['ms_median']:8.1f} ms/step (median of {c['steps']}, interleaved)")
+        click.echo(f"wrote {Path(out) / 'step_cost.json'}")
+        return
+    summary = run_ablation(cfg, data, out, names, jobs=jobs, log=click.echo, overwrite=overwrite,
+                           cost_steps=cost_steps)
     click.echo((Path(out) / "ablation.md").read_text())
-    click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json")
+    click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json ({summary['wall_s']:.0f} s wall, {jobs} job(s))")
 
 
 COMMANDS = [train, eval_cmd, ablate]

@@ -1,4 +1,4 @@
-"""Conflict-aware Penalty: the rule (core), its backends and the peer strategies."""
+"""Conflict-aware Penalty: the rule (core) and its backends (the strategies live in cpsl.strategies)."""
 from __future__ import annotations
 
 from .core import Backend, CPStats, PenaltyParams, backend_names, get_backend, register_backend

@@ -74,6 +74,32 @@ def _takes_device(be) -> bool:
         return False
 
 
+def bind_group_lrs(opt, names, params, group_index) -> dict[int, list[tuple[dict, torch.Tensor]]]:
+    """``{group index: [(optimizer param group, its base lr), ...]}`` for scaling each group's
+    learning rate. Each group must be the union of whole optimizer param groups with tensor
+    ``lr``s (e.g. a text AME group plus a pretrained encoder group with its own learning rate)."""
+    pg_ids = [({id(p) for p in pg["params"]}, pg) for pg in opt.param_groups]
+    out = {}
+    for gi, name in enumerate(names):
+        ids = {id(p) for p, g in zip(params, group_index) if g == gi}
+        if not ids:
+            continue
+        mine = [pg for s, pg in pg_ids if s and s <= ids]
+        covered = set().union(*[{id(p) for p in pg["params"]} for pg in mine]) if mine else set()
+        if covered != ids:
+            raise ValueError(f"mode 'update': group {name!r} is not a union of optimizer param groups "
+                             "(build the optimizer with cpsl.train.build_optimizer)")
+        slots = []
+        for pg in mine:
+            if not torch.is_tensor(pg["lr"]):
+                raise ValueError(f"mode 'update': a param group of {name!r} needs a tensor lr")
+            if "base_lr" not in pg:
+                pg["base_lr"] = pg["lr"].detach().clone()
+            slots.append((pg, pg["base_lr"]))
+        out[gi] = slots
+    return out
+
+
 class ConflictAwarePenalty:
     def __init__(self, groups: dict[str, list[torch.nn.Parameter]], cfg, optimizer=None,
                  backend: str | None = None, device=None, apply: bool = True):
@@ -110,26 +136,7 @@ class ConflictAwarePenalty:
 
     # ------------------------------------------------------------------ update mode plumbing
     def _bind_optimizer(self, opt) -> None:
-        """Each CP group must be the union of whole optimizer param groups with tensor ``lr``s
-        (e.g. a text AME group plus a pretrained encoder group with its own learning rate)."""
-        pg_ids = [({id(p) for p in pg["params"]}, pg) for pg in opt.param_groups]
-        for gi, name in enumerate(self.names):
-            ids = {id(p) for p, g in zip(self.params, self.group_index) if g == gi}
-            if not ids:
-                continue
-            mine = [pg for s, pg in pg_ids if s and s <= ids]
-            covered = set().union(*[{id(p) for p in pg["params"]} for pg in mine]) if mine else set()
-            if covered != ids:
-                raise ValueError(f"CP mode 'update': group {name!r} is not a union of optimizer param groups "
-                                 "(build the optimizer with cpsl.train.build_optimizer)")
-            slots = []
-            for pg in mine:
-                if not torch.is_tensor(pg["lr"]):
-                    raise ValueError(f"CP mode 'update': a param group of {name!r} needs a tensor lr")
-                if "base_lr" not in pg:
-                    pg["base_lr"] = pg["lr"].detach().clone()
-                slots.append((pg, pg["base_lr"]))
-            self._lr_slots[gi] = slots
+        self._lr_slots = bind_group_lrs(opt, self.names, self.params, self.group_index)
 
     def _grads(self) -> list[torch.Tensor | None]:
         return [p.grad for p in self.params]

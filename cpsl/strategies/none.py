@@ -1,0 +1,25 @@
+"""``none``: plain joint training. With ``cp.diagnostics`` it still measures the CP rule's
+statistics (ĝ_m, r_m, conflict flags; k stays 1 because nothing is applied) so that the balance
+trajectories of every run can be compared."""
+from __future__ import annotations
+
+import warnings
+
+from ..cp.penalty import ConflictAwarePenalty
+from .base import BaseModulator, Step, register
+
+
+@register
+class NoModulation(BaseModulator):
+    name = "none"
+
+    def __init__(self, groups, cfg, model=None, optimizer=None, device=None):
+        super().__init__(groups, cfg, model, optimizer, device)
+        self._probe = None
+        if cfg.cp.diagnostics:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._probe = ConflictAwarePenalty(groups, cfg.cp, optimizer=None, device=device, apply=False)
+
+    def after_backward(self, step: Step):
+        return None if self._probe is None else self._probe.step(step.epoch, step.terms)
