@@ -21,7 +21,6 @@ which is everything ``export/runner.py predict`` needs.
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -121,32 +120,17 @@ class TokenGraph(FeatureGraph):
 
     def export(self, model, path, example, opset: int):
         """The legacy TorchScript exporter over :class:`TokenExportWrapper`; returns the checked proto."""
-        import onnx
-
-        if not ox.MIN_OPSET <= int(opset) <= ox.MAX_OPSET:
-            raise CPSLError(f"--opset must be between {ox.MIN_OPSET} and {ox.MAX_OPSET}, got {opset}")
         enc = model.text_backbone.encoder
         old_impl = getattr(enc.config, "_attn_implementation", None)
         enc.config._attn_implementation = "eager"   # plain MatMul/Softmax attention: what TensorRT fuses
         f = self.feeds(example)
         args = tuple(torch.from_numpy(f[n]) for n in self.input_names())
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(TokenExportWrapper(model).eval(), args, str(path), input_names=self.input_names(),
-                                  output_names=[ox.OUTPUT_NAME], dynamic_axes=self.dynamic_axes(),
-                                  opset_version=int(opset), do_constant_folding=True, dynamo=False)
+            return ox.trace_export(model, TokenExportWrapper(model).eval(), args, path, self.input_names(),
+                                   self.dynamic_axes(), opset)
         finally:
-            model.train(was_training)
             if old_impl is not None:
                 enc.config._attn_implementation = old_impl
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto, full_check=True)
-        return proto
 
     def profile(self, prof: dict, data, max_len: int | None = None) -> dict:
         """The features profile with ``text``/``text_mask`` replaced by the two (batch, seq) token inputs;

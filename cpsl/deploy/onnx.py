@@ -70,16 +70,22 @@ def check_exportable(model: CPSLModel) -> None:
 def export_onnx(model: CPSLModel, path: str | Path, example: Batch, opset: int = 17):
     """Export ``model.predict`` to ``path`` with the legacy TorchScript exporter; returns the
     checked ``onnx.ModelProto``. ``example`` only fixes the trace: all axes but d_m are dynamic."""
-    import onnx
-
     check_exportable(model)
-    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
-        raise CPSLError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
     mods = model.modalities
-    wrapper = ExportWrapper(model).eval()
     args = []
     for m in mods:
         args += [example.x[m].float().cpu(), example.mask[m].to(torch.float32).cpu()]
+    return trace_export(model, ExportWrapper(model).eval(), tuple(args), path, input_names(mods),
+                        dynamic_axes(mods), opset)
+
+
+def trace_export(model, wrapper, args: tuple, path: str | Path, names: list, axes: dict, opset: int):
+    """``wrapper(*args)`` → ONNX at ``path`` (legacy TorchScript exporter, ``model`` in eval mode
+    meanwhile, output ``sentiment``); returns the checked ``onnx.ModelProto``."""
+    import onnx
+
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise CPSLError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -87,9 +93,8 @@ def export_onnx(model: CPSLModel, path: str | Path, example: Batch, opset: int =
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about python ints and the legacy exporter
-            torch.onnx.export(wrapper, tuple(args), str(path), input_names=input_names(mods),
-                              output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes(mods),
-                              opset_version=int(opset), do_constant_folding=True, dynamo=False)
+            torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=[OUTPUT_NAME],
+                              dynamic_axes=axes, opset_version=int(opset), do_constant_folding=True, dynamo=False)
     finally:
         model.train(was_training)
     proto = onnx.load(str(path))
