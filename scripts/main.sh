@@ -15,8 +15,9 @@ if ! (cd / && python -c "import cpsl._C, cpsl.deploy.artifact") 2>/dev/null; the
   pip install -c <(echo "torch==$tv") ".[export,text]"    # never let a dependency pull another torch
 fi
 cpsl info
-cpsl train --data synth --out "$OUT/teacher" --seeds 1
-cpsl distill --teacher "$OUT/teacher/seed1/best.pt" --data synth --out "$OUT/student" --seeds 1
+# --overwrite: this job owns $OUT and replaces its earlier runs (plain cpsl train refuses an existing run)
+cpsl train --data synth --out "$OUT/teacher" --seeds 1 --overwrite
+cpsl distill --teacher "$OUT/teacher/seed1/best.pt" --data synth --out "$OUT/student" --seeds 1 --overwrite
 cpsl export --ckpt "$OUT/student/seed1/best.pt" --data synth --precision int8 \
   --onnx "$OUT/export/student_int8.onnx" --trt
 python export/runner.py "$OUT/export/student_int8.onnx" --check "$OUT/export/student_int8.golden.npz"
