@@ -26,17 +26,19 @@ PARTS: dict[str, dict] = {
 DEFAULT = tuple(PARTS)
 
 
-def variants() -> dict[str, dict]:
-    """The method's parts plus one variant per registered strategy (its name)."""
+def variants(defined: dict | None = None) -> dict[str, dict]:
+    """The method's parts, one variant per registered strategy (its name), and ``defined``
+    (``{name: config mapping}``, e.g. from ``cpsl ablate --define``)."""
     from . import strategies
     out = dict(PARTS)
     out.update({n: {"train": {"modulation": n}} for n in strategies.names()})
+    out.update(defined or {})
     return out
 
 
-def variant_config(base: Config, name: str) -> Config:
+def variant_config(base: Config, name: str, defined: dict | None = None) -> Config:
     cfg = copy_config(base)
-    merge(cfg, variants()[name])
+    merge(cfg, variants(defined)[name])
     return cfg
 
 
@@ -57,9 +59,12 @@ def _task(args) -> dict:
 
 
 def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1, log=print,
-                 overwrite: bool = False, cost_steps: int = 20) -> dict:
+                 overwrite: bool = False, cost_steps: int = 20, defined: dict | None = None,
+                 reference: str | None = None) -> dict:
     """Every variant × seed (``jobs`` processes), then per variant ``results.json`` and the tables;
     ``cost_steps`` interleaved steps per variant time the training step in one process (0: skip).
+    ``defined``: extra variants ``{name: config mapping}``; ``reference``: the variant the paired
+    differences are taken to (default ``none``, else ``-CP``).
     A variant folder holding a run is refused unless ``overwrite``."""
     from . import strategies
     from .data.mmsa import require_splits
@@ -68,7 +73,7 @@ def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(names or DEFAULT)
-    cfgs = {n: variant_config(base, n) for n in names}
+    cfgs = {n: variant_config(base, n, defined) for n in names}
     for n, c in cfgs.items():
         strategies.check(c)
         check_lengths(c.model, data, data.modalities, f"variant {n}")
@@ -101,16 +106,17 @@ def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1,
         res = aggregate(cfgs[n], data, per_seed, fingerprint)
         (out / _dirname(n) / "results.json").write_text(json.dumps(res, indent=2))
         results[n] = res
-    costs = step_costs(base, data, names, cost_steps) if cost_steps else None
-    summary = summarize(results, data, base, wall, jobs, costs)
+    costs = step_costs(base, data, names, cost_steps, defined=defined) if cost_steps else None
+    summary = summarize(results, data, base, wall, jobs, costs, reference)
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     (out / "ablation.md").write_text(markdown(summary))
-    plot_trajectories({n: [_history(out / _dirname(n) / f"seed{s}") for s in base.train.seeds] for n in names},
-                      out / "balance_trajectories.png")
+    histories = {n: [_history(out / _dirname(n) / f"seed{s}") for s in base.train.seeds] for n in names}
+    plot_trajectories(histories, out / "balance_trajectories.png")
+    plot_valid_curves(histories, out / "valid_curves.png")
     return summary
 
 
-def step_costs(base: Config, data, names, steps: int = 20, warmup: int = 3) -> dict:
+def step_costs(base: Config, data, names, steps: int = 20, warmup: int = 3, defined: dict | None = None) -> dict:
     """Median ms per training step of each variant, measured in this process on the same batches,
     the variants interleaved step by step so that every one sees the same machine load."""
     import statistics
@@ -121,7 +127,7 @@ def step_costs(base: Config, data, names, steps: int = 20, warmup: int = 3) -> d
     torch.set_num_threads(base.train.num_threads or 1)
     train, bs = data["train"], base.data.batch_size
     rows = [np.arange(i, min(i + bs, len(train))) for i in range(0, min(len(train), 4 * bs), bs)]
-    steps_of = {n: stepper(variant_config(base, n), data) for n in names}
+    steps_of = {n: stepper(variant_config(base, n, defined), data) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(warmup + steps):
         for n in names:
@@ -133,12 +139,12 @@ def step_costs(base: Config, data, names, steps: int = 20, warmup: int = 3) -> d
     return {n: {"ms_median": statistics.median(t), "ms_p10": sorted(t)[len(t) // 10], "steps": steps} for n, t in times.items()}
 
 
-def add_step_costs(base: Config, data, out: str | Path, names, steps: int = 20) -> dict:
+def add_step_costs(base: Config, data, out: str | Path, names, steps: int = 20, defined: dict | None = None) -> dict:
     """Time the variants' training steps (:func:`step_costs`) and write them into OUT/ablation.json and
     ablation.md when an ablation is there (else OUT/step_cost.json alone)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    costs = step_costs(base, data, names, steps)
+    costs = step_costs(base, data, names, steps, defined=defined)
     (out / "step_cost.json").write_text(json.dumps({"costs": costs, "machine": machine()}, indent=2))
     p = out / "ablation.json"
     if p.is_file():
@@ -165,8 +171,9 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - h, mean + h], "n": n}
 
 
-def summarize(results: dict, data, base: Config, wall_s: float, jobs: int, costs: dict | None = None) -> dict:
-    ref = "none" if "none" in results else ("-CP" if "-CP" in results else None)
+def summarize(results: dict, data, base: Config, wall_s: float, jobs: int, costs: dict | None = None,
+              reference: str | None = None) -> dict:
+    ref = reference or ("none" if "none" in results else ("-CP" if "-CP" in results else None))
     variants_ = {}
     for n, res in results.items():
         ps = res["per_seed"]
@@ -175,6 +182,8 @@ def summarize(results: dict, data, base: Config, wall_s: float, jobs: int, costs
         if costs and n in costs:
             v["step_cost"] = costs[n]
         v["epochs_run"] = [r["epochs_run"] for r in ps]
+        v["best_epoch"] = [r["best_epoch"] for r in ps]
+        v["jitter"] = res.get("jitter")
         if all("contributions" in r for r in ps):
             mods = list(ps[0]["contributions"]["shapley"])
             v["shapley"] = {m: [r["contributions"]["shapley"][m] for r in ps] for m in mods}
@@ -249,7 +258,25 @@ def markdown(summary: dict, split: str = "test") -> str:
                          else f"{d[k]['mean']:+.4f}" for k in ("MAE", "Corr", "Non0_acc_2")]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += _cost_and_contrib(summary)
+    lines += _stability(summary)
     return "\n".join(lines) + "\n"
+
+
+def _stability(summary: dict) -> list[str]:
+    """Selection noise per variant: jitter = mean |Δ valid MAE| between consecutive epochs after
+    epoch 3 (cpsl.train.jitter), the seed spread of the selected checkpoints, the best epochs."""
+    vs = summary["variants"]
+    if not any(v.get("jitter") for v in vs.values()):
+        return []
+    lines = ["", "Stability: *jitter* = mean |Δ valid MAE| between consecutive epochs after the first 3 "
+             "(mean ± std over seeds); the seed spread (std) of the selected checkpoints' valid and test MAE:", "",
+             "| variant | jitter | valid MAE | test MAE | best epochs |", "|---|---|---|---|---|"]
+    for name, v in vs.items():
+        j = v.get("jitter")
+        cells = [_ms(j) if j else "", _ms(v["valid"]["MAE"]) if v.get("valid") else "",
+                 _ms(v["test"]["MAE"]) if v.get("test") else "", ", ".join(map(str, v.get("best_epoch", [])))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _cost_and_contrib(summary: dict) -> list[str]:
@@ -273,6 +300,26 @@ def _cost_and_contrib(summary: dict) -> list[str]:
         cells += [f"{_mean(v['shapley'][m]):+.4f}" if v.get("shapley") else "" for m in mods]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def plot_valid_curves(histories: dict, path: Path) -> None:
+    """Valid MAE per epoch, every seed, one panel per variant (the jitter, seen)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n, hs in histories.items() if any(hs)]
+    if not names:
+        return
+    fig, ax = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), sharey=True, squeeze=False)
+    for a, n in zip(ax[0], names):
+        for hs in histories[n]:
+            if hs:
+                a.plot([x["epoch"] for x in hs], [x["valid"]["MAE"] for x in hs], marker=".", lw=1)
+        a.set_title(n, fontsize=9)
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    ax[0][0].set_ylabel("valid MAE (each seed)")
+    fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)
 
 
 def plot_trajectories(histories: dict, path: Path) -> None:

@@ -75,6 +75,10 @@ class CPConfig:
     diagnostics: bool = True      # other strategies: still measure CP's ĝ/r/conflicts for the balance plots
     # parameter groups of every strategy: modality -> module-name prefixes ("" = the modality's AME encoder)
     groups: dict = field(default_factory=dict)
+    scope: str = field(default="encoder", metadata={
+        "choices": ("encoder", "path"),
+        "help": "Default parameter groups: each modality's encoder, or its whole path into the fusion "
+                "(encoder + its cross-attention, gate and fusion LayerNorm)."})
 
 
 _SCALE_MODE = {"choices": ("update", "grad"),
@@ -141,6 +145,14 @@ class TrainConfig:
         "help": "Also write every logged scalar to OUT/seed*/tb (needs the tensorboard package)."})
     skip_limit: int = field(default=20, metadata={
         "help": "Stop after this many consecutive training steps skipped as non-finite."})
+    # stability (cpsl/stability.py, docs/stability.md)
+    lr_schedule: str = field(default="constant", metadata={
+        "choices": ("constant", "cosine"), "help": "Learning-rate schedule: constant, or warm-up + cosine decay."})
+    warmup_epochs: float = 1.0    # cosine: linear warm-up over these epochs
+    lr_horizon: float = 30.0      # cosine: epochs to reach lr_min (its own key: resume-safe, not train.epochs)
+    lr_min: float = 0.05          # cosine: final lr as a fraction of lr / text_lr
+    ema: float = field(default=0.0, metadata={
+        "help": "Decay of an EMA of the weights used for validation and checkpoints (0 = off; e.g. 0.99)."})
 
 
 @dataclass
@@ -309,6 +321,12 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     """Apply ``section.key=value`` strings (values parsed as YAML scalars).
 
     All overrides are merged before validation, so ``model.d=30 model.heads=3`` works in any order."""
+    merge(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def parse_overrides(overrides) -> dict[str, dict]:
+    """``["section.key=value", ...]`` (values parsed as YAML scalars) → ``{section: {key: value}}``."""
     import yaml
     upd: dict[str, dict] = {}
     for item in overrides:
@@ -321,8 +339,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         except yaml.YAMLError:
             val = raw
         upd.setdefault(sec, {})[k] = val
-    merge(cfg, upd)
-    return cfg
+    return upd
 
 
 def field_choices(section_cls) -> dict[str, tuple]:

@@ -88,7 +88,9 @@ RULES = {
     "moddrop": {"p": _float(0.0, 1.0), "p_dominant": _float(0.0, 1.0), "ema": _float(0.0, 1.0, hi_open=True)},
     "train": {"epochs": _int(1), "patience": _int(1), "lr": _float(0.0, lo_open=True), "text_lr": _NONNEG,
               "weight_decay": _NONNEG, "clip": _NONNEG, "seeds": _seeds, "device": _device,
-              "num_threads": _int(0), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL},
+              "num_threads": _int(0), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL,
+              "warmup_epochs": _NONNEG, "lr_horizon": _float(0.0, lo_open=True), "lr_min": _float(0.0, 1.0),
+              "ema": _float(0.0, 1.0, hi_open=True)},
 }
 
 
@@ -111,5 +113,8 @@ def check(cfg, choices: dict) -> None:
     m = cfg.model
     if m.d % m.heads:
         raise CPSLError(f"config: model.d ({m.d}) must be divisible by model.heads ({m.heads})")
+    if cfg.train.lr_schedule == "cosine" and cfg.train.lr_horizon <= cfg.train.warmup_epochs:
+        raise CPSLError(f"config key train.lr_horizon ({cfg.train.lr_horizon:g}) must be > train.warmup_epochs "
+                        f"({cfg.train.warmup_epochs:g})")
     if cfg.cp.end_epoch < cfg.cp.start_epoch:
         raise CPSLError(f"config key cp.end_epoch ({cfg.cp.end_epoch}) must be >= cp.start_epoch ({cfg.cp.start_epoch})")

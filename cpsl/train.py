@@ -202,14 +202,23 @@ class _State:
         if extra_loss is not None:
             extra_loss.to(device)
         extra_params = [p for p in extra_loss.parameters() if p.requires_grad] if extra_loss is not None else []
-        self.optimizer = build_optimizer(self.model, cfg, self.model.modality_parameters(cfg.cp.groups or None),
+        self.optimizer = build_optimizer(self.model, cfg, self.model.modality_parameters(cfg.cp.groups or None, cfg.cp.scope),
                                          extra_params)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        from .stability import LRSchedule, WeightEMA
+        self.steps_per_epoch = -(-len(data["train"]) // cfg.data.batch_size)
+        self.schedule = LRSchedule(cfg.train, self.optimizer, self.steps_per_epoch)
+        self.ema = WeightEMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         self.guard = StepGuard(self.model, self.params, cfg.train.skip_limit, cfg.train.lr,
                                extreme=data["train"].extreme, extra_params=extra_params)
         self.start_epoch, self.best_val, self.best_epoch, self.bad_epochs = 0, float("inf"), -1, 0
         self.history: list[dict] = []
         self.modulator_state: dict = {}
+
+    @property
+    def eval_model(self) -> CPSLModel:
+        """What validation, selection and the checkpoints use: the EMA of the weights when on."""
+        return self.ema.model if self.ema is not None else self.model
 
     def resume(self, log) -> None:
         path = self.out / "last.pt"
@@ -223,10 +232,13 @@ class _State:
             raise CPSLError(f"cannot resume from {path}: it was written with another "
                             f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}")
         try:
-            self.model.load_state_dict(ck["model"])
+            self.model.load_state_dict(ck.get("train_model") or ck["model"])
+            if self.ema is not None:
+                self.ema.load(ck["model"], ck.get("ema_updates", 0))
             if self.extra_loss is not None and ck.get("extra_loss") is not None:
                 self.extra_loss.load_state_dict(ck["extra_loss"])
             self.optimizer.load_state_dict(ck["optimizer"])
+            self.schedule.bind()
             _set_rng_state(ck["rng"])
             self.start_epoch = int(ck["epoch"]) + 1
             self.best_val, self.best_epoch = float(ck["best_val"]), int(ck["best_epoch"])
@@ -281,6 +293,8 @@ def _train_step(st: _State, modulator, b, epoch: int):
         st.guard.norm = torch.nn.utils.get_total_norm([p.grad for p in st.params if p.grad is not None])
     st.guard.clip(st.cfg.train.clip)
     st.optimizer.step()
+    if st.ema is not None:
+        st.ema.update()
     return terms, stats
 
 
@@ -293,8 +307,9 @@ def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, 
     modulator.begin_epoch(epoch)
     st.guard.new_epoch()
     nb = 0
-    for b in iterate(st.data["train"], st.cfg.data.batch_size, shuffle=True, generator=gen,
-                     modalities=st.model.modalities):
+    for i, b in enumerate(iterate(st.data["train"], st.cfg.data.batch_size, shuffle=True, generator=gen,
+                                  modalities=st.model.modalities)):
+        st.schedule.apply(epoch, i)
         done = _train_step(st, modulator, b, epoch)
         if done is None:
             continue
@@ -308,7 +323,7 @@ def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, 
 
 def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance, mod_rec, t0: float, tb,
                   log=print) -> dict:
-    ev = evaluate(st.model, st.data["valid"], st.cfg, st.device)
+    ev = evaluate(st.eval_model, st.data["valid"], st.cfg, st.device)
     val_loss = ev["metrics"]["loss"]
     improved = val_loss < st.best_val - 1e-9
     if improved:
@@ -329,8 +344,10 @@ def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance,
             f"gradient or batch statistic ({g.skipped} in all)")
     extra = st.checkpoint_extra(modulator)
     if improved:
-        save_checkpoint(st.out / "best.pt", st.model, st.optimizer, st.cfg, epoch, extra)
-    save_checkpoint(st.out / "last.pt", st.model, st.optimizer, st.cfg, epoch, extra)
+        save_checkpoint(st.out / "best.pt", st.eval_model, st.optimizer, st.cfg, epoch, extra)
+    if st.ema is not None:   # last.pt: the averaged weights as "model", the raw ones to resume from
+        extra = {**extra, "train_model": st.model.state_dict(), "ema_updates": st.ema.updates}
+    save_checkpoint(st.out / "last.pt", st.eval_model, st.optimizer, st.cfg, epoch, extra)
     return ev
 
 
@@ -386,6 +403,7 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
                         f"({st.guard.skipped} steps skipped as non-finite); likely cause: {st.guard.cause()}")
     res = _final(st, modulator, plan_builds0, log)
     res["ms_per_step"] = 1e3 * step_s / steps if steps else None
+    res["jitter"] = jitter([h["valid"]["MAE"] for h in st.history])
     return res
 
 
@@ -445,6 +463,13 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     return results
 
 
+def jitter(values, skip: int = 3) -> float | None:
+    """Mean |Δ| between consecutive epochs' values (valid MAE) after the first ``skip`` epochs
+    (None with fewer than two such epochs): how much checkpoint selection is at the mercy of noise."""
+    v = [float(x) for x in values[skip:]]
+    return float(np.mean(np.abs(np.diff(v)))) if len(v) >= 2 else None
+
+
 def seed_summary(r: dict) -> str:
     msg = f"seed {r['seed']}: best epoch {r['best_epoch']}" + (f", {r['skipped_steps']} steps skipped"
                                                                if r.get("skipped_steps") else "")
@@ -460,6 +485,9 @@ def aggregate(cfg: Config, data: MMSAData, per_seed: list[dict], fingerprint: st
                "modulation": cfg.train.modulation, "backend": per_seed[0]["backend"],
                "config": cfg.to_dict(), "data_fingerprint": fingerprint,
                "skipped_steps": sum(r.get("skipped_steps", 0) for r in per_seed), "per_seed": per_seed}
+    jit = [r.get("jitter") for r in per_seed]
+    if all(j is not None for j in jit):
+        results["jitter"] = mean_std([{"valid_MAE": j} for j in jit])["valid_MAE"]
     for split in ("valid", "test"):
         if all(split in r for r in per_seed):
             results[split] = mean_std([r[split] for r in per_seed])

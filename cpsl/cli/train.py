@@ -126,6 +126,10 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
 @run_options(seeds="1,2,3")
 @click.option("--variants", help="Comma-separated variants: the method's parts (full,-CP,-SL,-CP-SL,-AME,-GCF,OGM-GE; "
               "the default) and/or registered strategies (e.g. none,cp,ogm_ge,cggm,ags,mmpareto,inforeg,moddrop).")
+@click.option("--define", "defines", multiple=True, nargs=2, metavar="NAME 'SECTION.KEY=VALUE ...'",
+              help="An extra variant: a name and space-separated overrides, e.g. --define ema 'train.ema=0.99'; "
+                   "repeatable; list it in --variants (default: appended).")
+@click.option("--reference", help="The variant the paired differences are taken to (default: none, else -CP).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Variant × seed runs in parallel processes (each with train.num_threads threads, 1 when unset).")
 @click.option("--cost-steps", default=20, show_default=True, type=click.IntRange(0, 10_000),
@@ -135,29 +139,39 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
 @config_option("cp.backend", "--cp-backend")
 @overwrite_option
 @trust_pickle_option
-def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, jobs, cost_steps, cost_only,
-           cp_backend, overwrite, trust_pickle):
+def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, defines, reference, jobs,
+           cost_steps, cost_only, cp_backend, overwrite, trust_pickle):
     """Run variants on the same seeds; write OUT/ablation.md, ablation.json and a trajectory figure."""
-    from ..ablate import DEFAULT, add_step_costs, run_ablation
+    from ..ablate import DEFAULT, add_step_costs, run_ablation, variant_config
     from ..ablate import variants as known
     from ..data import load_data
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{"cp.backend": cp_backend})
+    from ..config import parse_overrides
+    defined = {}
+    for name, sets_ in defines:
+        if not name.strip() or "/" in name or name in known():
+            raise CPSLError(f"--define: {name!r} is empty, has a '/' or is already a variant")
+        defined[name] = parse_overrides(sets_.split())
+        variant_config(cfg, name, defined)                 # validates the overrides now, naming the key
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else list(DEFAULT)
-    unknown = [v for v in names if v not in known()]
+    names += [n for n in defined if n not in names]
+    unknown = [v for v in names if v not in known(defined)]
     if unknown:
-        raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(known())})")
+        raise CPSLError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(known(defined))})")
+    if reference and reference not in names:
+        raise CPSLError(f"--reference {reference!r} is not one of the variants run ({', '.join(names)})")
     if jobs > 1:
         cfg.train.progress = False
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
     if cost_only:
-        costs = add_step_costs(cfg, data, out, names, max(cost_steps, 1))
+        costs = add_step_costs(cfg, data, out, names, max(cost_steps, 1), defined=defined)
         for n, c in costs.items():
             click.echo(f"{n:10s} {c['ms_median']:8.1f} ms/step (median of {c['steps']}, interleaved)")
         click.echo(f"wrote {Path(out) / 'step_cost.json'}")
         return
     summary = run_ablation(cfg, data, out, names, jobs=jobs, log=click.echo, overwrite=overwrite,
-                           cost_steps=cost_steps)
+                           cost_steps=cost_steps, defined=defined, reference=reference)
     click.echo((Path(out) / "ablation.md").read_text())
     click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json ({summary['wall_s']:.0f} s wall, {jobs} job(s))")
 

@@ -57,15 +57,21 @@ class CPSLModel(nn.Module):
         self.stats_heads = nn.ModuleDict({m: StatsHead(d, hid, self.dims[m]) for m in self.modalities})
 
     # ------------------------------------------------------------------ parameter groups
-    def modality_parameters(self, prefixes: dict | None = None) -> dict[str, list[nn.Parameter]]:
-        """Modality → trainable parameters. Default: each modality's AME encoder (plus the
-        pretrained text encoder for text). ``prefixes`` maps a modality to module-name prefixes."""
+    def modality_parameters(self, prefixes: dict | None = None, scope: str = "encoder") -> dict[str, list[nn.Parameter]]:
+        """Modality → trainable parameters. Default (``scope="encoder"``): each modality's AME encoder
+        (plus the pretrained text encoder for text). ``scope="path"`` adds the modality's own entry
+        into the gated fusion: the cross-attention and gate that modality m's stream owns
+        (``fusion.att.m_*``, ``fusion.gate.m_*``) and its LayerNorm ``fusion.ln.m``, so a penalty
+        also slows what the fusion reads from m (the fusion MLP and residual stay shared).
+        ``prefixes`` maps a modality to module-name prefixes (overrides ``scope``)."""
         named = dict(self.named_parameters())
         groups = {}
         for m in self.modalities:
             pre = (prefixes or {}).get(m)
             if not pre:
                 pre = [f"encoders.{m}."] + (["text_backbone."] if m == "text" and self.text_backbone else [])
+                if scope == "path":
+                    pre += [f"fusion.att.{m}_", f"fusion.gate.{m}_", f"fusion.ln.{m}."]
             elif isinstance(pre, str):
                 pre = [pre]
             groups[m] = [p for n, p in named.items() if p.requires_grad and any(n.startswith(x) for x in pre)]

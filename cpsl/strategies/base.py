@@ -169,7 +169,7 @@ def build(cfg, model, optimizer=None, device=None) -> BaseModulator:
     """The configured strategy over ``model.modality_parameters(cfg.cp.groups)``."""
     cls = get(cfg.train.modulation)
     cls.check(cfg)
-    groups = model.modality_parameters(cfg.cp.groups or None)
+    groups = model.modality_parameters(cfg.cp.groups or None, cfg.cp.scope)
     return cls(groups, cfg, model=model, optimizer=optimizer, device=device)
 
 
