@@ -267,7 +267,7 @@ def pretrain_text(data, out, settings: TransferSettings | None = None, max_steps
         else:
             log(f"nothing to resume in {out}; starting fresh")
     stop = min(run.total, max_steps) if max_steps else run.total
-    bar = None
+    step0, train_s, bar = run.step, 0.0, None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=run.total, initial=run.step, desc="pretrain-text", unit="step", leave=False, dynamic_ncols=True)
@@ -276,6 +276,7 @@ def pretrain_text(data, out, settings: TransferSettings | None = None, max_steps
             epoch = run.step // run.per_epoch
             t0 = time.perf_counter()
             train_loss = _train_steps(run, epoch, stop, bar)
+            train_s += time.perf_counter() - t0
             if run.step % run.per_epoch and run.step < run.total:      # stopped inside an epoch
                 break
             run.loss_sum, run.loss_n = 0.0, 0
@@ -300,7 +301,9 @@ def pretrain_text(data, out, settings: TransferSettings | None = None, max_steps
     res = {"complete": run.step >= run.total, "step": run.step, "total_steps": run.total,
            "steps_per_epoch": run.per_epoch, "best": run.best, "history": run.history,
            "settings": asdict(st), "data": data.path, "data_fingerprint": run.identity["data"],
-           "source": source_info(st.text_encoder), "command": command}
+           "source": source_info(st.text_encoder), "command": command,
+           "this_call": {"steps": run.step - step0, "train_seconds": train_s,
+                         "seconds_per_step": train_s / (run.step - step0) if run.step > step0 else None}}
     (out / "transfer.json").write_text(json.dumps(res, indent=2))
     return res
 
@@ -314,8 +317,14 @@ def save_folder(run: _Run, out: Path, data, command: str) -> None:
     """The Hugging Face folder of the current weights: encoder, tokenizer, head, card."""
     from safetensors.torch import save_file
 
+    from transformers.utils import logging as hf_logging
+
     from .text_encoder import load_tokenizer
-    run.model.encoder.save_pretrained(str(out), safe_serialization=True)
+    hf_logging.disable_progress_bar()                  # a one-shard write: no bar between the epoch lines
+    try:
+        run.model.encoder.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     load_tokenizer(run.st.text_encoder).save_pretrained(str(out))
     save_file({k: v.detach().contiguous() for k, v in run.model.head.state_dict().items()},
               str(out / "head.safetensors"))
