@@ -53,11 +53,14 @@ def sha(path: Path) -> str:
     return sha256_file(path)
 
 
-def cpsl(args, log: Path | None, quiet: bool) -> float:
-    """Run ``python -m cpsl ARGS``; output to ``log`` (and the console unless ``quiet``); wall seconds."""
+def cpsl(args, log: Path | None, quiet: bool, threads: int = 0) -> float:
+    """Run ``python -m cpsl ARGS``; output to ``log`` (and the console unless ``quiet``); wall seconds.
+    ``threads`` > 0 also caps OpenMP/MKL threads of the process (the builders' encoding)."""
     t0 = time.time()
     cmd = [sys.executable, "-m", "cpsl", *map(str, args)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if quiet:
         with open(log, "w") as f:
             r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -93,7 +96,7 @@ def build(kind: str, data: Path, cache: Path, source: str, max_len: int, threads
     print(f"[data] building {kind} -> {out}", flush=True)
     tmp = out.with_suffix(".tmp.pkl")
     timing[f"build_{kind}_s"] = cpsl([*args, "--text-encoder", source, "--max-len", max_len, "--out", tmp,
-                                      *(["--quiet"] if quiet else [])], cache / f"build_{kind}.log", quiet)
+                                      *(["--quiet"] if quiet else [])], cache / f"build_{kind}.log", quiet, threads)
     Path(str(tmp) + ".json").replace(str(out) + ".json")
     tmp.replace(out)
     return out
@@ -115,7 +118,7 @@ def transfer(mosei: Path, cache: Path, source: str, settings: dict, threads: int
     args += ["--resume"] if resume else (["--overwrite"] if enc.exists() else [])
     if max_steps:
         args += ["--max-steps", max_steps]
-    timing["transfer_s"] = cpsl([*args, *(["--quiet"] if quiet else [])], cache / "transfer.log", quiet)
+    timing["transfer_s"] = cpsl([*args, *(["--quiet"] if quiet else [])], cache / "transfer.log", quiet, threads)
     return enc
 
 
@@ -151,7 +154,7 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
             if not (d / "results.json").is_file():
                 d.parent.mkdir(parents=True, exist_ok=True)
                 cpsl(train_args(p, d, a.config, encoder, seed, a.threads, a.epochs, a.sets, True) + ["--overwrite"],
-                     d.parent / f"fold{i}.log", True)
+                     d.parent / f"fold{i}.log", True, a.threads)
             per_fold.append(json.loads((d / "results.json").read_text()))
         res[name] = {"encoder": encoder, "valid": mean_std([r["per_seed"][0]["valid"] for r in per_fold]),
                      "valid_text_head": mean_std([r["per_seed"][0]["valid_aux"]["text"] for r in per_fold])}
@@ -191,7 +194,7 @@ def run_recipe(a) -> dict:
     print(f"[train] {a.config.name} from {encoder}, seeds {a.seeds} -> {out}", flush=True)
     mode = ["--resume"] if a.resume else (["--overwrite"] if a.overwrite else [])
     cpsl(train_args(mosi, out, a.config, str(encoder), a.seeds, a.threads, a.epochs, a.sets, a.quiet) + mode,
-         out / "train.log", a.quiet)
+         out / "train.log", a.quiet, a.threads)
     timing["train_s"] = time.time() - t0
     results = json.loads((out / "results.json").read_text())
     card = encoder / "transfer.json"

@@ -241,16 +241,33 @@ def _train_steps(run: _Run, epoch: int, stop: int, bar) -> float:
     return run.loss_sum / max(run.loss_n, 1)
 
 
+def _end_epoch(run: _Run, epoch: int, train_loss: float, t0: float, out: Path, command: str, log) -> None:
+    """Score the valid split, log the epoch, and rewrite the folder when it is the best so far."""
+    import torch
+
+    from .losses import task_loss
+    from .metrics import METRIC_KEYS, mmsa_metrics
+    run.loss_sum, run.loss_n = 0.0, 0
+    y = run.data["valid"].labels
+    pred = predict(run.model, run.data["valid"])
+    m = mmsa_metrics(pred, y)
+    vloss = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), run.st.loss))
+    rec = {"epoch": epoch, "step": run.step, "train_loss": train_loss, "valid_loss": vloss,
+           "valid": {k: m[k] for k in METRIC_KEYS}, "seconds": time.perf_counter() - t0}
+    run.history.append(rec)
+    log(f"epoch {epoch}: train loss {train_loss:.4f} | valid loss {vloss:.4f} MAE {m['MAE']:.4f} "
+        f"Corr {m['Corr']:.4f} Non0_acc_2 {m['Non0_acc_2']:.4f} ({rec['seconds']:.0f} s)")
+    if run.best is None or vloss < run.best["valid_loss"] - 1e-12:
+        run.best = rec
+        save_folder(run, out, run.data, command)
+
+
 def pretrain_text(data, out, settings: TransferSettings | None = None, max_steps: int = 0, resume: bool = False,
                   overwrite: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
     """Fine-tune ``settings.text_encoder`` with a regression head on ``data`` (an ``MMSAData`` with
     ``text_bert``); write the best epoch's encoder as a Hugging Face folder in ``out``. ``max_steps``
     > 0 stops after that many optimisation steps in all (the run can be resumed). Returns
     ``transfer.json``'s content (``complete`` False when stopped early)."""
-    import torch
-
-    from .losses import task_loss
-    from .metrics import METRIC_KEYS, mmsa_metrics
     st = settings or TransferSettings()
     st.check()
     if max_steps < 0:
@@ -279,19 +296,7 @@ def pretrain_text(data, out, settings: TransferSettings | None = None, max_steps
             train_s += time.perf_counter() - t0
             if run.step % run.per_epoch and run.step < run.total:      # stopped inside an epoch
                 break
-            run.loss_sum, run.loss_n = 0.0, 0
-            y = data["valid"].labels
-            pred = predict(run.model, data["valid"])
-            m = mmsa_metrics(pred, y)
-            vloss = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), st.loss))
-            rec = {"epoch": epoch, "step": run.step, "train_loss": train_loss, "valid_loss": vloss,
-                   "valid": {k: m[k] for k in METRIC_KEYS}, "seconds": time.perf_counter() - t0}
-            run.history.append(rec)
-            log(f"epoch {epoch}: train loss {train_loss:.4f} | valid loss {vloss:.4f} MAE {m['MAE']:.4f} "
-                f"Corr {m['Corr']:.4f} Non0_acc_2 {m['Non0_acc_2']:.4f} ({rec['seconds']:.0f} s)")
-            if run.best is None or vloss < run.best["valid_loss"] - 1e-12:
-                run.best = rec
-                save_folder(run, out, data, command)
+            _end_epoch(run, epoch, train_loss, t0, out, command, log)
             run.save_state(out / STATE)
     finally:
         if bar is not None:

@@ -104,6 +104,12 @@ def test_folder_loads_offline_and_starts_cpsl_train(setup, tmp_path):
     from cpsl.train import load_model
     model, cfg, _ = load_model(out / "seed1" / "best.pt")
     assert cfg.model.text_encoder == str(full)
+    if __import__("importlib").util.find_spec("onnxruntime") is not None:      # the edge path takes it end to end
+        r = cli("export", "--ckpt", out / "seed1" / "best.pt", "--onnx", tmp_path / "m.onnx", "--quiet")
+        assert r.exit_code == 0, r.output
+        man = json.loads((tmp_path / "m.manifest.json").read_text())
+        assert man["graph"] == "tokens" and man["parity"]["fp32_onnxruntime_vs_pytorch"]["max_abs"] <= 1e-4
+        assert (tmp_path / "m.tokenizer.json").read_bytes() == (full / "tokenizer.json").read_bytes()
     fresh = CPSLModel({"text": 32}, cfg.model)                              # the encoder as loaded from the folder
     w = load_file(full / "model.safetensors")
     sd = fresh.text_backbone.encoder.state_dict()
