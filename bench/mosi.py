@@ -3,6 +3,8 @@ audio, and the tri-modal bc-LSTM feature set on its own split.
 
     python bench/mosi.py [--data-dir ../shared/data] [--seeds 1,2,3] [--out bench/results/mosi]
                          [--variants frozen_none,frozen_cpsl,ft_none,ft_cpsl] [--epochs N] [--bclstm]
+    python bench/mosi.py --recipe best --data-dir DIR --out OUT [--seeds 1,2,3] [--encoder PATH]
+                         [--kfold K [--kfold-baseline]] [--threads N]      (bench/mosi_recipe.py)
 
 Variants (each over the seeds, valid metrics of the checkpoint selected on valid loss —
 MOSI's test fold is not in the data pack):
@@ -44,20 +46,21 @@ def sh(cmd, log):
     return time.time() - t0
 
 
-def ridge_baseline(pkl: Path, text_key="text") -> dict:
-    """Ridge on masked mean-pooled text features (for MiniLM token states: the sentence embedding)."""
+def ridge_baseline(pkl: Path, text_key="text", split="valid", data=None) -> dict:
+    """Ridge on masked mean-pooled text features (for MiniLM token states: the sentence embedding),
+    fitted on train (alpha by RidgeCV's leave-one-out on train), scored on ``split``."""
     from sklearn.linear_model import RidgeCV
 
     from cpsl.data.mmsa import load_mmsa
     from cpsl.metrics import mmsa_metrics
-    d = load_mmsa(pkl)
+    d = data if data is not None else load_mmsa(pkl)
 
     def pool(s):
         x, m = s.features[text_key], s.masks(text_key)
         return (x * m[..., None]).sum(1) / m.sum(1, keepdims=True)
 
     r = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(pool(d["train"]), d["train"].labels)
-    return mmsa_metrics(r.predict(pool(d["valid"])), d["valid"].labels) | {"alpha": float(r.alpha_)}
+    return mmsa_metrics(r.predict(pool(d[split])), d[split].labels) | {"alpha": float(r.alpha_)}
 
 
 def epoch_times(run_dir: Path) -> list[float]:
@@ -106,9 +109,17 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--bclstm", action="store_true", help="Also run the bc-LSTM set (frozen variants only).")
     ap.add_argument("--work", default="/tmp/cpsl_mosi", help="Pickles and run folders (outside the repo).")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mosi"))
+    ap.add_argument("--out", help="report folder (default bench/results/mosi); with --recipe: the run folder (required)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="Extra --set for every run.")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mosi_recipe
+    mosi_recipe.add_arguments(ap)
     a = ap.parse_args(argv)
+    if a.recipe:
+        if not a.out:
+            ap.error("--recipe needs --out (the run folder: OUT/results.json, OUT/seed*/best.pt)")
+        return mosi_recipe.run_recipe(a)
+    a.out = a.out or str(ROOT / "bench" / "results" / "mosi")
     data = Path(a.data_dir)
     if not (data / "mosi" / "labels.csv").is_file():
         raise SystemExit(f"the data pack is not at {data} (pass --data-dir or set CPSL_DATA_DIR)")

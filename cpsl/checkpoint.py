@@ -132,8 +132,8 @@ def load_model(path: str | Path, device="cpu") -> tuple[CPSLModel, Config, dict]
     ck = read_checkpoint(path)
     cfg = Config.from_dict(ck["config"])
     dims = dict(ck["dims"])
-    if not all(isinstance(v, int) and v >= 1 for v in dims.values()) or len(dims) < 2:
-        raise CPSLError(f"{path}: the checkpoint's dims {dims} are not feature sizes of >= 2 modalities")
+    if not all(isinstance(v, int) and v >= 1 for v in dims.values()) or not dims:
+        raise CPSLError(f"{path}: the checkpoint's dims {dims} are not feature sizes of >= 1 modality")
     if cfg.model.text_encoder and "text" in dims:
         dims["text"] = 1  # replaced by the backbone's hidden size inside the model
     bad = nonfinite_weights(ck["model"])

@@ -40,12 +40,14 @@ def statistical_loss(mu_hat: dict, log_sigma_hat: dict, mu: dict, sigma: dict,
 
 
 def diversity_loss(h: dict, eps: float = 1e-8) -> torch.Tensor:
-    """L_div = mean_{m<n} mean_B cos²(h̃_m, h̃_n) with h̃ centred over the batch."""
+    """L_div = mean_{m<n} mean_B cos²(h̃_m, h̃_n) with h̃ centred over the batch (0 for one modality)."""
     hc = {m: v - v.mean(0, keepdim=True) for m, v in h.items()}
     terms = []
     for m, n in itertools.combinations(hc, 2):
         cos = (hc[m] * hc[n]).sum(-1) / (hc[m].norm(dim=-1) * hc[n].norm(dim=-1)).clamp(min=eps)
         terms.append((cos ** 2).mean())
+    if not terms:
+        return next(iter(h.values())).sum() * 0.0
     return torch.stack(terms).mean()
 
 

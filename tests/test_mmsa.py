@@ -195,8 +195,8 @@ BAD_CASES = {
     "label nan": (_bad(lambda r: r["test"]["regression_labels"].__setitem__(1, np.nan)), "non-finite"),
     "label text": (_bad(lambda r: r["test"].__setitem__("regression_labels", np.array(["a"] * 5))),
                    "test/regression_labels is not a numeric array"),
-    "one modality": (_bad(lambda r: [s.pop(m) for s in r.values() for m in ("audio", "vision")]),
-                     "needs at least two modalities"),
+    "no modality": (_bad(lambda r: [s.pop(m) for s in r.values() for m in ("text", "audio", "vision")]),
+                    "needs at least one modality"),   # one modality is fine (text-only MOSEI, issue 14)
     "bad ndim": (_bad(lambda r: r["train"].__setitem__("vision", np.zeros(6))), "train/vision must have shape"),
     "dims differ": (_bad(lambda r: r["valid"].__setitem__("audio", np.zeros((4, 9, 2), np.float32))),
                     "audio feature size differs"),

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cpsl.errors import CPSLError
+
 from . import BATCHES, ITERS, REPO, STUDENT_EPOCHS, TEACHER_EPOCHS
 from .machine import _loadavg, describe_machine, machine_info
 from .markdown import write_markdown
@@ -70,6 +72,11 @@ def stage_model(R: Run, kind: str) -> None:
     with R.P.stage(kind) as st:
         if given:
             ck = read_checkpoint(given)
+            if ck.get("config", {}).get("model", {}).get("text_encoder"):
+                # the edge path measures feature graphs; a model that runs its text encoder on
+                # token ids (e.g. the MOSI recipe's best.pt) is benchmarked end to end
+                raise CPSLError(f"{given} runs a text encoder on token ids ({ck['config']['model']['text_encoder']}): "
+                                f"benchmark it with bench/run.py --e2e --ckpt {given} --data-dir DIR")
             info = {"source": f"loaded {given}", "ckpt": Path(given),
                     "epochs_run": len(ck.get("history", [])) or None, "best_epoch": ck.get("best_epoch")}
         elif kind == "teacher":

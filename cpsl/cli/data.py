@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..data.synthetic import SynthSpec
-from .data_build import build_bclstm, build_mosi
+from .data_build import build_bclstm, build_mosei, build_mosi
 from .options import trust_pickle_option
 
 _SPEC = SynthSpec()
@@ -74,5 +74,6 @@ def data_info(path, as_json, trust_pickle):
 
 
 data.add_command(build_mosi)
+data.add_command(build_mosei)
 data.add_command(build_bclstm)
 COMMANDS = [data]

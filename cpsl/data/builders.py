@@ -5,10 +5,12 @@
                   text  = frozen pretrained encoder token states (N, max_len, d) + ``text_bert``
                   audio = one openSMILE vector per segment (N, 1, 73); no vision.
                   Splits follow the ``mode`` column (train / valid / test).
+``build_mosei``   MOSEI ``labels.csv`` (video_id, clip_id, text, label, mode): text only
+                  (frozen encoder token states + ``text_bert``); splits follow ``mode``.
 ``build_bclstm``  bc-LSTM's utterance-level features (video_id, clip_id, label, t*, a*, v*):
                   text/audio/vision (N, 1, d); validation carved from train by video id.
 
-Both return ``(MMSAData, report)``; ``report`` is a JSON-ready dict (sizes, dims, join
+Each returns ``(MMSAData, report)``; ``report`` is a JSON-ready dict (sizes, dims, join
 counts and the first unjoined ids, non-finite values replaced by 0, ...). Rows are kept in
 file order, so the same inputs give byte-identical arrays. Bad input raises ``CPSLError``
 with one line.
@@ -214,11 +216,7 @@ def join_mosi(labels_csv, audio_csv, strict: bool = False) -> tuple[dict, dict]:
     lkeys = _keys(lab, "labels")
     akeys = _keys(aud, "audio")
     labels = _labels(lab, lkeys, "labels")
-    modes = [m.strip().lower() for m in lab.col("mode")]
-    unknown = sorted(set(modes) - set(SPLITS))
-    if unknown:
-        raise CPSLError(f"labels file {labels_csv}: unknown mode value(s) {', '.join(map(repr, unknown))} "
-                        f"(expected {', '.join(SPLITS)})")
+    modes = _modes(lab, labels_csv)
     audio, audio_bad = _floats(aud, acols)                        # (N_a, d_a), (N_a,)
 
     apos = {k: i for i, k in enumerate(akeys)}
@@ -253,28 +251,57 @@ def join_mosi(labels_csv, audio_csv, strict: bool = False) -> tuple[dict, dict]:
     return rows, report
 
 
-def build_mosi(labels_csv, audio_csv, text_encoder: str = "minilm", max_len: int = 50,
-               progress: bool = True, strict: bool = False, batch_size: int = 64) -> tuple[MMSAData, dict]:
-    """MMSA data (text + audio) from MOSI ``labels.csv`` and ``audio_opensmile.csv``."""
+def _modes(t: _Table, path) -> list[str]:
+    modes = [m.strip().lower() for m in t.col("mode")]
+    unknown = sorted(set(modes) - set(SPLITS))
+    if unknown:
+        raise CPSLError(f"labels file {path}: unknown mode value(s) {', '.join(map(repr, unknown))} "
+                        f"(expected {', '.join(SPLITS)})")
+    return modes
+
+
+def encode_texts(texts, text_encoder: str = "minilm", max_len: int = 50, batch_size: int = 64,
+                 progress: bool = True) -> dict:
+    """Lower-cased ``texts`` through the frozen encoder: ``text_bert`` (N, 3, L), ``states`` (N, L, d),
+    ``lengths`` (N,) ([CLS] .. [SEP]), ``ntok`` (N,) untruncated token counts, and the encoder's
+    ``path`` / ``hidden`` size. Shared by every builder that encodes transcripts."""
     from ..text_encoder import encode_tokens, load_encoder, load_tokenizer, resolve_encoder_path, token_counts, tokenize
 
     max_len = int(max_len)
     if max_len < 2:
         raise CPSLError(f"--max-len must be at least 2, got {max_len}")
-    rows, jrep = join_mosi(labels_csv, audio_csv, strict=strict)   # all table checks before the encoder
-    modes = np.asarray(rows["mode"])
-    require_splits({n: int((modes == n).sum()) for n in SPLITS}, f"{labels_csv} (after the join)")
     enc_path = resolve_encoder_path(text_encoder)
     tok = load_tokenizer(text_encoder)
     model, hidden = load_encoder(text_encoder)
-
-    texts = [t.lower() for t in rows["text"]]                      # transcripts are upper case
-    text_bert = tokenize(tok, texts, max_len)                      # (N, 3, L)
-    ntok = token_counts(tok, texts)
+    texts = [t.lower() for t in texts]                              # MOSI transcripts are upper case
+    text_bert = tokenize(tok, texts, max_len)                       # (N, 3, L)
     states = encode_tokens(model, text_bert, batch_size=batch_size, progress=progress)  # (N, L, d)
-    tlen = text_bert[:, 1].sum(1).astype(np.int64)                 # [CLS] .. [SEP]
+    return {"text_bert": text_bert, "states": states, "lengths": text_bert[:, 1].sum(1).astype(np.int64),
+            "ntok": token_counts(tok, texts), "path": enc_path, "hidden": hidden}
+
+
+def _encoder_report(text_encoder, enc: dict, max_len: int) -> dict:
+    return {"spec": str(text_encoder), "path": str(enc["path"]), "hidden_size": enc["hidden"],
+            "max_len": int(max_len), "lowercased": True, "frozen": True, "layer": "last"}
+
+
+def _shapes(splits: dict) -> dict:
+    return {n: {m: list(s.features[m].shape) for m in s.features} | {"text_bert": list(s.text_bert.shape)}
+            for n, s in splits.items()}
+
+
+def build_mosi(labels_csv, audio_csv, text_encoder: str = "minilm", max_len: int = 50,
+               progress: bool = True, strict: bool = False, batch_size: int = 64) -> tuple[MMSAData, dict]:
+    """MMSA data (text + audio) from MOSI ``labels.csv`` and ``audio_opensmile.csv``."""
+    if int(max_len) < 2:
+        raise CPSLError(f"--max-len must be at least 2, got {max_len}")
+    rows, jrep = join_mosi(labels_csv, audio_csv, strict=strict)   # all table checks before the encoder
+    modes = np.asarray(rows["mode"])
+    require_splits({n: int((modes == n).sum()) for n in SPLITS}, f"{labels_csv} (after the join)")
+    enc = encode_texts(rows["text"], text_encoder, max_len, batch_size, progress)
+    states, text_bert, tlen = enc["states"], enc["text_bert"], enc["lengths"]
     audio = rows["audio"][:, None, :]                              # (N, 1, d_a)
-    labels, modes = rows["labels"], np.asarray(rows["mode"])
+    labels = rows["labels"]
 
     splits = {}
     for name in SPLITS:
@@ -289,20 +316,70 @@ def build_mosi(labels_csv, audio_csv, text_encoder: str = "minilm", max_len: int
         "builder": "mosi",
         "inputs": {"labels": str(labels_csv), "labels_sha256": sha256_file(labels_csv),
                    "audio": str(audio_csv), "audio_sha256": sha256_file(audio_csv)},
-        "text_encoder": {"spec": str(text_encoder), "path": str(enc_path), "hidden_size": hidden,
-                         "max_len": max_len, "lowercased": True, "frozen": True, "layer": "last"},
+        "text_encoder": _encoder_report(text_encoder, enc, max_len),
         "splits": {n: len(s) for n, s in splits.items()},
         "videos": {n: len({i.split("$_$")[0] for i in s.ids}) for n, s in splits.items()},
-        "dims": {"text": hidden, "audio": int(audio.shape[2])},
-        "shapes": {n: {m: list(s.features[m].shape) for m in s.features} | {"text_bert": list(s.text_bert.shape)}
-                   for n, s in splits.items()},
+        "dims": {"text": enc["hidden"], "audio": int(audio.shape[2])},
+        "shapes": _shapes(splits),
         **jrep,
-        "texts_truncated": int((ntok > max_len).sum()),
+        "texts_truncated": int((enc["ntok"] > int(max_len)).sum()),
         "texts_empty": int(sum(1 for t in rows["text"] if not t.strip())),
         "videos_in_several_splits": _video_overlap(splits),
     }
     data = MMSAData(splits, ("text", "audio"), path="", meta=report)
     return data, report
+
+
+# ----------------------------------------------------------------------------- MOSEI (text only)
+MOSEI_COLS = ("video_id", "clip_id", "text", "label", "mode")
+
+
+def build_mosei(labels_csv, text_encoder: str = "minilm", max_len: int = 50, progress: bool = True,
+                batch_size: int = 64, limit: int = 0) -> tuple[MMSAData, dict]:
+    """MMSA data (text only) from MOSEI ``labels.csv`` (video_id, clip_id, text, label, mode).
+
+    text = frozen encoder token states (N, max_len, d) + ``text_bert``; splits follow ``mode``
+    (a file without ``test`` rows gives an empty test split). ``limit`` > 0 keeps the first
+    ``limit`` rows of each split (quick checks)."""
+    if int(max_len) < 2:
+        raise CPSLError(f"--max-len must be at least 2, got {max_len}")
+    if int(limit) < 0:
+        raise CPSLError(f"--limit must be >= 0, got {limit}")
+    lab = _read_csv(labels_csv, "labels")
+    _require(lab, MOSEI_COLS, "labels")
+    if not lab.rows:
+        raise CPSLError(f"labels file {labels_csv} has no data rows")
+    keys = _keys(lab, "labels")
+    labels = _labels(lab, keys, "labels")
+    modes = np.asarray(_modes(lab, labels_csv))
+    texts = lab.col("text")
+    keep = np.concatenate([np.flatnonzero(modes == n)[:int(limit) or None] for n in SPLITS])
+    keep.sort()
+    require_splits({n: int((modes[keep] == n).sum()) for n in SPLITS}, str(labels_csv))
+    enc = encode_texts([texts[i] for i in keep], text_encoder, max_len, batch_size, progress)
+    pos = {int(i): k for k, i in enumerate(keep)}
+    splits = {}
+    for name in SPLITS:
+        idx = [i for i in keep if modes[i] == name]
+        j = np.asarray([pos[int(i)] for i in idx], dtype=np.int64)
+        splits[name] = _split(name, {"text": np.ascontiguousarray(enc["states"][j])}, labels[idx],
+                              [_mmsa_id(keys[i]) for i in idx], [texts[i] for i in idx],
+                              text_bert=np.ascontiguousarray(enc["text_bert"][j]),
+                              lengths={"text": enc["lengths"][j]})
+    report = {
+        "builder": "mosei",
+        "inputs": {"labels": str(labels_csv), "labels_sha256": sha256_file(labels_csv)},
+        "text_encoder": _encoder_report(text_encoder, enc, max_len),
+        "rows": len(keys), "limit": int(limit),
+        "splits": {n: len(s) for n, s in splits.items()},
+        "videos": {n: len({i.split("$_$")[0] for i in s.ids}) for n, s in splits.items()},
+        "dims": {"text": enc["hidden"]},
+        "shapes": _shapes(splits),
+        "texts_truncated": int((enc["ntok"] > int(max_len)).sum()),
+        "texts_empty": int(sum(1 for i in keep if not texts[i].strip())),
+        "videos_in_several_splits": _video_overlap(splits),
+    }
+    return MMSAData(splits, ("text",), path="", meta=report), report
 
 
 # ----------------------------------------------------------------------------- bc-LSTM

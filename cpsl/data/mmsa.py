@@ -16,7 +16,7 @@ A file is a pickled dict ``{"train": S, "valid": S, "test": S}``; each split ``S
 
 Masks come from the lengths when present (``text_lengths`` for text, a cpsl extension, or
 the ``text_bert`` attention mask); aligned files without lengths use every step, as MMSA
-does. A modality key may be absent (two-modality data). Utterance-level features given as
+does. A modality key may be absent (two- or single-modality data, e.g. text-only MOSEI). Utterance-level features given as
 ``(N, d)`` are read as ``(N, 1, d)``. ``-inf``/``+inf``/NaN are replaced by 0 and counted; finite values with
 ``|x| > EXTREME`` are counted too (``data info`` and ``train`` warn about them). Lengths must be
 integers in ``[1, L]``. The file is read by :mod:`.safe_pickle`, which never executes code.
@@ -213,8 +213,8 @@ def load_mmsa(path: str | Path, require_splits=SPLITS, trust_pickle: bool = Fals
         raise CPSLError(f"{path}: missing split(s) {', '.join(missing)} (has: {', '.join(map(str, raw))})")
     splits = {s: _read_split(raw[s], s, path) for s in SPLITS if s in raw}
     mods = [m for m in MODALITIES if all(m in s.features for s in splits.values())]
-    if len(mods) < 2:
-        raise CPSLError(f"{path}: needs at least two modalities of {', '.join(MODALITIES)}, found {mods or 'none'}")
+    if not mods:
+        raise CPSLError(f"{path}: needs at least one modality of {', '.join(MODALITIES)} in every split, found none")
     for m in mods:
         dims = {s.name: s.features[m].shape[2] for s in splits.values()}
         if len(set(dims.values())) != 1:

@@ -1,6 +1,7 @@
 """The whole CPSL model: AME encoders → gated cross-modal fusion → heads (docs/method.md §1–3).
 
-Works for whichever two or three modalities the data holds. ``modality_parameters()`` returns
+Works for whichever one, two or three modalities the data holds (one: the fusion reduces to
+its residual MLP over that modality, and the balancing strategies have a single group). ``modality_parameters()`` returns
 the named parameter groups the Conflict-aware Penalty acts on.
 """
 from __future__ import annotations
@@ -34,8 +35,8 @@ class CPSLModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.modalities = tuple(m for m in ("text", "audio", "vision") if m in dims)
-        if len(self.modalities) < 2:
-            raise ValueError(f"CPSLModel needs at least two modalities, got {list(dims)}")
+        if not self.modalities:
+            raise ValueError(f"CPSLModel needs at least one modality, got {list(dims)}")
         self.dims = {m: int(dims[m]) for m in self.modalities}
         d, hid = cfg.d, cfg.head_hidden or cfg.d
         self.text_backbone = None

