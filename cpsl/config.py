@@ -151,8 +151,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0    # cosine: linear warm-up over these epochs
     lr_horizon: float = 30.0      # cosine: epochs to reach lr_min (its own key: resume-safe, not train.epochs)
     lr_min: float = 0.05          # cosine: final lr as a fraction of lr / text_lr
-    ema: float = field(default=0.0, metadata={
-        "help": "Decay of an EMA of the weights used for validation and checkpoints (0 = off; e.g. 0.99)."})
+    ema: float = field(default=0.99, metadata={
+        "help": "Decay of an EMA of the weights used for validation and checkpoints (0 = off)."})
 
 
 @dataclass
