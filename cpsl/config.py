@@ -141,6 +141,10 @@ class TrainConfig:
         "help": "Also write every logged scalar to OUT/seed*/tb (needs the tensorboard package)."})
     skip_limit: int = field(default=20, metadata={
         "help": "Stop after this many consecutive training steps skipped as non-finite."})
+    amp: str = field(default="off", metadata={
+        "choices": ("off", "bf16", "fp16"),
+        "help": "Mixed precision: autocast forward/loss in bf16 (CUDA or CPU) or fp16 (CUDA, with a GradScaler; "
+                "gradients are unscaled before the modulator reads them)."})
 
 
 @dataclass

@@ -111,5 +111,8 @@ def check(cfg, choices: dict) -> None:
     m = cfg.model
     if m.d % m.heads:
         raise CPSLError(f"config: model.d ({m.d}) must be divisible by model.heads ({m.heads})")
+    if cfg.train.amp == "fp16" and not cfg.train.device.startswith("cuda"):
+        raise CPSLError("config key train.amp: fp16 needs train.device=cuda (loss scaling on the GPU); "
+                        "use bf16 or off on the CPU")
     if cfg.cp.end_epoch < cfg.cp.start_epoch:
         raise CPSLError(f"config key cp.end_epoch ({cfg.cp.end_epoch}) must be >= cp.start_epoch ({cfg.cp.start_epoch})")

@@ -1,0 +1,158 @@
+"""torch.distributed training (cpsl/distributed.py): `torchrun --nproc_per_node 2 -m cpsl train` with gloo on
+the CPU against one process on the same global batches; resume 2 → 1; the refusals.
+
+Tolerance of world 2 vs world 1 (same global batches, dropout 0): the ranks normalise with their own
+masked-BatchNorm statistics (not synchronised; docs/distributed.md), so the runs are close, not equal;
+measured on this data: |Δ test MAE| ≈ 0.01–0.03 after 3 epochs, asserted < 0.1.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cpsl.cli import main
+from cpsl.data.batch import make_batch
+from cpsl.data.synthetic import SynthSpec, generate
+from cpsl.distributed import Context, check_world, config_digest, rows_of
+from cpsl.errors import CPSLError
+
+ROOT = Path(__file__).resolve().parents[1]
+# 33 training rows in global batches of 16: 16, 16, 1 (the last one leaves rank 1 an empty share)
+SYNTH = ('data.synth={"n_train": 33, "n_valid": 13, "n_test": 13, "text_len": [2, 5], "audio_len": [2, 5], '
+         '"vision_len": [2, 5]}')
+ARGS = ["--data", "synth", "--preset", "student", "--quiet", "--set", SYNTH, "--set", "data.batch_size=16",
+        "--set", "model.dropout=0", "--set", "train.num_threads=1", "--set", "cp.tau=1.01",
+        "--set", "cp.ge_noise=0.5", "--cp-backend", "foreach"]
+TOL_MAE = 0.1
+
+
+def torchrun(tmp_path, *args, nproc=2, script=None):
+    """`python -m torch.distributed.run --nproc_per_node N -m cpsl ...` (or a script), 1 thread per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    port = str(29500 + (os.getpid() * 7 + len(str(tmp_path))) % 2000)
+    target = [str(script)] if script else ["-m", "cpsl"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", port, *target, *[str(a) for a in args]]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def log(out):
+    return [json.loads(x) for x in (Path(out) / "seed1" / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    r = cli("train", "--out", d / "w1", "--epochs", 3, *ARGS)
+    assert r.exit_code == 0, r.output
+    p = torchrun(d, "train", "--out", d / "w2", "--epochs", 3, *ARGS)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return d, p
+
+
+def test_two_ranks_see_the_single_process_global_batches_and_stay_identical(runs):
+    d, p = runs
+    assert p.stdout.count("wrote ") == 1                         # rank 0 speaks, rank 1 is quiet
+    res1, res2 = (json.loads((d / w / "results.json").read_text()) for w in ("w1", "w2"))
+    assert res1["distributed"] == {"world_size": 1, "backend": None}
+    assert res2["distributed"] == {"world_size": 2, "backend": "gloo"}
+    l1, l2 = log(d / "w1"), log(d / "w2")
+    assert len(l1) == len(l2) == 3
+    penalised = 0
+    for a, b in zip(l1, l2):
+        # the global batches (rows, in order) of every epoch, gathered from what each rank trained on
+        assert a["distributed"]["batches_crc"] == b["distributed"]["batches_crc"]
+        rd = b["distributed"]
+        assert len(rd["rank_params"]) == 2 and rd["rank_params"][0] == rd["rank_params"][1]   # identical weights
+        assert len(rd["rank_k"]) == 2 and rd["rank_k"][0] == rd["rank_k"][1]                 # identical CP factors
+        penalised += sum(v < 1 for v in b["balance"]["k"].values())
+    assert penalised > 0                                          # CP acted (k < 1), so equal k is a real check
+    assert abs(res1["test"]["MAE"]["mean"] - res2["test"]["MAE"]["mean"]) < TOL_MAE
+    assert abs(l1[0]["train"]["task"] - l2[0]["train"]["task"]) < TOL_MAE   # the global mean loss, logged
+
+
+def test_resume_from_two_ranks_in_one_process(runs, tmp_path):
+    d, _ = runs
+    p = torchrun(tmp_path, "train", "--out", tmp_path / "r", "--epochs", 1, *ARGS)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = cli("train", "--out", tmp_path / "r", "--epochs", 3, "--resume", *ARGS)
+    assert r.exit_code == 0 and "resuming after epoch 0" in r.output, r.output
+    lr, l2 = log(tmp_path / "r"), log(d / "w2")
+    assert [x["epoch"] for x in lr] == [0, 1, 2]
+    a, b = dict(lr[0]), dict(l2[0])
+    a.pop("time_s"), b.pop("time_s")
+    assert a == b                                                 # the 2-rank epoch is deterministic
+    assert lr[1]["distributed"]["world_size"] == 1
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    ref = json.loads((d / "w2" / "results.json").read_text())
+    assert res["distributed"]["world_size"] == 1
+    assert abs(res["test"]["MAE"]["mean"] - ref["test"]["MAE"]["mean"]) < TOL_MAE
+
+
+def test_ranks_with_different_configs_fail_with_one_line_each(tmp_path):
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import os, sys\nfrom cpsl.cli import main\n"
+        f"sys.argv = ['cpsl', 'train', '--out', {str(tmp_path / 'o')!r}, '--epochs', '1', *{ARGS!r},\n"
+        "            '--set', 'train.lr=' + ('0.001' if os.environ['RANK'] == '0' else '0.002')]\n"
+        "main(prog_name='cpsl')\n")
+    p = torchrun(tmp_path, script=script)
+    assert p.returncode != 0
+    lines = [x for x in (p.stdout + p.stderr).splitlines() if x.startswith("error:")]
+    # every rank raises it (torchrun may stop the second before it prints)
+    assert 1 <= len(lines) <= 2 and all("different configs" in x for x in lines), p.stdout + p.stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_shards_partition_every_global_batch_in_order():
+    split = generate(SynthSpec(n_train=11, n_valid=2, n_test=2)).splits["train"]
+    for n in (11, 5, 2, 1):
+        batch = make_batch(split, np.arange(n)[::-1].copy())
+        for world in (1, 2, 3):
+            if world > 1 and n < 2:
+                continue
+            parts = [Context(world, r, r, "gloo").shard(batch) for r in range(world)]
+            sizes = [b - a for a, b in (rows_of(n, world, r) for r in range(world))]
+            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+            got = np.concatenate([p.index[:s] for p, s in zip(parts, sizes)])
+            np.testing.assert_array_equal(got, batch.index)          # the global batch, in order
+            for p, s in zip(parts, sizes):
+                assert len(p) == max(s, 1)                            # an empty share runs one row, weight 0
+                torch.testing.assert_close(p.y[:s], batch.y[torch.as_tensor(np.isin(batch.index, p.index[:s]))])
+
+
+def test_world_size_and_config_digest_rules():
+    check_world(2, 33, 16)
+    with pytest.raises(CPSLError, match="larger than the training split"):
+        check_world(4, 3, 16)
+    with pytest.raises(CPSLError, match="larger than the global batch"):
+        check_world(4, 100, 2)
+    from cpsl.config import preset
+    a, b = preset("student"), preset("student")
+    b.train.device = "cuda"
+    b.data.path = "/elsewhere/same.pkl"
+    assert config_digest(a.to_dict(), "f") == config_digest(b.to_dict(), "f")   # device and path may differ
+    b.train.lr = 0.5
+    assert config_digest(a.to_dict(), "f") != config_digest(b.to_dict(), "f")
+    assert config_digest(a.to_dict(), "f") != config_digest(a.to_dict(), "g")   # other data
+
+
+def test_amp_fp16_on_cpu_is_one_error_and_bf16_trains(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "a"), "--epochs", "1", "--amp", "fp16", *ARGS])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "fp16" in r.output
+    assert r.output.strip().count("\n") == 0
+    r = cli("train", "--out", tmp_path / "b", "--epochs", 1, "--amp", "bf16", *ARGS)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert res["config"]["train"]["amp"] == "bf16" and np.isfinite(res["test"]["MAE"]["mean"])
