@@ -156,3 +156,38 @@ def test_amp_fp16_on_cpu_is_one_error_and_bf16_trains(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res["config"]["train"]["amp"] == "bf16" and np.isfinite(res["test"]["MAE"]["mean"])
+
+
+SUPPORTED = ("none", "ogm_ge", "ags", "inforeg", "moddrop")    # cp: the tests above
+REFUSED = ("mmpareto", "cggm")                                 # extra backward passes: one process only
+
+
+def test_every_strategy_keeps_the_ranks_identical_or_is_refused(tmp_path):
+    """One torchrun launch trains each strategy one epoch (dropout on: per-rank streams) through the library;
+    each epoch all-gathers a parameter checksum and the factors k (a mismatch raises)."""
+    script = tmp_path / "strategies.py"
+    script.write_text(
+        "import os, sys\nfrom pathlib import Path\nfrom cpsl.config import preset\nfrom cpsl.data import load_data\n"
+        "from cpsl.errors import CPSLError\nfrom cpsl.train import run\n"
+        f"for m in {SUPPORTED + REFUSED!r}:\n"
+        "    cfg = preset('student')\n"
+        "    cfg.train.modulation, cfg.train.epochs, cfg.train.progress, cfg.train.num_threads = m, 1, False, 1\n"
+        f"    cfg.data.synth = {json.loads(SYNTH.split('=', 1)[1])!r}\n"
+        "    cfg.data.batch_size, cfg.ogm_ge.ge = 15, True   # shards of 8 and 7 rows: uneven draws\n"
+        "    data = load_data('synth', cfg.data.synth_seed, cfg.data.synth)\n"
+        "    try:\n"
+        f"        run(cfg, data, Path({str(tmp_path)!r}) / m, log=lambda *a, **k: None)\n"
+        "        print('rank', os.environ['RANK'], m, 'ok', flush=True)\n"
+        "    except CPSLError as e:\n"
+        "        print('rank', os.environ['RANK'], m, 'refused:', e, flush=True)\n")
+    p = torchrun(tmp_path, script=script)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for m in SUPPORTED:
+        assert f"rank 0 {m} ok" in p.stdout and f"rank 1 {m} ok" in p.stdout, p.stdout + p.stderr
+        for rec in log(tmp_path / m):
+            d = rec["distributed"]
+            assert d["world_size"] == 2 and d["rank_params"][0] == d["rank_params"][1]
+            assert d["rank_k"][0] == d["rank_k"][1]
+    for m in REFUSED:
+        for r in (0, 1):
+            assert f"rank {r} {m} refused: modulation {m!r} cannot run with world size 2" in p.stdout, p.stdout
