@@ -90,7 +90,7 @@ class Context:
         self.share = 1.0                  # this rank's share of the current global batch
         self._sizes: list[int] = []       # every rank's row count in the current global batch
         self._crc = 0                     # digest of the epoch's global batches (rows, in order)
-        self._seed_draws = 0
+        self._epoch, self._step = 0, 0     # position in the run: seeds the forward pass's stream
         self.epoch_record: dict = {}
 
     @property
@@ -143,6 +143,7 @@ class Context:
     # ------------------------------------------------------------------ a training step
     def shard(self, batch):
         """This rank's contiguous rows of the global batch (world 1: the batch itself)."""
+        self._step += 1
         if not self.active:
             self.share, self._sizes = 1.0, [len(batch)]
             return batch
@@ -157,13 +158,14 @@ class Context:
                      batch.y[a:b], batch.index[a:b], None if batch.text_bert is None else batch.text_bert[a:b])
 
     def rng(self):
-        """Under world size > 1: the forward pass draws (dropout) from a per-rank stream seeded from
-        the global generator, which then advances identically on every rank (its state is what
-        ``last.pt`` saves, so ``--resume`` stays deterministic)."""
+        """Under world size > 1: the forward pass draws (dropout) from a per-rank stream seeded by
+        (global generator state, epoch, step, rank) without advancing the global generator, which
+        so stays identical on every rank and is consumed by the strategies exactly as in one
+        process (ModDrop masks, GE noise); ``last.pt`` saves it, so ``--resume`` is deterministic."""
         if not self.active:
             return contextlib.nullcontext()
-        seed = int(torch.randint(2 ** 62, (1,)))          # the same draw on every rank
-        return _seeded_fork(seed + 1_000_003 * self.rank)
+        where = np.array([self._epoch, self._step, self.rank], dtype=np.int64).tobytes()
+        return _seeded_fork(zlib.crc32(torch.get_rng_state().numpy().tobytes(), zlib.crc32(where)))
 
     def reduce_step(self, params, loss: torch.Tensor, step, bns=()):
         """All-reduce the weighted gradients (in place), the loss, the loss terms and the batch
@@ -229,8 +231,8 @@ class Context:
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
     # ------------------------------------------------------------------ epochs and evaluation
-    def begin_epoch(self) -> None:
-        self._crc = 0
+    def begin_epoch(self, epoch: int = 0) -> None:
+        self._crc, self._epoch, self._step = 0, int(epoch), 0
 
     def end_epoch(self, model: torch.nn.Module, balance: dict | None) -> dict:
         """Average the model's floating buffers (BatchNorm running statistics) across ranks, then

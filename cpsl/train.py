@@ -301,7 +301,7 @@ def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, 
     balance = _Balance(modulator.names)
     modulator.begin_epoch(epoch)
     st.guard.new_epoch()
-    st.dist.begin_epoch()
+    st.dist.begin_epoch(epoch)
     nb = 0
     for b in iterate(st.data["train"], st.cfg.data.batch_size, shuffle=True, generator=gen,
                      modalities=st.model.modalities):
