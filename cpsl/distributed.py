@@ -236,8 +236,9 @@ class Context:
 
     def end_epoch(self, model: torch.nn.Module, balance: dict | None) -> dict:
         """Average the model's floating buffers (BatchNorm running statistics) across ranks, then
-        gather what must be identical on every rank (a parameter checksum, the mean factors k):
-        a mismatch is an error, not a silent divergence. Returns (and keeps) the epoch's record."""
+        gather what must be identical on every rank (a CRC of the parameters' bytes, the mean
+        factors k): differing parameters are an error, not a silent divergence (ranks on different
+        hardware whose kernels round differently would trip it). Returns (and keeps) the record."""
         rec = {"world_size": self.world_size, "backend": self.backend, "batches_crc": self._crc}
         if self.active:
             bufs = [b for b in model.buffers() if b.is_floating_point()]
@@ -249,17 +250,17 @@ class Context:
                 for b in bufs:
                     b.copy_(flat[off:off + b.numel()].view_as(b))
                     off += b.numel()
-            with torch.no_grad():
-                ps = [p.detach().double() for p in model.parameters()]
-                check = [float(sum(p.sum() for p in ps)), float(sum((p * p).sum() for p in ps))]
+            check = 0                                   # CRC-32 of every parameter's bytes: exact
+            for p in model.parameters():
+                check = zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), check)
             k = sorted((balance or {}).get("k", {}).items())
             mine = {"params": check, "k": [v for _, v in k]}
             seen = self._gather_objects(mine)
             rec["rank_params"] = [s["params"] for s in seen]
             rec["rank_k"] = [s["k"] for s in seen]
-            if any(s != seen[0] for s in seen):
-                raise CPSLError(f"the ranks' models diverged in an epoch (parameter checksums "
-                                f"{rec['rank_params']}); please report this with the config")
+            if any(s["params"] != seen[0]["params"] for s in seen):
+                raise CPSLError(f"the ranks' models diverged in an epoch (parameter CRCs {rec['rank_params']}, "
+                                f"mean k per rank {rec['rank_k']}); please report this with the config")
         self.epoch_record = rec
         return rec
 
@@ -321,6 +322,9 @@ def setup(cfg, fingerprint: str, n_train: int, needs=frozenset()) -> Context:
         raise CPSLError("launched under torchrun but this torch build has no torch.distributed")
     cuda = cfg.train.device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda and cfg.train.device != "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise CPSLError(f"train.device={cfg.train.device} names one GPU for every rank; under torchrun pass "
+                        "--device cuda (rank r uses cuda:LOCAL_RANK)")
     if not dist.is_initialized():
         if cuda:
             if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():

@@ -26,7 +26,9 @@ from cpsl.data.synthetic import SynthSpec, generate
 from cpsl.distributed import Context, check_world, config_digest, rows_of
 from cpsl.errors import CPSLError
 
-ROOT = Path(__file__).resolve().parents[1]
+import cpsl
+
+PKG_ROOT = Path(cpsl.__file__).resolve().parents[1]     # the cpsl these tests import (installed or the tree)
 # 33 training rows in global batches of 16: 16, 16, 1 (the last one leaves rank 1 an empty share)
 SYNTH = ('data.synth={"n_train": 33, "n_valid": 13, "n_test": 13, "text_len": [2, 5], "audio_len": [2, 5], '
          '"vision_len": [2, 5]}')
@@ -40,12 +42,12 @@ TOL = 1e-5
 def torchrun(tmp_path, *args, nproc=2, script=None):
     """`python -m torch.distributed.run --nproc_per_node N -m cpsl ...` (or a script), 1 thread per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(PKG_ROOT), os.environ.get("PYTHONPATH", "")]))
     port = str(29500 + (os.getpid() * 7 + len(str(tmp_path))) % 2000)
     target = [str(script)] if script else ["-m", "cpsl"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", port, *target, *[str(a) for a in args]]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)   # a hang fails, a slow machine not
 
 
 def cli(*args):
