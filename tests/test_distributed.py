@@ -189,17 +189,20 @@ def test_every_strategy_keeps_the_ranks_identical_or_is_refused(tmp_path):
         "    data = load_data('synth', cfg.data.synth_seed, cfg.data.synth)\n"
         "    try:\n"
         f"        run(cfg, data, Path({str(tmp_path)!r}) / m, log=lambda *a, **k: None)\n"
-        "        print('rank', os.environ['RANK'], m, 'ok', flush=True)\n"
+        "        msg = 'ok'\n"
         "    except CPSLError as e:\n"
-        "        print('rank', os.environ['RANK'], m, 'refused:', e, flush=True)\n")
+        "        msg = f'refused: {e}'\n"
+        f"    with open(Path({str(tmp_path)!r}) / ('rank' + os.environ['RANK'] + '.txt'), 'a') as f:\n"
+        "        f.write(f'rank {os.environ[\"RANK\"]} {m} {msg}\\n')\n")
     p = torchrun(tmp_path, script=script)
     assert p.returncode == 0, p.stdout + p.stderr
+    said = (tmp_path / "rank0.txt").read_text() + (tmp_path / "rank1.txt").read_text()   # one file per rank
     for m in SUPPORTED:
-        assert f"rank 0 {m} ok" in p.stdout and f"rank 1 {m} ok" in p.stdout, p.stdout + p.stderr
+        assert f"rank 0 {m} ok" in said and f"rank 1 {m} ok" in said, said
         for rec in log(tmp_path / m):
             d = rec["distributed"]
             assert d["world_size"] == 2 and d["rank_params"][0] == d["rank_params"][1]
             assert d["rank_k"][0] == d["rank_k"][1]
     for m in REFUSED:
         for r in (0, 1):
-            assert f"rank {r} {m} refused: modulation {m!r} cannot run with world size 2" in p.stdout, p.stdout
+            assert f"rank {r} {m} refused: modulation {m!r} cannot run with world size 2" in said, said
