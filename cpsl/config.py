@@ -153,6 +153,10 @@ class TrainConfig:
     lr_min: float = 0.05          # cosine: final lr as a fraction of lr / text_lr
     ema: float = field(default=0.99, metadata={
         "help": "Decay of an EMA of the weights used for validation and checkpoints (0 = off)."})
+    amp: str = field(default="off", metadata={
+        "choices": ("off", "bf16", "fp16"),
+        "help": "Mixed precision: autocast forward/loss in bf16 (CUDA or CPU) or fp16 (CUDA, with a GradScaler; "
+                "gradients are unscaled before the modulator reads them)."})
 
 
 @dataclass

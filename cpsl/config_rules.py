@@ -116,5 +116,8 @@ def check(cfg, choices: dict) -> None:
     if cfg.train.lr_schedule == "cosine" and cfg.train.lr_horizon <= cfg.train.warmup_epochs:
         raise CPSLError(f"config key train.lr_horizon ({cfg.train.lr_horizon:g}) must be > train.warmup_epochs "
                         f"({cfg.train.warmup_epochs:g})")
+    if cfg.train.amp == "fp16" and not cfg.train.device.startswith("cuda"):
+        raise CPSLError("config key train.amp: fp16 needs train.device=cuda (loss scaling on the GPU); "
+                        "use bf16 or off on the CPU")
     if cfg.cp.end_epoch < cfg.cp.start_epoch:
         raise CPSLError(f"config key cp.end_epoch ({cfg.cp.end_epoch}) must be >= cp.start_epoch ({cfg.cp.start_epoch})")

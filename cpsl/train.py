@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import strategies
+from . import distributed, strategies
+from .amp import Precision
 from .checkpoint import CKPT_FORMAT, load_model, read_checkpoint, save_checkpoint  # noqa: F401 - re-exports
 from .checkpoint import set_rng_state as _set_rng_state
 from .config import Config
@@ -101,7 +102,7 @@ def predict(model: CPSLModel, split: Split, batch_size: int, device, mask_modali
 
 
 def evaluate(model, split, cfg: Config, device, mask_modality=None) -> dict:
-    pred, aux, y = predict(model, split, cfg.data.eval_batch_size, device, mask_modality)
+    pred, aux, y = distributed.current().predict(predict, model, split, cfg.data.eval_batch_size, device, mask_modality)
     res = mmsa_metrics(pred, y)
     res["loss"] = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), cfg.loss.task))
     return {"metrics": res, "aux": {m: mmsa_metrics(p, y) for m, p in aux.items()}, "pred": pred, "aux_pred": aux}
@@ -214,6 +215,8 @@ class _State:
         self.start_epoch, self.best_val, self.best_epoch, self.bad_epochs = 0, float("inf"), -1, 0
         self.history: list[dict] = []
         self.modulator_state: dict = {}
+        self.dist = distributed.current()                 # world size 1 outside torchrun
+        self.amp = Precision(cfg.train.amp, device, strategies.get(cfg.train.modulation).needs)
 
     @property
     def eval_model(self) -> CPSLModel:
@@ -245,6 +248,7 @@ class _State:
             self.bad_epochs, self.history = int(ck["bad_epochs"]), list(ck.get("history", []))
             self.guard.skipped = int(ck.get("skipped_steps", 0))
             self.modulator_state = ck.get("modulator") or {}
+            self.amp.load_state_dict(ck.get("amp_scaler"))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CPSLError(f"{path} cannot be resumed from ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:100] if str(e) else ''})") from None
@@ -254,7 +258,8 @@ class _State:
         return {"best_val": self.best_val, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "history": self.history, "seed": self.seed, "data_path": self.data.path,
                 "identity": self.identity, "skipped_steps": self.guard.skipped, "modulator": modulator.state_dict(),
-                "extra_loss": self.extra_loss.state_dict() if self.extra_loss is not None else None}
+                "extra_loss": self.extra_loss.state_dict() if self.extra_loss is not None else None,
+                "amp_scaler": self.amp.state_dict()}
 
 
 def _make_modulator(st: _State):
@@ -273,29 +278,33 @@ _GRAD_EFFECTS = frozenset({"scale_grad", "replace_grad", "grad_noise", "loss_ter
 def _train_step(st: _State, modulator, b, epoch: int):
     """One optimisation step through the modulator's hook points; returns (terms, StepStats), or
     None when the step guard skips it (non-finite loss, gradient or batch statistic)."""
-    b = modulator.prepare_batch(b.to(st.device), epoch)
-    out = st.model(b.x, b.mask, b.text_bert)
-    loss, terms = total_loss(out, b.y, st.cfg.loss, epoch)
-    if st.extra_loss is not None:
-        st.extra_loss.train()
-        l2, t2 = st.extra_loss(out, b)
-        loss = loss + l2
-        terms.update({k: v.detach() for k, v in t2.items()})
+    b = st.dist.shard(modulator.prepare_batch(b.to(st.device), epoch))   # this rank's rows (world 1: all)
+    with st.dist.rng(), st.amp.autocast():
+        out = st.model(b.x, b.mask, b.text_bert)
+        loss, terms = total_loss(out, b.y, st.cfg.loss, epoch)
+        if st.extra_loss is not None:
+            st.extra_loss.train()
+            l2, t2 = st.extra_loss(out, b)
+            loss = loss + l2
+            terms.update({k: v.detach() for k, v in t2.items()})
     step = strategies.Step(epoch, b, out, terms, loss)
     loss = modulator.objective(loss, step)
     st.optimizer.zero_grad(set_to_none=True)
-    modulator.backward(loss, step)
+    modulator.backward(st.amp.scale(loss), step)
+    loss, step = st.dist.reduce_step(st.params + st.guard.extra, loss, step, st.guard.bns)  # global mean gradient
+    st.amp.unscale(st.optimizer)                       # the guard and the modulator read true gradients
     if not st.guard.check(loss):                       # ← non-finite: skip the whole step
         st.optimizer.zero_grad(set_to_none=True)
+        st.amp.skipped()
         return None
     stats = modulator.after_backward(step)
     if _GRAD_EFFECTS & modulator.effects:              # the guard's norm predates these gradient changes
         st.guard.norm = torch.nn.utils.get_total_norm([p.grad for p in st.params if p.grad is not None])
     st.guard.clip(st.cfg.train.clip)
-    st.optimizer.step()
+    st.amp.step(st.optimizer)
     if st.ema is not None:
         st.ema.update()
-    return terms, stats
+    return step.terms, stats
 
 
 def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, dict | None]:
@@ -306,6 +315,7 @@ def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, 
     balance = _Balance(modulator.names)
     modulator.begin_epoch(epoch)
     st.guard.new_epoch()
+    st.dist.begin_epoch(epoch)
     nb = 0
     for i, b in enumerate(iterate(st.data["train"], st.cfg.data.batch_size, shuffle=True, generator=gen,
                                   modalities=st.model.modalities)):
@@ -335,19 +345,22 @@ def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance,
            "balance": balance, "skipped_steps": g.epoch_skipped, "time_s": time.perf_counter() - t0}
     if mod_rec:
         rec["modulation"] = mod_rec
+    rec["distributed"] = st.dist.epoch_record
     st.history.append(rec)
-    with open(st.out / "log.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    if st.dist.is_main:                                # log, TensorBoard and checkpoints: rank 0 only
+        with open(st.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
     tb.add(rec, epoch)
     if g.epoch_skipped:
         log(f"seed {st.seed}: epoch {epoch}: skipped {g.epoch_skipped} step(s) with a non-finite loss, "
             f"gradient or batch statistic ({g.skipped} in all)")
     extra = st.checkpoint_extra(modulator)
-    if improved:
+    if improved and st.dist.is_main:
         save_checkpoint(st.out / "best.pt", st.eval_model, st.optimizer, st.cfg, epoch, extra)
-    if st.ema is not None:   # last.pt: the averaged weights as "model", the raw ones to resume from
-        extra = {**extra, "train_model": st.model.state_dict(), "ema_updates": st.ema.updates}
-    save_checkpoint(st.out / "last.pt", st.eval_model, st.optimizer, st.cfg, epoch, extra)
+    if st.dist.is_main:
+        if st.ema is not None:   # last.pt: the averaged weights as "model", the raw ones to resume from
+            extra = {**extra, "train_model": st.model.state_dict(), "ema_updates": st.ema.updates}
+        save_checkpoint(st.out / "last.pt", st.eval_model, st.optimizer, st.cfg, epoch, extra)
     return ev
 
 
@@ -373,8 +386,9 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     st = _State(cfg, data, seed, out, torch.device(cfg.train.device), extra_loss, fingerprint)
     if resume:
         st.resume(log)
-    (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in st.history))
-    tb = ScalarLog(out / "tb", cfg.train.tensorboard)     # every scalar of log.jsonl, when asked
+    if st.dist.is_main:
+        (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in st.history))
+    tb = ScalarLog(out / "tb", cfg.train.tensorboard and st.dist.is_main)  # every scalar of log.jsonl, when asked
     modulator = _make_modulator(st)
     plan_builds0 = native.plan_builds()
     steps, step_s = 0, 0.0
@@ -382,12 +396,15 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     from tqdm.auto import tqdm
     stopped = st.bad_epochs >= cfg.train.patience
     bar = tqdm(range(st.start_epoch, cfg.train.epochs), desc=f"seed {seed}", unit="ep",
-               disable=not cfg.train.progress or stopped, leave=False, dynamic_ncols=True)
+               disable=not cfg.train.progress or stopped or not st.dist.is_main, leave=False, dynamic_ncols=True)
     for epoch in bar:
         if stopped:
             break
         t0 = time.perf_counter()
         train_terms, balance, mod_rec = _train_epoch(st, modulator, epoch)
+        st.dist.end_epoch(st.model, balance)           # BN buffers averaged; replicas checked equal
+        if st.ema is not None:
+            st.dist.average_buffers(st.ema.model)      # the averaged model's BN statistics too
         steps += -(-len(data["train"]) // cfg.data.batch_size)
         step_s += time.perf_counter() - t0
         ev = _record_epoch(st, modulator, epoch, train_terms, balance, mod_rec, t0, tb, log)
@@ -398,6 +415,7 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
             break
     bar.close()
     tb.close()
+    st.dist.barrier()                                  # rank 0 has written best.pt
     if not (out / "best.pt").is_file():
         raise CPSLError(f"seed {seed}: no epoch reached a finite validation loss, so there is no best.pt in {out} "
                         f"({st.guard.skipped} steps skipped as non-finite); likely cause: {st.guard.cause()}")
@@ -421,6 +439,8 @@ def _final(st: _State, modulator, plan_builds0: int, log=print) -> dict:
             res[f"{split}_aux"] = ev["aux"]
     try:
         from .plots import plot_balance, plot_curves
+        if not st.dist.is_main:
+            return res
         plot_curves(st.history, out / "curves.png", title=f"seed {st.seed}")
         plot_balance(st.history, out / "balance.png", title=f"seed {st.seed}")
     except Exception as e:  # noqa: BLE001 - plots must never sink a finished run
@@ -439,13 +459,17 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     strategies.check(cfg)
     require_splits({n: len(sp) for n, sp in data.splits.items()}, data.path or "the data")
     check_lengths(cfg.model, data, data.modalities, "config")
-    out = prepare_out(out, resume=resume, overwrite=overwrite)
+    fingerprint = data_fingerprint(data)
+    ctx = distributed.setup(cfg, fingerprint, len(data["train"]), strategies.get(cfg.train.modulation).needs)
+    if not ctx.is_main:                                # under torchrun rank 0 speaks and writes
+        log = _silent
+    out = ctx.on_main(prepare_out, out, resume=resume, overwrite=overwrite) or Path(out)
     for w in data.warnings():
         log(f"warning: {data.path or 'the data'}: {w}")
-    fingerprint = data_fingerprint(data)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    cfg.save(out / "config.json")
+    if ctx.is_main:
+        cfg.save(out / "config.json")
     if cfg.train.modulation == "cp":
         from .cp.penalty import resolve_backend
         be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
@@ -459,7 +483,10 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
         per_seed.append(r)
         log(seed_summary(r))
     results = aggregate(cfg, data, per_seed, fingerprint)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results["distributed"] = ctx.describe()            # never mistaken for N independent copies
+    if ctx.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    ctx.barrier()
     return results
 
 
@@ -468,6 +495,10 @@ def jitter(values, skip: int = 3) -> float | None:
     (None with fewer than two such epochs): how much checkpoint selection is at the mercy of noise."""
     v = [float(x) for x in values[skip:]]
     return float(np.mean(np.abs(np.diff(v)))) if len(v) >= 2 else None
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def seed_summary(r: dict) -> str:

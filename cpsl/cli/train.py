@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import click
@@ -24,18 +25,24 @@ def _strategy_names():
 @config_option("train.modulation", "--modulation", type=RegistryChoice(_strategy_names))
 @click.option("--no-sl", is_flag=True, help="Switch the Statistical Loss off (config loss.sl=0).")
 @config_option("cp.backend", "--cp-backend")
+@config_option("train.amp", "--amp")
 @config_flag("train.tensorboard", "--tensorboard")
 @click.option("--resume", is_flag=True, help="Continue a stopped run in --out from its last.pt.")
 @overwrite_option
 @trust_pickle_option
-def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, modulation, no_sl, cp_backend,
+def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, modulation, no_sl, cp_backend, amp,
           tensorboard, resume, overwrite, trust_pickle):
-    """Train CPSL; writes OUT/results.json and OUT/seed*/best.pt."""
+    """Train CPSL; writes OUT/results.json and OUT/seed*/best.pt.
+
+    \b
+    Several processes (docs/distributed.md): torchrun --nproc_per_node N -m cpsl train ...
+    (gloo on CPU, NCCL on CUDA; global batch = data.batch_size, split across the ranks)."""
     from ..data import load_data
     from ..runs import check_out
     from ..train import run
+    echo = click.echo if os.environ.get("RANK", "0") == "0" else _quiet   # under torchrun: rank 0 speaks
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{
-        "train.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend,
+        "train.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend, "train.amp": amp,
         "train.tensorboard": True if tensorboard else None})
     from .. import strategies
     from ..cp.penalty import resolve_backend
@@ -45,16 +52,20 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
     cfg.data.path = data_path
     if cfg.train.modulation == "cp":
         be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
-        click.echo(f"modulation: cp (backend {be}, mode {cfg.cp.mode})")
+        echo(f"modulation: cp (backend {be}, mode {cfg.cp.mode})")
     else:
-        click.echo(f"modulation: {cfg.train.modulation}")
-    click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
+        echo(f"modulation: {cfg.train.modulation}")
+    echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
     res = run(cfg, data, out, resume=resume, log=click.echo, overwrite=overwrite)
     from ..metrics import format_table
     rows = {s: res[s] for s in ("valid", "test") if s in res}
-    click.echo(format_table(rows, keys=("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")))
-    click.echo(f"wrote {Path(out) / 'results.json'}")
+    echo(format_table(rows, keys=("MAE", "Corr", "Non0_acc_2", "Has0_acc_2", "Mult_acc_7")))
+    echo(f"wrote {Path(out) / 'results.json'}")
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 @click.command("eval")
