@@ -69,3 +69,14 @@ def shared_data_dir():
     env = os.environ.get("CPSL_DATA_DIR")
     p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     return p if p.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def tiny_pkl(tmp_path_factory):
+    """A small synthetic MMSA pickle (64/24/24 segments, three modalities) for training tests."""
+    from cpsl.data.mmsa import save_mmsa
+    from cpsl.data.synthetic import SynthSpec, generate
+    p = tmp_path_factory.mktemp("d") / "tiny.pkl"
+    save_mmsa(generate(SynthSpec(n_train=64, n_valid=24, n_test=24, d_text=12, d_audio=5, d_vision=7,
+                                 text_len=(3, 9), audio_len=(4, 12), vision_len=(4, 12))), p)
+    return p

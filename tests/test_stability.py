@@ -8,8 +8,6 @@ from click.testing import CliRunner
 
 from cpsl.cli import main
 from cpsl.config import Config
-from cpsl.data.mmsa import save_mmsa
-from cpsl.data.synthetic import SynthSpec, generate
 from cpsl.stability import LRSchedule, WeightEMA, lr_factor
 from cpsl.train import jitter
 
@@ -17,14 +15,6 @@ TINY = ["--set", "model.d=16", "--set", "model.heads=2", "--set", "model.audio_l
         "--set", "model.vision_layers=1", "--set", "data.batch_size=16", "--quiet", "--cp-backend", "foreach"]
 STABLE = ["--set", "train.lr_schedule=cosine", "--set", "train.lr_horizon=4", "--set", "train.warmup_epochs=1",
           "--set", "train.ema=0.9"]
-
-
-@pytest.fixture(scope="module")
-def tiny_pkl(tmp_path_factory):
-    p = tmp_path_factory.mktemp("d") / "tiny.pkl"
-    save_mmsa(generate(SynthSpec(n_train=64, n_valid=24, n_test=24, d_text=12, d_audio=5, d_vision=7,
-                                 text_len=(3, 9), audio_len=(4, 12), vision_len=(4, 12))), p)
-    return p
 
 
 def cli(*args):

@@ -16,14 +16,6 @@ TINY = ["--set", "model.d=16", "--set", "model.heads=2", "--set", "model.audio_l
         "--set", "model.vision_layers=1", "--set", "data.batch_size=16", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def tiny_pkl(tmp_path_factory):
-    p = tmp_path_factory.mktemp("d") / "tiny.pkl"
-    save_mmsa(generate(SynthSpec(n_train=64, n_valid=24, n_test=24, d_text=12, d_audio=5, d_vision=7,
-                                 text_len=(3, 9), audio_len=(4, 12), vision_len=(4, 12))), p)
-    return p
-
-
 def cli(*args):
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return r
