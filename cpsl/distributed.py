@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -356,5 +357,16 @@ def setup(cfg, fingerprint: str, n_train: int, needs=frozenset()) -> Context:
 
 
 def _teardown() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """At exit: every rank reaches a barrier first, so no rank tears its gloo connections down while
+    another still uses them (seen as ``terminate called without an active exception``, SIGABRT, on
+    the slower rank); a rank that died is waited for 60 s at most."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: tear down anyway
+            pass
+        dist.destroy_process_group()
