@@ -129,3 +129,41 @@ def test_text_memo_code_carries_no_label_signal():
     # uninformative on held-out data: with the cue removed (imbalance 0) text predicts nothing.
     d = generate(SynthSpec(seed=4, imbalance=0.0, n_train=600, n_valid=400, n_test=2))
     assert _valid_r2(d, ("text",)) < 0.05
+
+
+def _pooled_audio(s, products: bool):
+    """Masked mean over frames of the audio features, or of their pairwise products per frame."""
+    a, m = s.features["audio"], s.masks("audio")[..., None]
+    if products:
+        a = (a[..., :, None] * a[..., None, :]).reshape(*a.shape[:2], -1)
+    return (a * m).sum(1) / m.sum(1)
+
+
+def test_audio_xor_is_a_nonlinear_code():
+    """The slow-audio family (audio_xor): with the knob on, no linear read-out of pooled audio
+    predicts the label (what a freshly initialised encoder starts from), while frame-wise products
+    (the multiplicative code a trained encoder must learn) still do. A data-statistics test: a
+    training-based one (few vs many steps) is too slow for the test budget on this machine."""
+    kw = dict(seed=3, n_train=600, n_valid=40, n_test=300, imbalance=0.0)
+
+    def r2(x, products):
+        d = generate(SynthSpec(audio_xor=x, **kw))
+        fit = Ridge(alpha=1.0).fit(_pooled_audio(d["train"], products), d["train"].labels)
+        return r2_score(d["test"].labels, fit.predict(_pooled_audio(d["test"], products)))
+    off, on, half = r2(0.0, False), r2(1.0, False), r2(0.5, False)
+    assert off > 0.3                                 # off: audio is linearly readable
+    assert on < 0.05                                 # on: linear read-out sees nothing
+    assert r2(1.0, True) > 0.2                       # ... yet the label information is all there
+    assert on < half < off                           # in between: a partial linear part
+
+
+def test_audio_xor_leaves_the_rest_alone():
+    base, slow = generate(SynthSpec(seed=5, **SMALL)), generate(SynthSpec(seed=5, audio_xor=1.0, **SMALL))
+    for name in ("train", "valid", "test"):
+        for m in ("text", "vision"):
+            np.testing.assert_array_equal(base[name].features[m], slow[name].features[m])
+        np.testing.assert_array_equal(base[name].labels, slow[name].labels)
+        np.testing.assert_array_equal(base[name].lengths["audio"], slow[name].lengths["audio"])
+        assert not np.array_equal(base[name].features["audio"], slow[name].features["audio"])
+    with pytest.raises(Exception, match="audio_xor must be in"):
+        generate(SynthSpec(audio_xor=1.5, **SMALL))

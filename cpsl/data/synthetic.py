@@ -23,6 +23,16 @@ Generative story (every number below is a knob of :class:`SynthSpec`):
    valid frames carry ``z_a·u_a`` (resp. ``z_v·u_v``) under heavy noise ``av_noise``; the rest is
    noise. They hold the part of the label text cannot explain, but it takes temporal
    aggregation (attention/mean pooling) to read it.
+   **Slow audio** (``audio_xor``, the second imbalance family): audio is weak because it is *slow
+   to learn*, not because text offers a shortcut. A random fraction ``audio_xor`` of the segments
+   draws a key ``k_i = ±1`` (fair coin; the others have ``k_i = +1``); the cue frames of audio carry
+   ``k_i·z_a·u_a + k_i·u_k`` (``u_k`` a second fixed direction, orthogonal to ``u_a``). The
+   information is all there (``z_a`` = the product of the two projections, frame by frame), but at
+   ``audio_xor = 1`` no *linear* read-out of audio, pooled or not, correlates with the label: the
+   encoder must fit a multiplicative (XOR-like) code, whose gradient starts near zero from a small
+   initialisation (the parity plateau), so a model learns audio many steps later than vision.
+   Values in between keep a linear part of weight ``1 - audio_xor``. 0 (default) leaves the data
+   byte-identical (the key uses its own random stream).
 5. Lengths vary per segment (uniform in ``[min_len, max_len]`` per modality); sequences are
    back-padded with zeros; lengths are stored as ``text_lengths``/``audio_lengths``/``vision_lengths``.
 
@@ -61,6 +71,7 @@ class SynthSpec:
     av_noise: float = 1.0           # per-frame noise of audio/visual
     cue_frac: float = 0.3           # fraction of audio/visual frames that carry the cue
     cue_gain: float = 1.0           # amplitude of the audio/visual cue
+    audio_xor: float = 0.0          # fraction of segments whose audio cue is sign-keyed (slow to learn; 0 = off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,12 +92,13 @@ class SynthSpec:
             if len(v) != 2 or not 1 <= int(v[0]) <= int(v[1]):
                 raise CPSLError(f"synthetic knob {k} must be two integers 1 <= min <= max, got {v!r}")
         for k in ("imbalance", "interaction", "label_noise", "text_noise", "text_memo", "text_shortcut",
-                  "av_noise", "cue_frac", "cue_gain"):
+                  "av_noise", "cue_frac", "cue_gain", "audio_xor"):
             v = float(getattr(self, k))
             if not math.isfinite(v) or v < 0:
                 raise CPSLError(f"synthetic knob {k} must be a finite number >= 0, got {v}")
-        if self.cue_frac > 1:
-            raise CPSLError(f"synthetic knob cue_frac must be in [0, 1], got {self.cue_frac}")
+        for k in ("cue_frac", "audio_xor"):
+            if float(getattr(self, k)) > 1:
+                raise CPSLError(f"synthetic knob {k} must be in [0, 1], got {getattr(self, k)}")
 
 
 def _unit(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -101,6 +113,19 @@ def _sequences(rng, n, d, lens, per_step_signal, noise):
     valid = np.arange(L)[None, :] < lens[:, None]
     x *= valid[:, :, None]
     return x.astype(np.float32)
+
+
+def _keyed(sig: np.ndarray, carry: np.ndarray, u_a: np.ndarray, spec: SynthSpec, si: int, n: int) -> np.ndarray:
+    """The slow-audio code (``audio_xor``): ``sig`` (n, L, d_audio) times a per-segment key
+    ``k_i = ±1``, plus ``k_i·u_k`` on the cue frames. Its own random stream (split ``si``), so the
+    rest of the data does not move."""
+    krng = np.random.default_rng([spec.seed, si + 1, 0x51])
+    u_k = np.random.default_rng([spec.seed, 0, 0x51]).standard_normal(u_a.shape[0])
+    u_k = u_k - (u_k @ u_a) * u_a                            # orthogonal to the cue direction (unit)
+    u_k = (u_k / np.linalg.norm(u_k)).astype(np.float32)
+    flip = (krng.random(n) < spec.audio_xor) & (krng.random(n) < 0.5)
+    key = np.where(flip, -1.0, 1.0).astype(np.float32)[:, None, None]     # (n, 1, 1)
+    return key * (sig + 3.0 * spec.cue_gain * carry[:, :, None] * u_k[None, None, :])
 
 
 def generate(spec: SynthSpec | None = None, **overrides) -> MMSAData:
@@ -148,6 +173,8 @@ def generate(spec: SynthSpec | None = None, **overrides) -> MMSAData:
             Lm = int(getattr(spec, f"{mod}_len")[1])
             carry = (rng.random((n, Lm)) < spec.cue_frac).astype(np.float32)
             sig = spec.cue_gain * z[zi][:, None, None] * carry[:, :, None] * u[None, None, :] * 3.0
+            if mod == "audio" and spec.audio_xor > 0:
+                sig = _keyed(sig, carry, u, spec, si, n)
             feats[mod] = _sequences(rng, n, d, lm, sig.astype(np.float32), spec.av_noise)
             lens[mod] = lm.astype(np.int64)
         ids = np.array([f"synth{spec.seed}_{name}$_${i:05d}" for i in range(n)])
