@@ -1,0 +1,248 @@
+"""The imbalance benchmark (issue 13): every strategy on every imbalance cell, one command.
+
+    python bench/balance.py --out OUT [--cells synth_sc0,...,mosi_ft] [--variants none,cp,...]
+        [--define NAME 'overrides' ...] [--seeds 1,2,3,4,5] [--preset student|default] [--jobs 2]
+        [--threads 1] [--epochs N] [--data-dir ../shared/data] [--kfold 5] [--set k=v ...] [--quick]
+
+Cells (``CELLS``): the text-shortcut family ``synth_sc<X>`` (``text_shortcut = X``), the slow-audio
+family ``synth_slow`` (``audio_xor = 1``: audio is learnt late, not out-competed by a shortcut), and
+MOSI from the data pack with frozen MiniLM states (``mosi_frozen``) or MiniLM fine-tuned end to end
+(``mosi_ft``, the text lr of configs/mosi_best.yaml). Each cell's folder ``OUT/<cell>/`` is exactly
+a ``cpsl ablate --out`` folder (``--reference none --quiet``, run as a subprocess; its log is
+``OUT/<cell>.log``); a cell whose ``ablation.json`` has the same variants and seeds is skipped, so a
+stopped run resumes cell by cell (a cell stopped part-way is rerun whole, ``--overwrite``).
+``--kfold K`` adds, for the MOSI cells, the video-grouped K-fold over train + valid (never test
+rows): fold pickles in the recipe's cache, ablations in ``OUT/<cell>/kfold/fold<i>/``, paired
+differences over (fold, seed) pairs of the fold-valid MAE.
+
+Writes ``OUT/balance.json``, ``OUT/balance.md`` (per cell × variant: MAE mean ± std, the paired ΔMAE
+to ``none`` with its 95 % t-interval, the weak modalities' unimodal-head MAE, the Shapley
+contribution per modality; the machine and the exact command) and ``OUT/balance.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from cpsl.errors import CPSLError  # noqa: E402
+
+SYNTH = {"synth_sc0": {"text_shortcut": 0}, "synth_sc0.5": {"text_shortcut": 0.5},
+         "synth_sc1": {"text_shortcut": 1}, "synth_sc2": {"text_shortcut": 2}, "synth_slow": {"audio_xor": 1}}
+MOSI = ("mosi_frozen", "mosi_ft")
+CELLS = (*SYNTH, *MOSI)
+VARIANTS = "none,cp,ogm_ge,cggm,ags,mmpareto,inforeg,moddrop,full,-SL"
+QUICK_SYNTH = {"n_train": 64, "n_valid": 24, "n_test": 24}
+QUICK_MOSI = (96, 32)               # train / valid rows of the MOSI cut of --quick
+
+
+class BalanceError(Exception):
+    """A user-facing error: one ``error:`` line, exit code 2."""
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (one cpsl-ablate folder per cell + balance.*)")
+    ap.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated cells of {', '.join(CELLS)}")
+    ap.add_argument("--variants", default=VARIANTS, help="comma-separated cpsl ablate variants (none is added: the reference)")
+    ap.add_argument("--define", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"),
+                    help="an extra variant, as cpsl ablate --define (repeatable; appended to --variants)")
+    ap.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated seeds (paired across variants)")
+    ap.add_argument("--preset", default="student", choices=("student", "default", "teacher"), help="cpsl preset")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel variant × seed processes inside each cell")
+    ap.add_argument("--threads", type=int, default=1, help="train.num_threads of each run (and OMP/MKL threads)")
+    ap.add_argument("--epochs", type=int, help="max epochs (default: the preset's)")
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"),
+                    help="the data pack (MOSI cells need DIR/mosi/labels.csv + audio_opensmile.csv)")
+    ap.add_argument("--cache", help="MOSI pickles and folds (default: bench/mosi_recipe.py's cache)")
+    ap.add_argument("--kfold", type=int, default=0, help="MOSI cells: also the video-grouped K-fold over train+valid")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every run (repeatable)")
+    ap.add_argument("--cost-steps", type=int, default=0, help="cpsl ablate --cost-steps (isolated step timing; 0: skip)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run: seeds 1,2, 2 epochs, synthetic sizes {QUICK_SYNTH}, a MOSI cut of {QUICK_MOSI} rows")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.seeds, a.epochs = "1,2", a.epochs or 2
+    a.cells = [c.strip() for c in a.cells.split(",") if c.strip()]
+    bad = [c for c in a.cells if c not in CELLS]
+    if bad:
+        raise BalanceError(f"unknown cell(s) {', '.join(bad)} (known: {', '.join(CELLS)})")
+    names = [v.strip() for v in a.variants.split(",") if v.strip()]
+    names += [n for n, _ in a.define if n not in names]
+    a.names = (["none"] if "none" not in names else []) + names
+    try:
+        a.seed_list = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise BalanceError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+    if a.kfold and a.kfold < 2:
+        raise BalanceError(f"--kfold must be >= 2 (or 0: off), got {a.kfold}")
+    return a
+
+
+def ablate_args(a, data: str, out: Path, extra_sets=()) -> list[str]:
+    """The ``cpsl ablate`` command line of one cell (or fold)."""
+    args = ["ablate", "--data", data, "--out", str(out), "--preset", a.preset, "--seeds", a.seeds,
+            "--variants", ",".join(a.names), "--reference", "none", "--quiet", "--jobs", str(a.jobs),
+            "--cost-steps", str(a.cost_steps), "--set", f"train.num_threads={a.threads}"]
+    if a.epochs:
+        args += ["--epochs", str(a.epochs)]
+    for name, sets in a.define:
+        args += ["--define", name, sets]
+    for s in [*extra_sets, *a.sets]:
+        args += ["--set", s]
+    return args
+
+
+def finished(out: Path, a) -> bool:
+    """OUT holds a finished ablation of the same variants and seeds."""
+    p = out / "ablation.json"
+    if not p.is_file():
+        return False
+    s = json.loads(p.read_text())
+    return set(s.get("variants", {})) == set(a.names) and [int(x) for x in s.get("seeds", [])] == a.seed_list
+
+
+def run_ablate(a, data: str, out: Path, extra_sets=()) -> str:
+    """Run one ablation unless finished; 'skipped' or 'ran'."""
+    if finished(out, a):
+        return "skipped"
+    args = ablate_args(a, data, out, extra_sets) + (["--overwrite"] if out.exists() else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as f:
+        f.write("cpsl " + shlex.join(args) + "\n")
+        f.flush()
+        r = subprocess.run([sys.executable, "-m", "cpsl", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode:
+        raise BalanceError(f"cpsl ablate failed ({r.returncode}) for {out}; see {log}")
+    return "ran"
+
+
+def synth_sets(a, cell: str) -> list[str]:
+    knobs = dict(SYNTH[cell], **(QUICK_SYNTH if a.quick else {}))
+    return [f"data.synth={json.dumps(knobs)}"]
+
+
+def mosi_sets(cell: str) -> list[str]:
+    """mosi_frozen: the default model on the frozen MiniLM states; mosi_ft: MiniLM fine-tuned end to
+    end with the text lr of configs/mosi_best.yaml."""
+    if cell == "mosi_frozen":
+        return []
+    import mosi_recipe
+    best = mosi_recipe.load_yaml(mosi_recipe.CONFIGS / "mosi_best.yaml")
+    return ["model.text_encoder=minilm", "model.finetune_text=true", f"train.text_lr={best['train']['text_lr']}"]
+
+
+def mosi_missing(data_dir: Path) -> str | None:
+    for p in (data_dir / "mosi" / "labels.csv", data_dir / "mosi" / "audio_opensmile.csv"):
+        if not p.is_file():
+            return f"{p} not found (MOSI cells need the data pack; --data-dir)"
+    return None
+
+
+def mosi_pickle(a, cache: Path) -> Path:
+    """The recipe's cached MOSI pickle (built once from --data-dir); with --quick a small cut of it."""
+    import mosi_recipe
+    max_len = int(mosi_recipe.load_yaml(mosi_recipe.CONFIGS / "mosei_transfer.yaml").get("build", {}).get("max_len", 50))
+    pkl = mosi_recipe.build("mosi", Path(a.data_dir), cache, "minilm", max_len, a.threads, True, {})
+    if not a.quick:
+        return pkl
+    cut = cache / f"{pkl.stem}_cut{QUICK_MOSI[0]}_{QUICK_MOSI[1]}.pkl"
+    if not cut.is_file():
+        from cpsl.data.mmsa import load_mmsa, save_mmsa
+        save_mmsa(cut_data(load_mmsa(pkl, require_splits=("train", "valid")), *QUICK_MOSI), cut)
+    return cut
+
+
+def cut_data(data, n_train: int, n_valid: int):
+    """The first rows of train and valid (MOSI's rows are ordered by video, so whole videos mostly)."""
+    from cpsl.data.mmsa import MMSAData, Split
+
+    def take(s, n):
+        return Split(s.name, {m: x[:n] for m, x in s.features.items()}, {m: x[:n] for m, x in s.lengths.items()},
+                     s.labels[:n], s.ids[:n], s.raw_text[:n], None if s.text_bert is None else s.text_bert[:n])
+    splits = {"train": take(data["train"], n_train), "valid": take(data["valid"], n_valid),
+              "test": take(data["test"], 0) if "test" in data.splits else take(data["valid"], 0)}
+    return MMSAData(splits, data.modalities, path=f"{data.path}#cut{n_train}_{n_valid}", meta=dict(data.meta))
+
+
+def fold_pickles(pkl: Path, k: int, cache: Path) -> list[Path]:
+    """The k video-grouped folds of train + valid (cpsl.data.folds.video_folds, seed 0), written once
+    beside the recipe's own (same names: bench/mosi_recipe.py reuses them)."""
+    from cpsl.data.folds import video_folds
+    from cpsl.data.mmsa import load_mmsa, save_mmsa
+    d = cache / f"folds_{pkl.stem}_k{k}"
+    paths = [d / f"fold{i}.pkl" for i in range(k)]
+    if not all(p.is_file() for p in paths):
+        for i, f in enumerate(video_folds(load_mmsa(pkl, require_splits=("train", "valid")), k, seed=0)):
+            save_mmsa(f, paths[i])
+    return paths
+
+
+def run_cell(a, cell: str, out: Path, cache: Path) -> dict:
+    if cell in SYNTH:
+        return {"status": run_ablate(a, "synth", out / cell, synth_sets(a, cell)), "kind": "synth",
+                "knobs": SYNTH[cell]}
+    missing = mosi_missing(Path(a.data_dir))
+    if missing:
+        return {"status": "unavailable", "kind": "mosi", "reason": missing}
+    pkl = mosi_pickle(a, cache)
+    rec = {"status": run_ablate(a, str(pkl), out / cell, mosi_sets(cell)), "kind": "mosi", "pickle": str(pkl)}
+    if a.kfold:
+        paths = fold_pickles(pkl, a.kfold, cache)
+        for i, p in enumerate(paths):
+            log(f"{cell}: fold {i + 1}/{a.kfold}")
+            run_ablate(a, str(p), out / cell / "kfold" / f"fold{i}", mosi_sets(cell))
+        rec["kfold"] = {"k": a.kfold, "folds": [str(p) for p in paths],
+                        "grouping": "video id, train+valid pooled (test rows never used)"}
+    return rec
+
+
+def log(msg: str) -> None:
+    print(f"[balance] {msg}", flush=True)
+
+
+def main(argv=None) -> int:
+    try:
+        a = parse(argv)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        import mosi_recipe
+        cache = Path(a.cache) if a.cache else mosi_recipe.default_cache()
+        cells = {}
+        for cell in a.cells:
+            t0 = time.time()
+            log(f"{cell}: started")
+            rec = run_cell(a, cell, out, cache)
+            rec["wall_s"] = time.time() - t0
+            if rec["status"] == "unavailable":
+                log(f"{cell}: skipped: {rec['reason']}")
+            else:
+                log(f"{cell}: finished ({rec['status']}) in {rec['wall_s']:.0f} s")
+            cells[cell] = rec
+        from balance_report import write_report
+        command = "python bench/balance.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        write_report(out, cells, a.names, command)
+        log(f"wrote {out / 'balance.md'}, balance.json and balance.png")
+        return 0
+    except (BalanceError, SystemExit, CPSLError) as e:
+        if isinstance(e, SystemExit) and (e.code is None or isinstance(e.code, int)):
+            raise                                           # argparse's own exits (--help: 0, usage: 2)
+        msg = str(e.code if isinstance(e, SystemExit) else e)
+        print(msg if msg.startswith("error:") else f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
