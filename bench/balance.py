@@ -57,7 +57,8 @@ def parse(argv=None):
     ap.add_argument("--define", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"),
                     help="an extra variant, as cpsl ablate --define (repeatable; appended to --variants)")
     ap.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated seeds (paired across variants)")
-    ap.add_argument("--preset", default="student", choices=("student", "default", "teacher"), help="cpsl preset")
+    ap.add_argument("--preset", default="student", choices=("student", "default", "teacher"),
+                    help="cpsl preset (default = teacher: the default model)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel variant × seed processes inside each cell")
     ap.add_argument("--threads", type=int, default=1, help="train.num_threads of each run (and OMP/MKL threads)")
     ap.add_argument("--epochs", type=int, help="max epochs (default: the preset's)")
@@ -90,7 +91,8 @@ def parse(argv=None):
 
 def ablate_args(a, data: str, out: Path, extra_sets=()) -> list[str]:
     """The ``cpsl ablate`` command line of one cell (or fold)."""
-    args = ["ablate", "--data", data, "--out", str(out), "--preset", a.preset, "--seeds", a.seeds,
+    preset = "teacher" if a.preset == "default" else a.preset
+    args = ["ablate", "--data", data, "--out", str(out), "--preset", preset, "--seeds", a.seeds,
             "--variants", ",".join(a.names), "--reference", "none", "--quiet", "--jobs", str(a.jobs),
             "--cost-steps", str(a.cost_steps), "--set", f"train.num_threads={a.threads}"]
     if a.epochs:
