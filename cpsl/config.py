@@ -79,6 +79,21 @@ class CPConfig:
         "choices": ("encoder", "path"),
         "help": "Default parameter groups: each modality's encoder, or its whole path into the fusion "
                 "(encoder + its cross-attention, gate and fusion LayerNorm)."})
+    # rules of issue 13 (docs/cp_rules.md); the defaults are the original rule
+    signal: str = field(default="step", metadata={
+        "choices": ("step", "ema"),
+        "help": "Conflict signal: step (r of this step's gradients) or ema (bias-corrected EMA of r over "
+                "steps, per group; conflict and k use it)."})
+    signal_beta: float = field(default=0.9, metadata={
+        "help": "β of cp.signal=ema: r̃ ← β r̃ + (1 − β) r, in [0, 1)."})
+    stop: str = field(default="never", metadata={
+        "choices": ("never", "plateau"),
+        "help": "Stop rule: never, or plateau (switch the penalty off for the rest of the run once the "
+                "valid losses of the unpenalised modalities' aux heads stop improving)."})
+    stop_patience: int = field(default=3, metadata={
+        "help": "cp.stop=plateau: epochs without improvement (> cp.stop_delta) before the penalty stops."})
+    stop_delta: float = field(default=0.0, metadata={
+        "help": "cp.stop=plateau: an aux valid loss improves when it beats its best by more than this."})
 
 
 _SCALE_MODE = {"choices": ("update", "grad"),

@@ -78,7 +78,8 @@ RULES = {
              "warmup_epochs": _int(0), "eps": _float(0.0, lo_open=True)},
     "cp": {"tau": _float(0.0, lo_open=True), "alpha": _NONNEG, "k_min": _float(0.0, 1.0), "beta": _float(0.0, 1.0),
            "normalize": _BOOL, "start_epoch": _int(0), "ramp_epochs": _int(0), "end_epoch": _int(0),
-           "ge_noise": _NONNEG, "diagnostics": _BOOL, "groups": _DICT},
+           "ge_noise": _NONNEG, "diagnostics": _BOOL, "groups": _DICT,
+           "signal_beta": _float(0.0, 1.0, hi_open=True), "stop_patience": _int(1), "stop_delta": _NONNEG},
     # the strategies' sections (cpsl/strategies/; train.modulation is checked against their registry)
     "ogm_ge": {"alpha": _NONNEG, "ge": _BOOL},
     "cggm": {"rho": _NONNEG, "lam": _NONNEG, "ema": _float(0.0, 1.0, hi_open=True)},

@@ -105,7 +105,9 @@ def evaluate(model, split, cfg: Config, device, mask_modality=None) -> dict:
     pred, aux, y = distributed.current().predict(predict, model, split, cfg.data.eval_batch_size, device, mask_modality)
     res = mmsa_metrics(pred, y)
     res["loss"] = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), cfg.loss.task))
-    return {"metrics": res, "aux": {m: mmsa_metrics(p, y) for m, p in aux.items()}, "pred": pred, "aux_pred": aux}
+    aux_loss = {m: float(task_loss(torch.from_numpy(p), torch.from_numpy(y), cfg.loss.task)) for m, p in aux.items()}
+    return {"metrics": res, "aux": {m: mmsa_metrics(p, y) for m, p in aux.items()}, "aux_loss": aux_loss,
+            "pred": pred, "aux_pred": aux}
 
 
 def contributions(model: CPSLModel, split: Split, cfg: Config, device, metric: str = "MAE") -> dict:
@@ -340,6 +342,9 @@ def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance,
         st.best_val, st.best_epoch, st.bad_epochs = val_loss, epoch, 0
     else:
         st.bad_epochs += 1
+    after = modulator.after_valid(epoch, ev["aux_loss"])   # hook 7 (CP's stop rule); saved in last.pt below
+    if after:
+        mod_rec = {**(mod_rec or {}), **after}
     g = st.guard
     rec = {"epoch": epoch, "train": train_terms, "valid": ev["metrics"], "valid_aux": ev["aux"],
            "balance": balance, "skipped_steps": g.epoch_skipped, "time_s": time.perf_counter() - t0}
@@ -431,7 +436,7 @@ def _final(st: _State, modulator, plan_builds0: int, log=print) -> dict:
     best, _, _ = load_model(out / "best.pt", st.device)
     res = {"seed": st.seed, "best_epoch": st.best_epoch, "epochs_run": len(st.history),
            "skipped_steps": st.guard.skipped, "backend": modulator.backend_name, "ckpt": str(out / "best.pt"),
-           "cp_plan_builds": native.plan_builds() - plan_builds0}
+           "cp_plan_builds": native.plan_builds() - plan_builds0, **modulator.results()}
     for split in ("valid", "test"):
         if split in st.data.splits and len(st.data[split]):
             ev = evaluate(best, st.data[split], st.cfg, st.device)
@@ -516,6 +521,8 @@ def aggregate(cfg: Config, data: MMSAData, per_seed: list[dict], fingerprint: st
                "modulation": cfg.train.modulation, "backend": per_seed[0]["backend"],
                "config": cfg.to_dict(), "data_fingerprint": fingerprint,
                "skipped_steps": sum(r.get("skipped_steps", 0) for r in per_seed), "per_seed": per_seed}
+    if any("cp_stopped_epoch" in r for r in per_seed):   # cp.stop=plateau: the epoch each seed's penalty stopped
+        results["cp_stopped_epoch"] = [r.get("cp_stopped_epoch") for r in per_seed]
     jit = [r.get("jitter") for r in per_seed]
     if all(j is not None for j in jit):
         results["jitter"] = mean_std([{"valid_MAE": j} for j in jit])["valid_MAE"]

@@ -24,7 +24,7 @@ using uptr = std::uintptr_t;
 #endif
 
 // Bumped when the table layout or a function signature below changes.
-static constexpr int kCpAbi = 2;
+static constexpr int kCpAbi = 3;  // 3: trailing (state, ema, ema_beta) of the stats entry points
 
 static py::dict build_info() {
   py::dict d;
@@ -63,8 +63,10 @@ T* ptr_arg(uptr p, const char* name, bool required = true) {
   return reinterpret_cast<T*>(p);
 }
 
-cpsl::PenaltyArgs penalty(double tau, double alpha, double k_min, double beta, bool fixed, bool normalize, double w) {
-  return cpsl::PenaltyArgs{tau, alpha, k_min, beta, w, fixed ? 1 : 0, normalize ? 1 : 0};
+cpsl::PenaltyArgs penalty(double tau, double alpha, double k_min, double beta, bool fixed, bool normalize, double w,
+                          bool ema, double ema_beta) {
+  if (ema && !(ema_beta >= 0.0 && ema_beta < 1.0)) bad("ema_beta must be in [0, 1), got " + std::to_string(ema_beta));
+  return cpsl::PenaltyArgs{tau, alpha, k_min, beta, w, fixed ? 1 : 0, normalize ? 1 : 0, ema ? 1 : 0, ema_beta};
 }
 
 int groups_arg(int64_t n_groups) {
@@ -151,17 +153,21 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cp_stats_cpu",
       [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr stats, double tau,
-         double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int n_threads) {
+         double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int n_threads, uptr state,
+         bool ema, double ema_beta) {
         const int G = groups_arg(n_groups);
         cpsl::cp_stats_cpu(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
                            ptr_arg<const int64_t>(group_info, "group_info"), G,
                            ptr_arg<double>(partials, "partials", n_chunks > 0), ptr_arg<double>(stats, "stats"),
-                           penalty(tau, alpha, k_min, beta, fixed, normalize, w), n_threads);
+                           ptr_arg<double>(state, "state", ema),
+                           penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), n_threads);
       },
       py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
       py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"), py::arg("fixed"),
-      py::arg("normalize"), py::arg("w"), py::arg("n_threads") = 0,
-      "stats[5G+1] <- CP statistics of the chunks (CPU, OpenMP).", py::call_guard<py::gil_scoped_release>());
+      py::arg("normalize"), py::arg("w"), py::arg("n_threads") = 0, py::arg("state") = 0, py::arg("ema") = false,
+      py::arg("ema_beta") = 0.9,
+      "stats[5G+1] <- CP statistics of the chunks (CPU, OpenMP); with ema, the signal state[2G] "
+      "(EMA | count) is read and updated in place (state may be 0 otherwise).", py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "cp_scale_cpu",
@@ -176,41 +182,47 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cp_step_cpu",
       [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr stats, double tau,
-         double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int n_threads) {
+         double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int n_threads, uptr state,
+         bool ema, double ema_beta) {
         const int G = groups_arg(n_groups);
         cpsl::cp_step_cpu(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
                           ptr_arg<const int64_t>(group_info, "group_info"), G,
                           ptr_arg<double>(partials, "partials", n_chunks > 0), ptr_arg<double>(stats, "stats"),
-                          penalty(tau, alpha, k_min, beta, fixed, normalize, w), n_threads);
+                          ptr_arg<double>(state, "state", ema),
+                          penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), n_threads);
       },
       py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
       py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"), py::arg("fixed"),
-      py::arg("normalize"), py::arg("w"), py::arg("n_threads") = 0,
+      py::arg("normalize"), py::arg("w"), py::arg("n_threads") = 0, py::arg("state") = 0, py::arg("ema") = false,
+      py::arg("ema_beta") = 0.9,
       "cp_stats_cpu then cp_scale_cpu in one OpenMP region.", py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "cp_stats_cuda",
       [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr counter, uptr stats,
          double tau, double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int device,
-         uptr stream) {
+         uptr stream, uptr state, bool ema, double ema_beta) {
         const int G = groups_arg(n_groups);
 #ifdef CPSL_WITH_CUDA
         cpsl::cp_stats_cuda(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
                             ptr_arg<const int64_t>(group_info, "group_info"), G,
                             ptr_arg<double>(partials, "partials", n_chunks > 0),
                             ptr_arg<unsigned int>(counter, "counter"), ptr_arg<double>(stats, "stats"),
-                            penalty(tau, alpha, k_min, beta, fixed, normalize, w), device, stream);
+                            ptr_arg<double>(state, "state", ema),
+                            penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), device, stream);
 #else
         (void)table; (void)n_chunks; (void)group_info; (void)G; (void)partials; (void)counter; (void)stats;
         (void)tau; (void)alpha; (void)k_min; (void)beta; (void)fixed; (void)normalize; (void)w; (void)device;
-        (void)stream;
+        (void)stream; (void)state; (void)ema; (void)ema_beta;
         no_cuda();
 #endif
       },
       py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
       py::arg("counter"), py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"),
       py::arg("fixed"), py::arg("normalize"), py::arg("w"), py::arg("device"), py::arg("stream"),
-      "One launch on `stream`: every group's sum of squares and the penalty factors into stats (device pointers).");
+      py::arg("state") = 0, py::arg("ema") = false, py::arg("ema_beta") = 0.9,
+      "One launch on `stream`: every group's sum of squares and the penalty factors into stats (device pointers); "
+      "with ema, the signal state[2G] is updated in place on the device.");
 
   m.def(
       "cp_scale_cuda",

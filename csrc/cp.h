@@ -12,6 +12,10 @@
 //   counter    uint32 [1]           CUDA only: last-block-done counter, zero before a launch
 //                                   and left at zero by the kernel (CUDA-graph capturable).
 //   stats      float64 [5 G + 1]    output: sumsq | ghat | r | k | conflict | guard.
+//   state      float64 [2 G]        signal state (cp.signal=ema only, else may be null): the
+//                                   EMA e of r and the count t of active finite steps per
+//                                   group, read and updated in place by the penalty stage;
+//                                   the r field of stats then holds e / (1 - beta^t).
 //
 // Every chunk's sum of squares is accumulated in fp32 over short runs that are flushed to
 // float64, then reduced in a fixed order (per chunk, then chunks in table order per group),
@@ -43,6 +47,8 @@ constexpr int kMaxGroups = 1 << 16;
 struct PenaltyArgs {
   double tau, alpha, k_min, beta, w;
   int fixed, normalize;
+  int ema;          // 1: conflict signal = bias-corrected EMA of r (needs a state buffer)
+  double ema_beta;  // its beta
 };
 
 // ------------------------------------------------------------------ scalar conversions
@@ -109,9 +115,10 @@ CPSL_HD uint16_t float_to_bf16(float f) {
 CPSL_HD bool finite_d(double x) { return (x - x) == 0.0; }  // false for inf and nan
 
 // The transcription of core.penalty_scalar. `sumsq` may alias stats[0:G] (it is read
-// before stats[m] is written for the same m). float64 throughout.
+// before stats[m] is written for the same m). float64 throughout. `state` ([2 G], see
+// above) is read and written only when pa.ema, and left unchanged by a guarded step.
 CPSL_HD void penalty_stage(const double* sumsq, const int64_t* group_info, int G,
-                           const PenaltyArgs& pa, double* stats) {
+                           const PenaltyArgs& pa, double* stats, double* state) {
   int n_act = 0;
   bool guard = false;
   for (int m = 0; m < G; ++m) {
@@ -143,7 +150,12 @@ CPSL_HD void penalty_stage(const double* sumsq, const int64_t* group_info, int G
   const double gbar = n_act ? gsum / static_cast<double>(n_act) : 0.0;
   for (int m = 0; m < G; ++m) {
     const bool act = group_info[kGroupInfoSize * m] > 0;
-    const double r = (act && gbar > 0.0) ? stats[G + m] / gbar : 0.0;
+    double r = (act && gbar > 0.0) ? stats[G + m] / gbar : 0.0;
+    if (pa.ema && act) {
+      state[m] = pa.ema_beta * state[m] + (1.0 - pa.ema_beta) * r;
+      state[G + m] = state[G + m] + 1.0;
+      r = state[m] / (1.0 - pow(pa.ema_beta, state[G + m]));
+    }
     const bool conflict = act && n_act >= 2 && r > pa.tau;
     double k = 1.0;
     if (conflict) {
@@ -176,12 +188,12 @@ int64_t validate_table(const int64_t* table, int64_t n_chunks, const int64_t* gr
 
 // stats <- CP statistics; partials[n_chunks] is a workspace. n_threads <= 0: OpenMP default.
 void cp_stats_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                  double* partials, double* stats, const PenaltyArgs& pa, int n_threads);
+                  double* partials, double* stats, double* state, const PenaltyArgs& pa, int n_threads);
 // grad <- (float)k[group] * grad for every chunk (chunks whose factor is exactly 1 are skipped).
 void cp_scale_cpu(const int64_t* table, int64_t n_chunks, int G, const double* stats, int n_threads);
 // Both, in one OpenMP region.
 void cp_step_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                 double* partials, double* stats, const PenaltyArgs& pa, int n_threads);
+                 double* partials, double* stats, double* state, const PenaltyArgs& pa, int n_threads);
 
 // ------------------------------------------------------------------ CUDA path (cp_cuda.cu)
 #ifdef CPSL_WITH_CUDA
@@ -201,8 +213,8 @@ int cuda_pointer_location(const void* p);
 
 // All pointers are device pointers (table, group_info: device copies of validated tables).
 void cp_stats_cuda(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                   double* partials, unsigned int* counter, double* stats, const PenaltyArgs& pa,
-                   int device, std::uintptr_t stream);
+                   double* partials, unsigned int* counter, double* stats, double* state,
+                   const PenaltyArgs& pa, int device, std::uintptr_t stream);
 void cp_scale_cuda(const int64_t* table, int64_t n_chunks, int G, const double* stats, int device,
                    std::uintptr_t stream);
 #endif

@@ -5,7 +5,8 @@
 // terms; float64 from the block reduction on) with a fixed-order block reduction into
 // partials[chunk]. The last block to finish (atomic
 // counter + __threadfence) sums the partials of each group in table order, runs the
-// float64 penalty stage (the same code as the CPU path) and writes the stats buffer, then
+// float64 penalty stage (the same code as the CPU path; with signal ema it also updates the
+// state buffer in place) and writes the stats buffer, then
 // resets the counter to zero: no host synchronisation, CUDA-graph capturable, and the
 // result does not depend on the grid size (bit-identical run to run).
 // cp_scale: grad *= (float)k[group], grid-stride over chunks; chunks whose factor is
@@ -207,7 +208,7 @@ __device__ __forceinline__ void thread_scale(void* x, int64_t n, float k) {
 __global__ void __launch_bounds__(kBlock)
     cp_stats_kernel(const int64_t* __restrict__ table, int64_t n_chunks, const int64_t* __restrict__ group_info,
                     int G, double* __restrict__ partials, unsigned int* __restrict__ counter,
-                    double* __restrict__ stats, PenaltyArgs pa) {
+                    double* __restrict__ stats, double* __restrict__ state, PenaltyArgs pa) {
   __shared__ double smem[kWarps];
   __shared__ bool is_last;
   for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
@@ -239,7 +240,7 @@ __global__ void __launch_bounds__(kBlock)
     if (threadIdx.x == 0) stats[m] = s;
   }
   if (threadIdx.x == 0) {
-    penalty_stage(stats, group_info, G, pa, stats);
+    penalty_stage(stats, group_info, G, pa, stats, state);
     *counter = 0u;  // ready for the next launch / graph replay
   }
 }
@@ -288,16 +289,18 @@ int grid_for(Kernel kernel, int64_t n_chunks, int device) {
 }  // namespace
 
 void cp_stats_cuda(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G, double* partials,
-                   unsigned int* counter, double* stats, const PenaltyArgs& pa, int device, std::uintptr_t stream) {
+                   unsigned int* counter, double* stats, double* state, const PenaltyArgs& pa, int device,
+                   std::uintptr_t stream) {
   check_args(table, n_chunks, G, device);
   if (group_info == nullptr) bad("group_info is a null pointer");
   if (n_chunks > 0 && partials == nullptr) bad("partials is a null pointer");
   if (counter == nullptr) bad("counter is a null pointer");
   if (stats == nullptr) bad("stats is a null pointer");
+  if (pa.ema && state == nullptr) bad("state is a null pointer (signal ema needs it)");
   DeviceGuard guard(device);
   const int grid = grid_for(cp_stats_kernel, n_chunks, device);
   cp_stats_kernel<<<grid, kBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(table, n_chunks, group_info, G,
-                                                                               partials, counter, stats, pa);
+                                                                               partials, counter, stats, state, pa);
   check_cuda(cudaGetLastError(), "cp_stats kernel launch");
 }
 

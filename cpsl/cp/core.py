@@ -18,6 +18,21 @@ Semantics (shared by ``reference``, ``foreach`` and ``native``; the reference is
 * conflict: active, at least two active groups, and ``r_m > τ``.
 * factor of a conflicting group: ``clamp(1 − tanh(α (r − 1)), k_min, 1)`` (``fixed=False``)
   or ``β`` (``fixed=True``); 1 otherwise; then the schedule ``k ← 1 + w (k − 1)``.
+
+Conflict signal (``cp.signal``, :class:`PenaltyParams` ``ema``):
+
+* ``step`` (default): the signal is ``r`` of this step, as above.
+* ``ema``: the signal is ``r̃_m``, an exponential moving average of ``r_m`` over steps with bias
+  correction. The state is a float64 tensor ``[e (G) | t (G)]`` on the gradients' device, owned by
+  the caller and updated in place by the backend (no host sync). On a step that is not guarded,
+  every *active* group does ``e_m ← β_s e_m + (1 − β_s) r_m``, ``t_m ← t_m + 1`` and
+  ``r̃_m = e_m / (1 − β_s^{t_m})`` (``β_s`` = ``signal_beta``); inactive groups keep their state and
+  get ``r̃ = 0``; a guarded step leaves the whole state unchanged. Conflict and ``k`` use ``r̃`` in
+  place of ``r``, and the ``r`` field of the stats buffer reports ``r̃`` (the signal compared with τ;
+  the raw ``r`` is ``ĝ_m / mean ĝ`` over active groups, from the ``ghat`` field). The state starts
+  at zeros (:func:`signal_state`).
+* A stopped penalty (``cp.stop = plateau``) is a schedule weight ``w = 0`` (``k = 1``); the
+  statistics and the signal state are still updated.
 """
 from __future__ import annotations
 
@@ -45,11 +60,14 @@ class PenaltyParams:
     beta: float = _CP.beta
     fixed: bool = _CP.penalty == "fixed"      # penalty mode: False = tanh, True = fixed beta
     normalize: bool = _CP.normalize
+    ema: bool = _CP.signal == "ema"           # conflict signal: False = this step's r, True = EMA of r
+    ema_beta: float = _CP.signal_beta         # β_s of the EMA (cp.signal_beta)
 
     @classmethod
     def from_config(cls, cfg) -> "PenaltyParams":
         return cls(tau=float(cfg.tau), alpha=float(cfg.alpha), k_min=float(cfg.k_min),
-                   beta=float(cfg.beta), fixed=(cfg.penalty == "fixed"), normalize=bool(cfg.normalize))
+                   beta=float(cfg.beta), fixed=(cfg.penalty == "fixed"), normalize=bool(cfg.normalize),
+                   ema=(cfg.signal == "ema"), ema_beta=float(cfg.signal_beta))
 
 
 @dataclass
@@ -74,9 +92,33 @@ def stats_size(n_groups: int) -> int:
     return N_FIELDS * n_groups + 1
 
 
+STATE_FIELDS = 2  # signal state: EMA e (G), active-step count t (G)
+
+
+def signal_state(n_groups: int, device=None) -> torch.Tensor:
+    """A fresh EMA signal state ``[e (G) | t (G)]`` (float64 zeros) for ``PenaltyParams(ema=True)``."""
+    return torch.zeros(STATE_FIELDS * n_groups, dtype=torch.float64, device=device)
+
+
+def check_state(state: torch.Tensor | None, n_groups: int, device, p: PenaltyParams) -> None:
+    """ValueError naming the problem when ``state`` does not fit ``p`` / the gradients."""
+    if not p.ema:
+        return
+    if state is None:
+        raise ValueError("signal 'ema' needs a state tensor (cpsl.cp.core.signal_state(n_groups))")
+    if state.dtype != torch.float64 or state.dim() != 1 or state.numel() != STATE_FIELDS * n_groups:
+        raise ValueError(f"state must be a float64 vector of length 2*n_groups = {STATE_FIELDS * n_groups}, "
+                         f"got {state.dtype} of shape {tuple(state.shape)}")
+    if not state.is_contiguous():
+        raise ValueError("state is not contiguous")
+    if device is not None and state.device != torch.device(device):
+        raise ValueError(f"state is on {state.device} but the gradients are on {device}")
+
+
 def penalty_scalar(sumsq: Sequence[float], numel: Sequence[int], active: Sequence[bool],
-                   p: PenaltyParams, w: float) -> list[float]:
-    """The penalty stage in plain Python floats (float64): the definition itself."""
+                   p: PenaltyParams, w: float, state: list[float] | None = None) -> list[float]:
+    """The penalty stage in plain Python floats (float64): the definition itself. With
+    ``p.ema``, ``state`` (a list ``[e (G) | t (G)]``) is read and updated in place."""
     g = len(sumsq)
     out = [0.0] * stats_size(g)
     act = [bool(a) for a in active]
@@ -98,6 +140,10 @@ def penalty_scalar(sumsq: Sequence[float], numel: Sequence[int], active: Sequenc
     gbar = (sum(ghat[m] for m in range(g) if act[m]) / n_act) if n_act else 0.0
     for m in range(g):
         r = ghat[m] / gbar if (act[m] and gbar > 0) else 0.0
+        if p.ema and act[m]:
+            state[m] = p.ema_beta * state[m] + (1.0 - p.ema_beta) * r
+            state[g + m] = state[g + m] + 1.0
+            r = state[m] / (1.0 - math.pow(p.ema_beta, state[g + m]))
         conflict = act[m] and n_act >= 2 and r > p.tau
         k = 1.0
         if conflict:
@@ -110,8 +156,9 @@ def penalty_scalar(sumsq: Sequence[float], numel: Sequence[int], active: Sequenc
 
 
 def penalty_tensor(sumsq: torch.Tensor, numel: torch.Tensor, active: torch.Tensor,
-                   p: PenaltyParams, w: float) -> torch.Tensor:
-    """The penalty stage with device tensor ops only (no host sync); float64 in and out."""
+                   p: PenaltyParams, w: float, state: torch.Tensor | None = None) -> torch.Tensor:
+    """The penalty stage with device tensor ops only (no host sync); float64 in and out.
+    With ``p.ema``, ``state`` (float64 ``[e (G) | t (G)]``) is updated in place."""
     g = sumsq.numel()
     sumsq = torch.where(active, sumsq, torch.zeros_like(sumsq))
     finite = torch.isfinite(sumsq) | ~active
@@ -122,6 +169,15 @@ def penalty_tensor(sumsq: torch.Tensor, numel: torch.Tensor, active: torch.Tenso
     ghat = torch.where(active, ghat, torch.zeros_like(ghat))
     gbar = torch.where(n_act > 0, ghat.sum() / n_act.clamp(min=1), torch.zeros((), dtype=ghat.dtype, device=ghat.device))
     r = torch.where(active & (gbar > 0) & ~guard, ghat / torch.where(gbar > 0, gbar, torch.ones_like(gbar)), torch.zeros_like(ghat))
+    if p.ema:
+        upd = active & ~guard
+        e, t = state[:g], state[g:]
+        e_new = torch.where(upd, p.ema_beta * e + (1.0 - p.ema_beta) * r, e)
+        t_new = torch.where(upd, t + 1.0, t)
+        corr = 1.0 - torch.pow(torch.full_like(t_new, p.ema_beta), t_new)
+        r = torch.where(upd, e_new / torch.where(upd, corr, torch.ones_like(corr)), torch.zeros_like(r))
+        e.copy_(e_new)
+        t.copy_(t_new)
     conflict = active & (n_act >= 2) & (r > p.tau) & ~guard
     if p.fixed:
         kc = torch.full_like(r, p.beta)
@@ -142,7 +198,8 @@ class Backend:
         return True, ""
 
     def compute(self, grads: list[torch.Tensor | None], group_index: list[int], n_groups: int,
-                p: PenaltyParams, w: float) -> torch.Tensor:
+                p: PenaltyParams, w: float, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The stats buffer of one step; with ``p.ema`` it reads and updates ``state`` in place."""
         raise NotImplementedError
 
     def scale_(self, grads: list[torch.Tensor | None], group_index: list[int], stats: torch.Tensor,

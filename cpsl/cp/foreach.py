@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Backend, CPStats, PenaltyParams, penalty_tensor, register_backend
+from .core import Backend, CPStats, PenaltyParams, check_state, penalty_tensor, register_backend
 
 CPU_CHUNK = 1 << 16
 
@@ -50,8 +50,10 @@ class ForeachBackend(Backend):
             self._cache[key] = hit
         return hit
 
-    def compute(self, grads, group_index, n_groups, p: PenaltyParams, w: float) -> torch.Tensor:
+    def compute(self, grads, group_index, n_groups, p: PenaltyParams, w: float, state=None) -> torch.Tensor:
         lay = self._layout(grads, group_index, n_groups)
+        if p.ema:
+            check_state(state, n_groups, lay["device"] if lay["present"] else None, p)
         tensors = []
         for i, n in zip(lay["present"], lay["pieces"]):
             g = grads[i]
@@ -61,7 +63,7 @@ class ForeachBackend(Backend):
             norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
             sq = torch.stack(norms).double().square()
             sumsq.index_add_(0, lay["gidx"], sq)
-        return penalty_tensor(sumsq, lay["numel"], lay["active"], p, w)
+        return penalty_tensor(sumsq, lay["numel"], lay["active"], p, w, state)
 
     def scale_(self, grads, group_index, stats, n_groups) -> None:
         lay = self._layout(grads, group_index, n_groups)

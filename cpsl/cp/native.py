@@ -15,10 +15,13 @@ How to call it::
     stats = native.cp_stats(grads, group_index, n_groups, p, w)    # float64 [5G+1]
     native.cp_scale_(grads, group_index, stats, n_groups)          # grad <- k[group] * grad
     stats = native.cp_step_(grads, group_index, n_groups, p, w)    # both (one call)
+    # cp.signal=ema (p.ema): pass the signal state (core.signal_state), updated in place
+    stats = native.cp_stats(grads, group_index, n_groups, p, w, state=state)
     # or as a registered backend: cpsl.cp.get_backend("native").compute(...) / .scale_(...)
 
 The same functions are torch custom ops (``torch.ops.cpsl.cp_stats``, ``cp_scale_``,
-``cp_step_``; they take the present gradients only, no None) with fake kernels, so they
+``cp_step_``, and ``cp_stats_ema`` / ``cp_step_ema_`` that also mutate the signal state;
+they take the present gradients only, no None) with fake kernels, so they
 pass ``torch.library.opcheck`` and run inside ``torch.compile(fullgraph=True)``; the
 functions above route through them when called under ``torch.compile``.
 
@@ -63,7 +66,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .core import Backend, PenaltyParams, register_backend, stats_size
+from .core import Backend, PenaltyParams, check_state, register_backend, stats_size
 
 CHUNK_CPU = 1 << 16  # elements per chunk-table row on CPU (work unit of one OpenMP iteration)
 CHUNK_CUDA = 1 << 15  # elements per row on CUDA (work unit of one thread block)
@@ -71,7 +74,7 @@ MAX_PLANS = 8
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NEEDED = ("cp_validate", "cp_stats_cpu", "cp_scale_cpu", "cp_step_cpu", "cp_stats_cuda", "cp_scale_cuda",
            "cuda_usable")
-_ABI = 2
+_ABI = 3
 
 _ext = None
 _ext_err: Optional[str] = None
@@ -341,29 +344,36 @@ def _plan_for(grads, group_index, n_groups: int) -> _Plan:
     return plan
 
 
-def _run_stats(plan: _Plan, stats: torch.Tensor, pa: tuple, fuse_scale: bool) -> None:
+def _run_stats(plan: _Plan, stats: torch.Tensor, pa: tuple, fuse_scale: bool,
+               state: torch.Tensor | None = None, ema_beta: float = 0.9) -> None:
     C = _ext_or_raise()
     if fuse_scale and plan.alias:
         raise ValueError(f"native CP cannot scale aliased gradients: {plan.alias}; use the 'foreach' backend")
+    sig = (state.data_ptr(), True, float(ema_beta)) if state is not None else (0, False, float(ema_beta))
     if plan.device.type == "cpu":
         fn = C.cp_step_cpu if fuse_scale else C.cp_stats_cpu
         fn(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), plan.n_groups,
-           plan.partials.data_ptr(), stats.data_ptr(), *pa, torch.get_num_threads())
+           plan.partials.data_ptr(), stats.data_ptr(), *pa, torch.get_num_threads(), *sig)
     else:
         stream = plan.on_stream()
         C.cp_stats_cuda(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), plan.n_groups,
                         plan.partials.data_ptr(), plan.counter.data_ptr(), stats.data_ptr(), *pa,
-                        plan.dev_index, stream)
+                        plan.dev_index, stream, *sig)
         if fuse_scale:
             C.cp_scale_cuda(plan.table.data_ptr(), plan.n_chunks, plan.n_groups, stats.data_ptr(),
                             plan.dev_index, stream)
 
 
-def _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, fuse_scale):
+def _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, fuse_scale,
+                state=None, ema_beta=0.9):
     plan = _plan_for(grads, group_index, n_groups)
+    if state is not None:
+        check_state(state, n_groups, plan.device, PenaltyParams(ema=True, ema_beta=ema_beta))
+        if not 0.0 <= float(ema_beta) < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
     stats = torch.empty(stats_size(n_groups), dtype=torch.float64, device=plan.device)
     _run_stats(plan, stats, (float(tau), float(alpha), float(k_min), float(beta), bool(fixed), bool(normalize),
-                             float(w)), fuse_scale)
+                             float(w)), fuse_scale, state, ema_beta)
     return stats
 
 
@@ -427,6 +437,32 @@ def _(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w
     return torch.empty(stats_size(n_groups), dtype=torch.float64, device=_fake_device(grads))
 
 
+@torch.library.custom_op("cpsl::cp_stats_ema", mutates_args=("state",))
+def _op_stats_ema(grads: list[torch.Tensor], group_index: list[int], n_groups: int, state: torch.Tensor,
+                  tau: float, alpha: float, k_min: float, beta: float, fixed: bool, normalize: bool, w: float,
+                  ema_beta: float) -> torch.Tensor:
+    return _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, False,
+                       state, ema_beta)
+
+
+@_op_stats_ema.register_fake
+def _(grads, group_index, n_groups, state, tau, alpha, k_min, beta, fixed, normalize, w, ema_beta):
+    return torch.empty(stats_size(n_groups), dtype=torch.float64, device=_fake_device(grads))
+
+
+@torch.library.custom_op("cpsl::cp_step_ema_", mutates_args=("grads", "state"))
+def _op_step_ema(grads: list[torch.Tensor], group_index: list[int], n_groups: int, state: torch.Tensor,
+                 tau: float, alpha: float, k_min: float, beta: float, fixed: bool, normalize: bool, w: float,
+                 ema_beta: float) -> torch.Tensor:
+    return _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, True,
+                       state, ema_beta)
+
+
+@_op_step_ema.register_fake
+def _(grads, group_index, n_groups, state, tau, alpha, k_min, beta, fixed, normalize, w, ema_beta):
+    return torch.empty(stats_size(n_groups), dtype=torch.float64, device=_fake_device(grads))
+
+
 def _pargs(p: PenaltyParams, w: float) -> tuple:
     return (float(p.tau), float(p.alpha), float(p.k_min), float(p.beta), bool(p.fixed), bool(p.normalize), float(w))
 
@@ -441,9 +477,21 @@ def _present(grads, group_index):
     return [g for g, _ in pairs], [int(m) for _, m in pairs]
 
 
+def _need_state(p: PenaltyParams, state) -> bool:
+    if p.ema and state is None:
+        raise ValueError("signal 'ema' needs a state tensor (cpsl.cp.core.signal_state(n_groups))")
+    return p.ema
+
+
 def cp_stats(grads: Sequence[Optional[torch.Tensor]], group_index: Sequence[int], n_groups: int,
-             p: PenaltyParams, w: float = 1.0) -> torch.Tensor:
-    """The stats buffer (float64 ``[5G+1]``, on the grads' device) of one step."""
+             p: PenaltyParams, w: float = 1.0, state: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The stats buffer (float64 ``[5G+1]``, on the grads' device) of one step; with ``p.ema``
+    the signal ``state`` (float64 ``[2G]``) is read and updated in place."""
+    if _need_state(p, state):
+        if torch.compiler.is_compiling():
+            return torch.ops.cpsl.cp_stats_ema(*_present(grads, group_index), n_groups, state, *_pargs(p, w),
+                                               float(p.ema_beta))
+        return _stats_impl(grads, group_index, n_groups, *_pargs(p, w), False, state, p.ema_beta)
     if torch.compiler.is_compiling():
         return torch.ops.cpsl.cp_stats(*_present(grads, group_index), n_groups, *_pargs(p, w))
     return _stats_impl(grads, group_index, n_groups, *_pargs(p, w), False)
@@ -459,8 +507,13 @@ def cp_scale_(grads: Sequence[Optional[torch.Tensor]], group_index: Sequence[int
 
 
 def cp_step_(grads: Sequence[Optional[torch.Tensor]], group_index: Sequence[int], n_groups: int,
-             p: PenaltyParams, w: float = 1.0) -> torch.Tensor:
+             p: PenaltyParams, w: float = 1.0, state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``cp_stats`` then ``cp_scale_`` (one OpenMP region on CPU, two launches on CUDA)."""
+    if _need_state(p, state):
+        if torch.compiler.is_compiling():
+            return torch.ops.cpsl.cp_step_ema_(*_present(grads, group_index), n_groups, state, *_pargs(p, w),
+                                               float(p.ema_beta))
+        return _stats_impl(grads, group_index, n_groups, *_pargs(p, w), True, state, p.ema_beta)
     if torch.compiler.is_compiling():
         return torch.ops.cpsl.cp_step_(*_present(grads, group_index), n_groups, *_pargs(p, w))
     return _stats_impl(grads, group_index, n_groups, *_pargs(p, w), True)
@@ -472,15 +525,15 @@ class NativeBackend(Backend):
     def available(self, device: torch.device | str | None = None) -> tuple[bool, str]:
         return available(device)
 
-    def compute(self, grads, group_index, n_groups, p: PenaltyParams, w: float) -> torch.Tensor:
-        return cp_stats(grads, group_index, n_groups, p, w)
+    def compute(self, grads, group_index, n_groups, p: PenaltyParams, w: float, state=None) -> torch.Tensor:
+        return cp_stats(grads, group_index, n_groups, p, w, state)
 
     def scale_(self, grads, group_index, stats, n_groups) -> None:
         cp_scale_(grads, group_index, stats, n_groups)
 
-    def step_(self, grads, group_index, n_groups, p: PenaltyParams, w: float) -> torch.Tensor:
+    def step_(self, grads, group_index, n_groups, p: PenaltyParams, w: float, state=None) -> torch.Tensor:
         """compute + scale_ in one call; returns the stats."""
-        return cp_step_(grads, group_index, n_groups, p, w)
+        return cp_step_(grads, group_index, n_groups, p, w, state)
 
 
 register_backend("native", NativeBackend)

@@ -5,6 +5,9 @@
     stats = cp.step(epoch)          # after backward, before clipping and optimizer.step()
 
 ``cp.step`` returns a :class:`StepStats` whose tensors stay on the device (no host sync).
+With ``cp.signal=ema`` the instance owns the signal state (``self.state``, float64 ``[2G]`` on the
+device, updated in place by the backend); ``self.stopped`` (set by the ``plateau`` stop rule of
+:mod:`cpsl.strategies.cp`) makes every later step's schedule weight 0, i.e. ``k = 1``.
 Mode ``grad`` scales the gradients of penalised groups; mode ``update`` (the default with
 Adam/AdamW) scales the learning rate of the group's optimizer param group instead, kept as a
 device tensor, because an adaptive optimizer divides a constant gradient factor away.
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core import CPStats, PenaltyParams, get_backend
+from .core import CPStats, PenaltyParams, get_backend, signal_state
 
 
 def schedule_weight(epoch: int, start_epoch: int, ramp_epochs: int, end_epoch: int) -> float:
@@ -133,6 +136,8 @@ class ConflictAwarePenalty:
             if optimizer is None:
                 raise ValueError("CP mode 'update' needs the optimizer (per-group learning rates)")
             self._bind_optimizer(optimizer)
+        self.state = signal_state(len(self.names), dev) if self.p.ema else None
+        self.stopped = False   # the stop rule switched the penalty off (sticky)
 
     # ------------------------------------------------------------------ update mode plumbing
     def _bind_optimizer(self, opt) -> None:
@@ -144,9 +149,9 @@ class ConflictAwarePenalty:
     # ------------------------------------------------------------------ the step
     def compute(self, epoch: int) -> tuple[torch.Tensor, float]:
         w = schedule_weight(epoch, self.cfg.start_epoch, self.cfg.ramp_epochs, self.cfg.end_epoch)
-        if self.mode == "measure":
+        if self.mode == "measure" or self.stopped:
             w = 0.0
-        return self.backend.compute(self._grads(), self.group_index, len(self.names), self.p, w), w
+        return self.backend.compute(self._grads(), self.group_index, len(self.names), self.p, w, self.state), w
 
     def step(self, epoch: int, terms: dict | None = None) -> StepStats:
         stats, w = self.compute(epoch)

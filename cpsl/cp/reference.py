@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .core import Backend, PenaltyParams, penalty_scalar, register_backend
+from .core import Backend, PenaltyParams, check_state, penalty_scalar, register_backend
 
 
-def reference_stats(grads, group_index, n_groups, p: PenaltyParams, w: float) -> torch.Tensor:
+def reference_stats(grads, group_index, n_groups, p: PenaltyParams, w: float,
+                    state: torch.Tensor | None = None) -> torch.Tensor:
+    """The stats buffer; with ``p.ema`` the signal ``state`` is read and written back in place."""
     sumsq = [0.0] * n_groups
     numel = [0] * n_groups
     active = [False] * n_groups
@@ -18,15 +20,19 @@ def reference_stats(grads, group_index, n_groups, p: PenaltyParams, w: float) ->
         sumsq[gi] += float(grad.detach().double().pow(2).sum())
         numel[gi] += grad.numel()
         active[gi] = True
-    out = penalty_scalar(sumsq, numel, active, p, w)
+    check_state(state, n_groups, device, p)
+    st = [float(v) for v in state.tolist()] if p.ema else None
+    out = penalty_scalar(sumsq, numel, active, p, w, st)
+    if p.ema:
+        state.copy_(torch.tensor(st, dtype=torch.float64))
     return torch.tensor(out, dtype=torch.float64, device=device or "cpu")
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def compute(self, grads, group_index, n_groups, p, w):
-        return reference_stats(grads, group_index, n_groups, p, w)
+    def compute(self, grads, group_index, n_groups, p, w, state=None):
+        return reference_stats(grads, group_index, n_groups, p, w, state)
 
 
 register_backend("reference", ReferenceBackend)

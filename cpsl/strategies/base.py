@@ -1,6 +1,6 @@
 """The ``Modulator`` protocol, its registry and the helpers every strategy shares.
 
-One training loop (``cpsl/train.py``) calls a modulator at six documented points and never asks
+One training loop (``cpsl/train.py``) calls a modulator at seven documented points and never asks
 which strategy it is::
 
     modulator.bind(optimizer)                         # once, after the optimizer (and any resumed state)
@@ -17,6 +17,9 @@ which strategy it is::
             stats = modulator.after_backward(step)    # (5) scale gradients or learning rates → StepStats
             clip_grad_norm_(...); optimizer.step()
         log["modulation"] = modulator.end_epoch(epoch)  # (6) per-epoch bookkeeping (InfoReg's Fisher trace)
+        valid = evaluate(...)
+        log["modulation"] |= modulator.after_valid(epoch, valid aux losses)   # (7) e.g. CP's stop rule
+    results.update(modulator.results())               # per-seed results (e.g. cp_stopped_epoch)
 
 A strategy declares what it ``needs`` from a step and what ``effects`` it has (both sets of
 strings from :data:`NEEDS` / :data:`EFFECTS`); :func:`check` turns an impossible configuration
@@ -74,6 +77,8 @@ class Modulator(Protocol):
     def backward(self, loss: torch.Tensor, step: Step) -> None: ...
     def after_backward(self, step: Step) -> StepStats | None: ...
     def end_epoch(self, epoch: int) -> dict | None: ...
+    def after_valid(self, epoch: int, aux_loss: dict) -> dict | None: ...
+    def results(self) -> dict: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -127,6 +132,15 @@ class BaseModulator:
 
     def end_epoch(self, epoch: int) -> dict | None:
         return None
+
+    def after_valid(self, epoch: int, aux_loss: dict) -> dict | None:
+        """After the epoch's validation; ``aux_loss`` = {modality: the unimodal head's valid loss}.
+        A dict returned is logged under ``"modulation"``; state changed here is saved in last.pt."""
+        return None
+
+    def results(self) -> dict:
+        """Entries added to the seed's results (results.json)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

@@ -1,12 +1,30 @@
 """``cp``: the Conflict-aware Penalty (docs/method.md §5) as a plug-in. The rule and its backends
 (reference, foreach, native) stay in :mod:`cpsl.cp`; this module only wires
 :class:`~cpsl.cp.penalty.ConflictAwarePenalty` to the loop's hook points and gives CP's groups a
-gradient arena (one native plan per run)."""
+gradient arena (one native plan per run).
+
+Two options of issue 13 live here (docs/cp_rules.md):
+
+* ``cp.signal=ema``: the smoothed conflict signal's state (``self.state``) is saved in ``last.pt``.
+* ``cp.stop=plateau``: at each epoch end (:meth:`after_valid`), the groups whose mean ``k`` over the
+  epoch was 1 (not penalised) are looked at; when none of their unimodal aux heads' *validation*
+  losses beat its best by more than ``cp.stop_delta`` for ``cp.stop_patience`` consecutive epochs,
+  the penalty is switched off for the rest of the run (sticky; ``k = 1``). An epoch in which every
+  group was penalised does not count either way. The epoch is logged as ``cp_stopped_epoch``
+  (log.jsonl under ``modulation``, and results.json) and kept in ``last.pt``.
+"""
 from __future__ import annotations
+
+import math
+
+import torch
 
 from ..cp.arena import GradArena
 from ..cp.penalty import ConflictAwarePenalty
+from ..errors import CPSLError
 from .base import BaseModulator, Step, register
+
+UNPENALISED = 1.0 - 1e-6   # mean k over an epoch at or above this: the group was not penalised
 
 
 @register
@@ -23,10 +41,80 @@ class CPModulator(ConflictAwarePenalty, BaseModulator):
         self.arena = None
         self.effects = frozenset({"scale_lr" if cfg.cp.mode == "update" else "scale_grad"}
                                  | ({"grad_noise"} if cfg.cp.ge_noise > 0 else set()))
+        self.plateau = cfg.cp.stop == "plateau"
+        self.stopped_epoch: int | None = None
+        self.best: dict[str, float] = {}     # best valid aux loss per group (plateau rule)
+        self.bad_epochs = 0
+        self._ksum = None                    # (G,) device sum of k over the epoch's steps
+        self._nk = 0
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.cp.stop == "plateau" and cfg.loss.aux <= 0:
+            raise CPSLError(f"cp.stop=plateau reads the unimodal aux heads' validation losses, which are not "
+                            f"trained (loss.aux={cfg.loss.aux}); set loss.aux > 0")
 
     def bind(self, optimizer) -> None:
         # CP groups' grads live in a stable arena (zero_grad goes through it): one native plan per run
         self.arena = GradArena.for_modulator(self, optimizer)
 
+    def begin_epoch(self, epoch: int) -> None:
+        self._ksum, self._nk = None, 0
+
     def after_backward(self, step: Step):
-        return ConflictAwarePenalty.step(self, step.epoch, step.terms)
+        st = ConflictAwarePenalty.step(self, step.epoch, step.terms)
+        if self.plateau:
+            self._ksum = st.k.detach().clone() if self._ksum is None else self._ksum + st.k
+            self._nk += 1
+        return st
+
+    # ------------------------------------------------------------------ stop rule
+    def after_valid(self, epoch: int, aux_loss: dict) -> dict | None:
+        """The plateau rule at the end of ``epoch`` (``aux_loss``: {modality: valid aux loss})."""
+        if not self.plateau:
+            return None
+        if self.stopped:
+            return {"cp_stopped_epoch": self.stopped_epoch}
+        kmean = (self._ksum / self._nk).tolist() if self._nk else [1.0] * len(self.names)   # one host read
+        free = [n for n, k in zip(self.names, kmean) if k >= UNPENALISED and n in aux_loss]
+        improved = False
+        for n in self.names:
+            v = aux_loss.get(n)
+            if v is None or not math.isfinite(v):
+                continue
+            best = self.best.get(n, math.inf)
+            if n in free and v < best - self.cfg.stop_delta:
+                improved = True
+            self.best[n] = min(best, v)
+        if free:
+            self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if self.bad_epochs >= self.cfg.stop_patience:
+            self.stopped, self.stopped_epoch = True, epoch
+        return {"cp_unpenalised": free, "cp_plateau_epochs": self.bad_epochs,
+                "cp_stopped_epoch": self.stopped_epoch}
+
+    def results(self) -> dict:
+        return {"cp_stopped_epoch": self.stopped_epoch} if self.plateau else {}
+
+    # ------------------------------------------------------------------ --resume
+    def state_dict(self) -> dict:
+        out = {}
+        if self.state is not None:
+            out["signal_state"] = self.state.detach().cpu().clone()
+        if self.plateau:
+            out["stop"] = {"stopped": self.stopped, "stopped_epoch": self.stopped_epoch,
+                           "best": dict(self.best), "bad_epochs": self.bad_epochs}
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.state is not None and state.get("signal_state") is not None:
+            s = state["signal_state"]
+            if not torch.is_tensor(s) or s.shape != self.state.shape:
+                raise CPSLError(f"checkpoint: CP signal state of shape {getattr(s, 'shape', None)} does not fit "
+                                f"{len(self.names)} groups")
+            self.state.copy_(s.to(self.state.device, torch.float64))
+        stop = state.get("stop")
+        if self.plateau and stop:
+            self.stopped, self.stopped_epoch = bool(stop["stopped"]), stop["stopped_epoch"]
+            self.best, self.bad_epochs = dict(stop["best"]), int(stop["bad_epochs"])
