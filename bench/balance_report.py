@@ -65,11 +65,12 @@ def collect(out: Path, cells: dict, names: list[str]) -> dict:
         if rec["status"] != "unavailable" and p.is_file():
             s = json.loads(p.read_text())
             has_test = all(v.get("test") for v in s["variants"].values())
-            r["table"] = cell_table([s], "test" if has_test else "valid", names)
+            mine = [n for n in names if n in s["variants"]] + [n for n in s["variants"] if n not in names]
+            r["table"] = cell_table([s], "test" if has_test else "valid", mine)
             if rec.get("kfold"):
                 folds = [json.loads((out / cell / "kfold" / f"fold{i}" / "ablation.json").read_text())
                          for i in range(rec["kfold"]["k"])]
-                r["kfold"] = dict(rec["kfold"], table=cell_table(folds, "valid", names),
+                r["kfold"] = dict(rec["kfold"], table=cell_table(folds, "valid", mine),
                                   pairs="(fold, seed)")
         res[cell] = r
     return res
