@@ -70,7 +70,8 @@ def collect(out: Path, cells: dict, names: list[str]) -> dict:
             if rec.get("kfold"):
                 folds = [json.loads((out / cell / "kfold" / f"fold{i}" / "ablation.json").read_text())
                          for i in range(rec["kfold"]["k"])]
-                r["kfold"] = dict(rec["kfold"], table=cell_table(folds, "valid", mine),
+                in_all = [n for n in mine if all(n in f["variants"] for f in folds)]
+                r["kfold"] = dict(rec["kfold"], table=cell_table(folds, "valid", in_all),
                                   pairs="(fold, seed)")
         res[cell] = r
     return res

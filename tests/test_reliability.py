@@ -99,7 +99,8 @@ def test_no_finite_validation_loss_is_one_clear_line(tmp_path, monkeypatch):
     import cpsl.train as T
     clean, _ = _poisoned(tmp_path)
     monkeypatch.setattr(T, "evaluate", lambda *a, **k: {"metrics": {"loss": float("nan"), "MAE": float("nan")},
-                                                        "aux": {}, "pred": None, "aux_pred": None})
+                                                        "aux": {}, "aux_loss": {}, "pred": None,
+                                                            "aux_pred": None})
     res = cli("train", "--data", clean, "--out", tmp_path / "r", "--epochs", "1", *TRAIN)
     one_error_line(res, "no epoch reached a finite validation loss")
 
