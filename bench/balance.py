@@ -9,8 +9,10 @@ family ``synth_slow`` (``audio_xor = 1``: audio is learnt late, not out-competed
 MOSI from the data pack with frozen MiniLM states (``mosi_frozen``) or MiniLM fine-tuned end to end
 (``mosi_ft``, the text lr of configs/mosi_best.yaml). Each cell's folder ``OUT/<cell>/`` is exactly
 a ``cpsl ablate --out`` folder (``--reference none --quiet``, run as a subprocess; its log is
-``OUT/<cell>.log``); a cell whose ``ablation.json`` has the same variants and seeds is skipped, so a
-stopped run resumes cell by cell (a cell stopped part-way is rerun whole, ``--overwrite``).
+``OUT/<cell>.log``); a cell whose ``ablation.json`` has the same variants (or more) and seeds is skipped, so a
+stopped run resumes cell by cell (a cell stopped part-way is rerun whole, ``--overwrite``); a
+finished cell made with other settings (data, preset, epochs, ``--set``, ``--define``) is an
+error naming the differing keys, never reused or overwritten.
 ``--kfold K`` adds, for the MOSI cells, the video-grouped K-fold over train + valid (never test
 rows): fold pickles in the recipe's cache, ablations in ``OUT/<cell>/kfold/fold<i>/``, paired
 differences over (fold, seed) pairs of the fold-valid MAE.
@@ -104,20 +106,67 @@ def ablate_args(a, data: str, out: Path, extra_sets=()) -> list[str]:
     return args
 
 
-def finished(out: Path, a) -> bool:
-    """OUT holds a finished ablation of the same variants and seeds."""
+# config keys that do not change what a run computes (threads: float rounding only)
+NOT_COMPARED = {"train.num_threads", "train.progress", "train.seeds", "data.path"}   # data: from ablation.json
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix == "data." and k == "synth"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(out: Path, a, data: str, extra_sets=()) -> list[str]:
+    """Where OUT's finished ablation differs from what this command would run: its data, and per
+    requested variant each config key of its ``config.json`` against the config this command builds
+    (preset, --epochs, --set, --define, the cell's own overrides), ``NOT_COMPARED`` aside."""
+    from cpsl.ablate import _dirname, variant_config
+    from cpsl.cli.options import run_config
+    from cpsl.config import Config, parse_overrides
+    s = json.loads((out / "ablation.json").read_text())
+    diffs = [] if s.get("data") == data else [f"data = {s.get('data')!r} (this command: {data!r})"]
+    preset = "teacher" if a.preset == "default" else a.preset
+    base = run_config(preset, None, [*extra_sets, *a.sets], epochs=a.epochs, quiet=True)
+    defined = {name: parse_overrides(sets.split()) for name, sets in a.define}
+    for n in a.names:
+        p = out / _dirname(n) / "config.json"
+        if not p.is_file():
+            diffs.append(f"{n}: no config.json")
+            continue
+        have = _flat(Config.from_dict(json.loads(p.read_text())).to_dict())
+        want = _flat(variant_config(base, n, defined).to_dict())
+        diffs += [f"{n}: {k} = {have.get(k)!r} (this command: {want.get(k)!r})"
+                  for k in sorted(set(have) | set(want)) if k not in NOT_COMPARED and have.get(k) != want.get(k)]
+    return diffs
+
+
+def finished(out: Path, a, data: str, extra_sets=()) -> bool:
+    """OUT holds a finished ablation of the same variants, seeds, data and settings. One with the
+    same variants and seeds but other settings (preset, epochs, --set, ...) is an error, not
+    silently reused or overwritten: it may be hours of work."""
     p = out / "ablation.json"
     if not p.is_file():
         return False
     s = json.loads(p.read_text())
     # a superset of the requested variants counts as finished: cells run with more variants (e.g. the
     # CP candidates on the shortcut cell) are reused and reported whole
-    return set(a.names) <= set(s.get("variants", {})) and [int(x) for x in s.get("seeds", [])] == a.seed_list
+    if not (set(a.names) <= set(s.get("variants", {})) and [int(x) for x in s.get("seeds", [])] == a.seed_list):
+        return False
+    diffs = config_differences(out, a, data, extra_sets)
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise BalanceError(f"{out} holds a finished ablation made with other settings: {'; '.join(diffs[:3])}{more}; "
+                           f"rerun with those settings, or use another --out")
+    return True
 
 
 def run_ablate(a, data: str, out: Path, extra_sets=()) -> str:
     """Run one ablation unless finished; 'skipped' or 'ran'."""
-    if finished(out, a):
+    if finished(out, a, data, extra_sets):
         return "skipped"
     args = ablate_args(a, data, out, extra_sets) + (["--overwrite"] if out.exists() else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),

@@ -94,3 +94,41 @@ def test_mosi_kfold_folds_are_video_grouped(tmp_path, shared_data_dir):
         assert len(f["test"]) == 0 and len(f["train"]) + len(f["valid"]) == len(pool)
     stamp = paths[0].stat().st_mtime_ns
     assert B.fold_pickles(cut, 3, tmp_path / "cache") == paths and paths[0].stat().st_mtime_ns == stamp
+
+
+def _fake_finished_cell(out: Path, argv: list[str]):
+    """A finished cell as ``cpsl ablate`` leaves it (ablation.json + each variant's config.json), made
+    with the settings of ``argv`` and no training."""
+    import balance as B
+    from cpsl.ablate import _dirname, variant_config
+    from cpsl.cli.options import run_config
+    a = B.parse(argv)
+    extra = B.synth_sets(a, "synth_sc1")
+    base = run_config("student", None, [*extra, *a.sets, "train.num_threads=1"], epochs=a.epochs, quiet=True)
+    for n in a.names:
+        (out / _dirname(n)).mkdir(parents=True)
+        variant_config(base, n, {}).save(out / _dirname(n) / "config.json")
+    (out / "ablation.json").write_text(json.dumps({"data": "synth", "seeds": a.seed_list,
+                                                   "variants": {n: {} for n in a.names}}))
+    return B, a, extra
+
+
+def test_finished_cell_with_other_settings_is_refused_not_reused(tmp_path):
+    """A finished cell is reused only when its configs match what the command would run; otherwise one
+    error line names the differing key and the folder is left as it was."""
+    out = tmp_path / "o"
+    argv = ["--out", str(out), "--quick", "--cells", "synth_sc1", "--variants", "none,cp", "--jobs", "1"]
+    B, a, extra = _fake_finished_cell(out / "synth_sc1", argv)
+    assert B.finished(out / "synth_sc1", a, "synth", extra)                  # same settings (threads aside)
+    assert B.finished(out / "synth_sc1", B.parse(argv + ["--threads", "2"]), "synth", extra)
+    assert not B.finished(out / "synth_sc1", B.parse(argv[:-4] + ["--variants", "none,cp,-SL"]), "synth", extra)
+    with pytest.raises(B.BalanceError, match=r"data = 'synth' \(this command: 'other.pkl'\)"):
+        B.finished(out / "synth_sc1", a, "other.pkl", extra)
+    with pytest.raises(B.BalanceError, match=r"cp: cp\.alpha = .*\(this command: 3\.0\)"):
+        B.finished(out / "synth_sc1", B.parse(argv + ["--set", "cp.alpha=3"]), "synth", extra)
+    stamp = (out / "synth_sc1" / "ablation.json").stat().st_mtime_ns
+    r = balance(*argv, "--epochs", "5", check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "train.epochs = 2 (this command: 5)" in last
+    assert (out / "synth_sc1" / "ablation.json").stat().st_mtime_ns == stamp
