@@ -13,7 +13,7 @@ a ``cpsl ablate --out`` folder (``--reference none --quiet``, run as a subproces
 stopped run resumes cell by cell (a cell stopped part-way is rerun whole, ``--overwrite``); a
 finished cell made with other settings (data, preset, epochs, ``--set``, ``--define``) is an
 error naming the differing keys, never reused or overwritten.
-``--kfold K`` adds, for the MOSI cells, the video-grouped K-fold over train + valid (never test
+``--kfold K`` adds, for the MOSI cells (or those of ``--kfold-cells``), the video-grouped K-fold over train + valid (never test
 rows): fold pickles in the recipe's cache, ablations in ``OUT/<cell>/kfold/fold<i>/``, paired
 differences over (fold, seed) pairs of the fold-valid MAE.
 
@@ -68,6 +68,8 @@ def parse(argv=None):
                     help="the data pack (MOSI cells need DIR/mosi/labels.csv + audio_opensmile.csv)")
     ap.add_argument("--cache", help="MOSI pickles and folds (default: bench/mosi_recipe.py's cache)")
     ap.add_argument("--kfold", type=int, default=0, help="MOSI cells: also the video-grouped K-fold over train+valid")
+    ap.add_argument("--kfold-cells", help="with --kfold: only these MOSI cells get the k-fold (default: every MOSI cell "
+                                          "in --cells), e.g. mosi_frozen where mosi_ft's k-fold is too costly")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every run (repeatable)")
     ap.add_argument("--cost-steps", type=int, default=0, help="cpsl ablate --cost-steps (isolated step timing; 0: skip)")
     ap.add_argument("--quick", action="store_true",
@@ -88,6 +90,17 @@ def parse(argv=None):
         raise BalanceError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
     if a.kfold and a.kfold < 2:
         raise BalanceError(f"--kfold must be >= 2 (or 0: off), got {a.kfold}")
+    mosi_cells = [c for c in a.cells if c not in SYNTH]
+    if a.kfold_cells is None:
+        a.kfold_cells = mosi_cells if a.kfold else []
+    else:
+        if not a.kfold:
+            raise BalanceError("--kfold-cells needs --kfold K")
+        a.kfold_cells = [c.strip() for c in a.kfold_cells.split(",") if c.strip()]
+        bad = [c for c in a.kfold_cells if c not in mosi_cells]
+        if bad:
+            raise BalanceError(f"--kfold-cells: {', '.join(bad)} not among the MOSI cells of --cells "
+                               f"({', '.join(mosi_cells) or 'none'})")
     return a
 
 
@@ -252,7 +265,7 @@ def run_cell(a, cell: str, out: Path, cache: Path) -> dict:
         return {"status": "unavailable", "kind": "mosi", "reason": missing}
     pkl = mosi_pickle(a, cache)
     rec = {"status": run_ablate(a, str(pkl), out / cell, mosi_sets(cell)), "kind": "mosi", "pickle": str(pkl)}
-    if a.kfold:
+    if cell in a.kfold_cells:
         paths = fold_pickles(pkl, a.kfold, cache)
         for i, p in enumerate(paths):
             log(f"{cell}: fold {i + 1}/{a.kfold}")

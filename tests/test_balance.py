@@ -40,6 +40,19 @@ def test_mosi_cell_skips_without_the_data_pack(tmp_path):
     assert not (tmp_path / "o" / "mosi_frozen").exists()
 
 
+def test_kfold_cells_chooses_which_mosi_cells_get_the_kfold():
+    import balance as B
+    a = B.parse(["--out", "o", "--cells", "synth_sc1,mosi_frozen,mosi_ft", "--kfold", "5"])
+    assert a.kfold_cells == ["mosi_frozen", "mosi_ft"]                 # default: every MOSI cell asked for
+    a = B.parse(["--out", "o", "--cells", "synth_sc1,mosi_frozen,mosi_ft", "--kfold", "5", "--kfold-cells", "mosi_frozen"])
+    assert a.kfold_cells == ["mosi_frozen"]
+    assert B.parse(["--out", "o", "--cells", "mosi_frozen"]).kfold_cells == []
+    with pytest.raises(B.BalanceError, match="synth_sc1 not among the MOSI cells"):
+        B.parse(["--out", "o", "--cells", "synth_sc1,mosi_ft", "--kfold", "5", "--kfold-cells", "synth_sc1"])
+    with pytest.raises(B.BalanceError, match="needs --kfold"):
+        B.parse(["--out", "o", "--cells", "mosi_ft", "--kfold-cells", "mosi_ft"])
+
+
 @pytest.mark.slow
 def test_quick_two_cells_end_to_end_and_resume(tmp_path):
     out = tmp_path / "o"

@@ -12,6 +12,14 @@ Two options of issue 13 live here (docs/cp_rules.md):
   the penalty is switched off for the rest of the run (sticky; ``k = 1``). An epoch in which every
   group was penalised does not count either way. The epoch is logged as ``cp_stopped_epoch``
   (log.jsonl under ``modulation``, and results.json) and kept in ``last.pt``.
+
+The rule shipped: the defaults stay ``cp.scope=encoder``, ``cp.signal=step``, ``cp.stop=never``
+(docs/method.md §5). Issue 13's imbalance benchmark (``bench/balance.py``, 5 seeds, paired) found
+no cell where a CP rule beats ``--modulation none`` beyond the seed spread, and on real MOSI,
+where text is the only informative modality, CP is worse (frozen MiniLM, video-grouped 5-fold:
++0.007 MAE; fine-tuned MiniLM: +0.023). Validation chose none of the candidates, so no default
+moved. The table, and why a per-group learning-rate rule cannot block a shortcut that the
+shared fusion reads: docs/cp_rules.md, "The rule we ship".
 """
 from __future__ import annotations
 
