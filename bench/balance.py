@@ -123,22 +123,13 @@ def ablate_args(a, data: str, out: Path, extra_sets=()) -> list[str]:
 NOT_COMPARED = {"train.num_threads", "train.progress", "train.seeds", "data.path"}   # data: from ablation.json
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not (prefix == "data." and k == "synth"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(out: Path, a, data: str, extra_sets=()) -> list[str]:
     """Where OUT's finished ablation differs from what this command would run: its data, and per
     requested variant each config key of its ``config.json`` against the config this command builds
     (preset, --epochs, --set, --define, the cell's own overrides), ``NOT_COMPARED`` aside."""
     from cpsl.ablate import _dirname, variant_config
     from cpsl.cli.options import run_config
+    from cpsl.compare import flatten
     from cpsl.config import Config, parse_overrides
     s = json.loads((out / "ablation.json").read_text())
     diffs = [] if s.get("data") == data else [f"data = {s.get('data')!r} (this command: {data!r})"]
@@ -150,8 +141,8 @@ def config_differences(out: Path, a, data: str, extra_sets=()) -> list[str]:
         if not p.is_file():
             diffs.append(f"{n}: no config.json")
             continue
-        have = _flat(Config.from_dict(json.loads(p.read_text())).to_dict())
-        want = _flat(variant_config(base, n, defined).to_dict())
+        have = flatten(Config.from_dict(json.loads(p.read_text())).to_dict())
+        want = flatten(variant_config(base, n, defined).to_dict())
         diffs += [f"{n}: {k} = {have.get(k)!r} (this command: {want.get(k)!r})"
                   for k in sorted(set(have) | set(want)) if k not in NOT_COMPARED and have.get(k) != want.get(k)]
     return diffs

@@ -187,4 +187,26 @@ def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, v
     click.echo(f"wrote {Path(out) / 'ablation.md'} and ablation.json ({summary['wall_s']:.0f} s wall, {jobs} job(s))")
 
 
-COMMANDS = [train, eval_cmd, ablate]
+@click.command()
+@click.argument("runs", nargs=-1, required=True, metavar="NAME=DIR[,DIR...] NAME=DIR ...")
+@click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "valid", "test"]),
+              help="auto: test when every paired seed has test metrics, else valid.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the table here (.md) and NAME.json beside it.")
+def compare(runs, split, out):
+    """Paired comparison of finished cpsl train folders over their common seeds (the first run is the
+    reference): mean ± std, the paired difference with its 95 % t-interval, unimodal heads, and the
+    config keys each run changes. Several folders of one setting are merged by seed (DIR,DIR)."""
+    from ..compare import compare as run_compare
+    from ..compare import markdown
+    res = run_compare(list(runs), split)
+    md = markdown(res)
+    click.echo(md, nl=False)
+    if out:
+        p = Path(out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(md)
+        p.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        click.echo(f"wrote {p} and {p.with_suffix('.json')}")
+
+
+COMMANDS = [train, eval_cmd, ablate, compare]
