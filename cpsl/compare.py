@@ -4,7 +4,7 @@ Each run is ``NAME=DIR[,DIR...]`` (several folders of one setting, e.g. seeds sp
 processes, are merged by seed). The first run is the reference. Only seeds present in every run
 are paired; runs on different data (``data_fingerprint``) are refused, because a paired
 difference across data sets means nothing. The split is ``test`` when every paired seed of every
-run has test metrics, else ``valid``. For each run: mean ± std of the metrics, the paired
+run has test metrics, else ``valid``. For each run: mean ± std (population, as everywhere in cpsl) of the metrics, the paired
 difference to the reference with its 95 % t-interval (:func:`cpsl.ablate.paired_difference`),
 each unimodal head's MAE where the runs logged them, and the config keys that differ from the
 reference's (what the comparison is about).
@@ -12,7 +12,6 @@ reference's (what the comparison is about).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from .errors import CPSLError
@@ -74,10 +73,9 @@ def differing_keys(a: dict, b: dict) -> list[str]:
 
 
 def _ms(xs: list[float]) -> dict:
-    n = len(xs)
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "values": xs}
+    """Mean and population std, as every other cpsl table (cpsl.metrics.mean_std)."""
+    from .metrics import mean_std
+    return mean_std([{"v": x} for x in xs])["v"]
 
 
 def compare(specs: list[str], split: str = "auto") -> dict:
