@@ -13,8 +13,8 @@ a ``cpsl ablate --out`` folder (``--reference none --quiet``, run as a subproces
 stopped run resumes cell by cell (a cell stopped part-way is rerun whole, ``--overwrite``); a
 finished cell made with other settings (data, preset, epochs, ``--set``, ``--define``) is an
 error naming the differing keys, never reused or overwritten.
-``--kfold K`` adds, for the MOSI cells (or those of ``--kfold-cells``), the video-grouped K-fold over train + valid (never test
-rows): fold pickles in the recipe's cache, ablations in ``OUT/<cell>/kfold/fold<i>/``, paired
+``--kfold K`` adds, for the MOSI cells (or those of ``--kfold-cells``), the video-grouped K-fold
+over train + valid (never test rows): fold pickles in the recipe's cache, ablations in ``OUT/<cell>/kfold/fold<i>/``, paired
 differences over (fold, seed) pairs of the fold-valid MAE.
 
 Writes ``OUT/balance.json``, ``OUT/balance.md`` (per cell × variant: MAE mean ± std, the paired ΔMAE

@@ -4,10 +4,10 @@ Each run is ``NAME=DIR[,DIR...]`` (several folders of one setting, e.g. seeds sp
 processes, are merged by seed). The first run is the reference. Only seeds present in every run
 are paired; runs on different data (``data_fingerprint``) are refused, because a paired
 difference across data sets means nothing. The split is ``test`` when every paired seed of every
-run has test metrics, else ``valid``. For each run: mean ± std (population, as everywhere in cpsl) of the metrics, the paired
-difference to the reference with its 95 % t-interval (:func:`cpsl.ablate.paired_difference`),
-each unimodal head's MAE where the runs logged them, and the config keys that differ from the
-reference's (what the comparison is about).
+run has test metrics, else ``valid``. For each run: mean ± std (population, as everywhere in
+cpsl) of the metrics, the paired difference to the reference with its 95 % t-interval
+(:func:`cpsl.ablate.paired_difference`), each unimodal head's MAE where the runs logged them, and
+the config keys that differ from the reference's (what the comparison is about).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def parse_run(spec: str) -> tuple[str, list[Path]]:
 
 
 def load_run(name: str, dirs: list[Path]) -> dict:
-    """``{"seeds": {seed: per-seed row}, "config": flat config, "fingerprint": str}`` merged over ``dirs``."""
+    """``{"seeds": {seed: per-seed row}, "config": flat config, "fingerprints": set}`` merged over ``dirs``."""
     rows, configs, prints = {}, [], set()
     for d in dirs:
         f = d / "results.json"
@@ -52,19 +52,17 @@ def load_run(name: str, dirs: list[Path]) -> dict:
         diff = differing_keys(cfg, other)
         if diff:
             raise CPSLError(f"{name}: {d} was trained with other settings than {dirs[0]} ({', '.join(diff)})")
-    if len(prints) > 1:
-        raise CPSLError(f"{name}: its folders were trained on different data")
-    return {"seeds": rows, "config": cfg, "fingerprint": prints.pop()}
+    return {"seeds": rows, "config": cfg, "fingerprints": prints}
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
+def flatten(cfg: dict) -> dict:
+    """``section.key -> value`` of a config dict; nested values (``data.synth``, ``cp.groups``) stay whole."""
     out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key.count(".") < 1:
-            out.update(flatten(v, key + "."))
+    for section, keys in cfg.items():
+        if isinstance(keys, dict):
+            out.update({f"{section}.{k}": v for k, v in keys.items()})
         else:
-            out[key] = v
+            out[section] = keys
     return out
 
 
@@ -89,8 +87,7 @@ def compare(specs: list[str], split: str = "auto") -> dict:
             raise CPSLError(f"run name {name!r} given twice")
         runs[name] = load_run(name, dirs)
     ref = next(iter(runs))
-    prints = {r["fingerprint"] for r in runs.values()}
-    if len(prints) > 1:
+    if len(set().union(*(r["fingerprints"] for r in runs.values()))) > 1:
         raise CPSLError("the runs were trained on different data (data_fingerprint differs): seeds cannot be paired")
     seeds = sorted(set.intersection(*(set(r["seeds"]) for r in runs.values())))
     if not seeds:

@@ -19,8 +19,9 @@ no cell where a CP rule beats ``--modulation none`` beyond the seed spread, and 
 where text is the only informative modality, CP is worse (frozen MiniLM, video-grouped 5-fold:
 +0.007 MAE; fine-tuned MiniLM: +0.023). On validation ``cp.stop=plateau`` is never worse than the
 default rule where both ran and better on fine-tuned MOSI (−0.015; +0.008 vs none, within the
-spread): the recommended setting for real data, not yet the default (it needs ``loss.aux > 0``). The table, and why a per-group learning-rate rule cannot block a shortcut that the
-shared fusion reads: docs/cp_rules.md, "The rule we ship".
+spread): the recommended setting for real data, not yet the default (it needs ``loss.aux > 0``).
+The table, and why a per-group learning-rate rule cannot block a shortcut that the shared fusion
+reads: docs/cp_rules.md, "The rule we ship".
 """
 from __future__ import annotations
 
