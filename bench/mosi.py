@@ -118,6 +118,8 @@ def main(argv=None):
     if a.recipe:
         if not a.out:
             ap.error("--recipe needs --out (the run folder: OUT/results.json, OUT/seed*/best.pt)")
+        if a.kfold_only and not a.kfold:
+            ap.error("--kfold-only needs --kfold K")
         return mosi_recipe.run_recipe(a)
     a.out = a.out or str(ROOT / "bench" / "results" / "mosi")
     data = Path(a.data_dir)

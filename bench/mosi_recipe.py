@@ -137,6 +137,8 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
     from cpsl.data.folds import video_folds
     from cpsl.data.mmsa import load_mmsa, save_mmsa
     from cpsl.metrics import mean_std
+    sys.path.insert(0, str(ROOT / "bench"))
+    from mosi import epoch_times
     folds_dir = cache / f"folds_{pkl.stem}_k{k}"
     paths = [folds_dir / f"fold{i}.pkl" for i in range(k)]
     if not all(p.is_file() for p in paths):
@@ -145,7 +147,7 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
     seed = a.seeds.split(",")[0]
     res = {}
     for name, encoder in variants.items():
-        t0, per_fold = time.time(), []
+        per_fold = []
         # finished folds are reused only for the same config, encoder, data, seed, epochs and --set
         run_tag = tag(Path(a.config).read_text(), encoder, pkl.name, seed, a.epochs, a.sets)
         for i, p in enumerate(paths):
@@ -156,11 +158,25 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
                 cpsl(train_args(p, d, a.config, encoder, seed, a.threads, a.epochs, a.sets, True) + ["--overwrite"],
                      d.parent / f"fold{i}.log", True, a.threads)
             per_fold.append(json.loads((d / "results.json").read_text()))
-        res[name] = {"encoder": encoder, "valid": mean_std([r["per_seed"][0]["valid"] for r in per_fold]),
-                     "valid_text_head": mean_std([r["per_seed"][0]["valid_aux"]["text"] for r in per_fold])}
-        timing[f"kfold_{name}_s"] = time.time() - t0
+        fused = [r["per_seed"][0]["valid"] for r in per_fold]
+        text = [r["per_seed"][0]["valid_aux"]["text"] for r in per_fold]
+        res[name] = {"encoder": encoder, "valid": mean_std(fused), "valid_text_head": mean_std(text),
+                     "per_fold": {"valid": fused, "valid_text_head": text},
+                     "fused_minus_text_head": paired(fused, text)}
+        # the fold runs' own epoch time (a reused fold counts what it took when it ran)
+        timing[f"kfold_{name}_s"] = sum(sum(epoch_times(out / "kfold" / f"{name}_{run_tag}" / f"fold{i}"))
+                                        for i in range(k))
+    first = next(iter(res))
+    for name in list(res)[1:]:      # the same folds: paired over folds
+        res[first][f"minus_{name}"] = paired(res[first]["per_fold"]["valid"], res[name]["per_fold"]["valid"])
     return {"k": k, "seed": int(seed), "grouping": "video id, train+valid pooled (test rows never used)",
             "variants": res}
+
+
+def paired(a: list[dict], b: list[dict]) -> dict:
+    """Fold-paired a − b of MAE, Corr and Non0_acc_2: mean with its 95 % t-interval."""
+    from cpsl.ablate import paired_difference
+    return {m: paired_difference([x[m] for x in a], [y[m] for y in b]) for m in ("MAE", "Corr", "Non0_acc_2")}
 
 
 def ridge(pkl: Path) -> dict:
@@ -191,12 +207,21 @@ def run_recipe(a) -> dict:
         mosei = build("mosei", data, cache, a.source_encoder, max_len, a.threads, a.quiet, timing)
         encoder = transfer(mosei, cache, a.source_encoder, settings, a.threads, a.transfer_max_steps, a.quiet, timing)
     t0 = time.time()
-    print(f"[train] {a.config.name} from {encoder}, seeds {a.seeds} -> {out}", flush=True)
-    mode = ["--resume"] if a.resume else (["--overwrite"] if a.overwrite else [])
-    cpsl(train_args(mosi, out, a.config, str(encoder), a.seeds, a.threads, a.epochs, a.sets, a.quiet) + mode,
-         out / "train.log", a.quiet, a.threads)
-    timing["train_s"] = time.time() - t0
-    results = json.loads((out / "results.json").read_text())
+    if a.kfold_only:
+        if not (out / "results.json").is_file():
+            raise SystemExit(f"error: --kfold-only needs a finished recipe run in {out} (no results.json)")
+        results = json.loads((out / "results.json").read_text())
+        if results.get("recipe", {}).get("encoder") not in (None, str(encoder)):
+            raise SystemExit(f"error: {out} was trained from {results['recipe']['encoder']}, not {encoder}")
+        print(f"[train] skipped (--kfold-only): keeping {out}/results.json", flush=True)
+        timing.update(results.get("recipe", {}).get("timing", {}))    # the stage times of the kept run
+    else:
+        print(f"[train] {a.config.name} from {encoder}, seeds {a.seeds} -> {out}", flush=True)
+        mode = ["--resume"] if a.resume else (["--overwrite"] if a.overwrite else [])
+        cpsl(train_args(mosi, out, a.config, str(encoder), a.seeds, a.threads, a.epochs, a.sets, a.quiet) + mode,
+             out / "train.log", a.quiet, a.threads)
+        timing["train_s"] = time.time() - t0
+        results = json.loads((out / "results.json").read_text())
     card = encoder / "transfer.json"
     rec = {"encoder": str(encoder), "source_encoder": a.source_encoder, "config": str(a.config),
            "transfer_config": str(a.transfer_config), "mosi_pickle": str(mosi),
@@ -208,7 +233,7 @@ def run_recipe(a) -> dict:
         if a.kfold_baseline:
             variants["mosi_only"] = a.source_encoder
         rec["kfold"] = kfold(mosi, a.kfold, variants, a, cache, out, timing)
-    timing["total_s"] = time.time() - t_all
+    timing["kfold_only_total_s" if a.kfold_only else "total_s"] = time.time() - t_all   # --kfold-only keeps the run's
     rec["timing"] = timing
     results["recipe"] = rec
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -217,6 +242,7 @@ def run_recipe(a) -> dict:
 
 
 def summary(r: dict) -> str:
+    from cpsl.compare import format_delta
     def line(name, m):
         if not m:
             return ""
@@ -232,6 +258,11 @@ def summary(r: dict) -> str:
     if rec.get("kfold"):
         for name, v in rec["kfold"]["variants"].items():
             s += line(f"k={rec['kfold']['k']} folds: {name}", v["valid"])
+            s += line(f"k={rec['kfold']['k']} folds: {name}, text head", v["valid_text_head"])
+            for key, d in v.items():
+                if key == "fused_minus_text_head" or key.startswith("minus_"):
+                    s += f"  {'  ' + name + (' ' + key.replace('_', ' ')):34s} " + "  ".join(
+                        f"Δ{m} {format_delta(d[m])}" for m in ("Non0_acc_2", "MAE", "Corr")) + "\n"
     if rec.get("encoder_mosei_valid"):
         s += line("MOSEI valid (transfer, text only)", rec["encoder_mosei_valid"]["valid"])
     return s + "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in rec["timing"].items())
@@ -249,6 +280,8 @@ def add_arguments(ap) -> None:
     g.add_argument("--threads", type=int, default=0, help="torch threads of every stage (0: torch's default)")
     g.add_argument("--kfold", type=int, default=0, help="also k-fold cross-validate the config over train+valid")
     g.add_argument("--kfold-baseline", action="store_true", help="k-fold MiniLM fine-tuned on MOSI only as well")
+    g.add_argument("--kfold-only", action="store_true",
+                   help="with --kfold: keep OUT's finished training run (its results.json) and only add the k-fold")
     g.add_argument("--transfer-max-steps", type=int, default=0, help=argparse_suppress())
     g.add_argument("--resume", action="store_true", help="continue a stopped training run in OUT")
     g.add_argument("--overwrite", action="store_true", help="replace a training run already in OUT")

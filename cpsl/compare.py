@@ -116,7 +116,8 @@ def compare(specs: list[str], split: str = "auto") -> dict:
     return out
 
 
-def _interval(d: dict) -> str:
+def format_delta(d: dict) -> str:
+    """A paired difference as ``+0.0123 [+0.0010, +0.0236] *`` (*: its 95 % interval excludes 0)."""
     if d["ci95"] is None:
         return f"{d['mean']:+.4f} (n=1)"
     lo, hi = d["ci95"]
@@ -134,9 +135,9 @@ def markdown(res: dict) -> str:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in res["runs"].items():
         m, v = r["metrics"], r.get("vs_reference")
-        cells = [name, f"{m['MAE']['mean']:.4f} ± {m['MAE']['std']:.4f}", _interval(v["MAE"]) if v else "",
-                 f"{m['Corr']['mean']:.4f}", _interval(v["Corr"]) if v else "",
-                 f"{m['Non0_acc_2']['mean']:.4f}", _interval(v["Non0_acc_2"]) if v else ""]
+        cells = [name, f"{m['MAE']['mean']:.4f} ± {m['MAE']['std']:.4f}", format_delta(v["MAE"]) if v else "",
+                 f"{m['Corr']['mean']:.4f}", format_delta(v["Corr"]) if v else "",
+                 f"{m['Non0_acc_2']['mean']:.4f}", format_delta(v["Non0_acc_2"]) if v else ""]
         for h in heads:
             d = r.get("heads_vs_reference", {}).get(h)
             cells.append(f"{r['heads_MAE'][h]['mean']:.4f}" + (f" ({d:+.4f})" if d is not None else ""))

@@ -73,7 +73,11 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert rec["encoder_mosei_valid"]["valid"]["MAE"] > 0 and set(rec["ridge"]) == {"valid", "test"}
     kf = rec["kfold"]
     assert kf["k"] == 2 and set(kf["variants"]) == {"transferred"}
-    assert kf["variants"]["transferred"]["valid"]["MAE"]["mean"] > 0
+    tr = kf["variants"]["transferred"]
+    assert tr["valid"]["MAE"]["mean"] > 0 and len(tr["per_fold"]["valid"]) == 2
+    d = tr["fused_minus_text_head"]["MAE"]      # fold-paired fused − text head, with its interval
+    assert d["n"] == 2 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert abs(d["mean"] - (tr["valid"]["MAE"]["mean"] - tr["valid_text_head"]["MAE"]["mean"])) < 1e-9
     assert rec["timing"]["transfer_s"] > 0 and "MOSI recipe" in log
     # a second run: the pickles and the transferred encoder come from the cache
     log = recipe("--out", tmp_path / "out2", *common, cwd=tmp_path)
@@ -83,3 +87,10 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     # --encoder PATH: no MOSEI build or transfer at all
     log = recipe("--out", tmp_path / "out3", "--encoder", encoder, *common, cwd=tmp_path)
     assert "[transfer]" not in log and "mosei" not in log
+    # --kfold-only: a finished run keeps its training (best.pt untouched) and gains the k-fold block
+    best = tmp_path / "out3" / "seed1" / "best.pt"
+    before, valid3 = best.stat().st_mtime_ns, json.loads((tmp_path / "out3" / "results.json").read_text())["valid"]
+    log = recipe("--out", tmp_path / "out3", "--encoder", encoder, "--kfold", 2, "--kfold-only", *common, cwd=tmp_path)
+    assert "[train] skipped (--kfold-only)" in log and best.stat().st_mtime_ns == before
+    r3 = json.loads((tmp_path / "out3" / "results.json").read_text())
+    assert r3["recipe"]["kfold"]["k"] == 2 and r3["valid"] == valid3
