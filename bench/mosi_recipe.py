@@ -147,7 +147,7 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
     seed = a.seeds.split(",")[0]
     res = {}
     for name, encoder in variants.items():
-        per_fold = []
+        per_fold, fold_time = [], 0.0
         # finished folds are reused only for the same config, encoder, data, seed, epochs and --set
         run_tag = tag(Path(a.config).read_text(), encoder, pkl.name, seed, a.epochs, a.sets)
         for i, p in enumerate(paths):
@@ -158,14 +158,13 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
                 cpsl(train_args(p, d, a.config, encoder, seed, a.threads, a.epochs, a.sets, True) + ["--overwrite"],
                      d.parent / f"fold{i}.log", True, a.threads)
             per_fold.append(json.loads((d / "results.json").read_text()))
+            fold_time += sum(epoch_times(d))      # the run's own epoch time: a reused fold counts what it took
         fused = [r["per_seed"][0]["valid"] for r in per_fold]
         text = [r["per_seed"][0]["valid_aux"]["text"] for r in per_fold]
         res[name] = {"encoder": encoder, "valid": mean_std(fused), "valid_text_head": mean_std(text),
                      "per_fold": {"valid": fused, "valid_text_head": text},
                      "fused_minus_text_head": paired(fused, text)}
-        # the fold runs' own epoch time (a reused fold counts what it took when it ran)
-        timing[f"kfold_{name}_s"] = sum(sum(epoch_times(out / "kfold" / f"{name}_{run_tag}" / f"fold{i}"))
-                                        for i in range(k))
+        timing[f"kfold_{name}_s"] = fold_time
     first = next(iter(res))
     for name in list(res)[1:]:      # the same folds: paired over folds
         res[first][f"minus_{name}"] = paired(res[first]["per_fold"]["valid"], res[name]["per_fold"]["valid"])
@@ -176,7 +175,8 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
 def paired(a: list[dict], b: list[dict]) -> dict:
     """Fold-paired a − b of MAE, Corr and Non0_acc_2: mean with its 95 % t-interval."""
     from cpsl.ablate import paired_difference
-    return {m: paired_difference([x[m] for x in a], [y[m] for y in b]) for m in ("MAE", "Corr", "Non0_acc_2")}
+    from cpsl.compare import METRICS
+    return {m: paired_difference([x[m] for x in a], [y[m] for y in b]) for m in METRICS}
 
 
 def ridge(pkl: Path) -> dict:
