@@ -115,6 +115,11 @@ def main(argv=None):
     import mosi_recipe
     mosi_recipe.add_arguments(ap)
     a = ap.parse_args(argv)
+    if a.kfold_compare:
+        if len(a.kfold_compare) < 2:
+            ap.error("--kfold-compare needs two or more results.json files")
+        print(mosi_recipe.compare_kfold(a.kfold_compare, a.kfold_variant))
+        return None
     if a.recipe:
         if not a.out:
             ap.error("--recipe needs --out (the run folder: OUT/results.json, OUT/seed*/best.pt)")

@@ -179,6 +179,44 @@ def paired(a: list[dict], b: list[dict]) -> dict:
     return {m: paired_difference([x[m] for x in a], [y[m] for y in b]) for m in METRICS}
 
 
+def compare_kfold(files: list[str], variant: str = "transferred") -> str:
+    """Markdown: the k-fold of ``variant`` in each recipe ``results.json``, paired fold by fold with
+    the first file's (the same folds: same MOSI data, k and seed, checked). Two recipe configs or
+    encoders compared on the k-fold estimate without retraining either."""
+    from cpsl.ablate import paired_difference
+    from cpsl.compare import METRICS, format_delta
+    runs = []
+    for f in map(Path, files):
+        if not f.is_file():
+            raise SystemExit(f"error: {f} not found")
+        r = json.loads(f.read_text())
+        kf = r.get("recipe", {}).get("kfold")
+        if not kf or variant not in kf["variants"]:
+            raise SystemExit(f"error: {f} has no k-fold of the variant {variant!r} (run the recipe with --kfold K)")
+        runs.append((f, r, kf))
+    f0, r0, k0 = runs[0]
+    for f, r, kf in runs[1:]:
+        for what, a, b in (("k", kf["k"], k0["k"]), ("seed", kf["seed"], k0["seed"]),
+                           ("MOSI data fingerprint", r.get("data_fingerprint"), r0.get("data_fingerprint"))):
+            if a != b:
+                raise SystemExit(f"error: {f} and {f0} differ in {what} ({a!r} vs {b!r}): not the same folds")
+    folds = [kf["variants"][variant]["per_fold"]["valid"] for _, _, kf in runs]
+    lines = [f"k = {k0['k']} video-grouped folds of MOSI train + valid, seed {k0['seed']}, variant `{variant}`; "
+             f"Δ = run − `{f0}` paired over folds, mean [95 % t-interval], `*` = the interval excludes 0.", "",
+             "| run | encoder | per-fold MAE | MAE | Δ MAE | Corr | Δ Corr | Non0_acc_2 | Δ Non0_acc_2 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (f, _, kf), pf in zip(runs, folds):
+        v = kf["variants"][variant]
+        d = {m: paired_difference([x[m] for x in pf], [y[m] for y in folds[0]]) for m in METRICS}
+        cell = lambda m: f"{v['valid'][m]['mean']:.4f} ± {v['valid'][m]['std']:.4f}"
+        delta = lambda m: "" if pf is folds[0] else format_delta(d[m])
+        per_fold = " ".join(f"{x['MAE']:.3f}" for x in pf)
+        lines.append(f"| `{f}` | `{Path(v['encoder']).name}` | {per_fold} | "
+                     f"{cell('MAE')} | {delta('MAE')} | {cell('Corr')} | {delta('Corr')} | "
+                     f"{cell('Non0_acc_2')} | {delta('Non0_acc_2')} |")
+    return "\n".join(lines)
+
+
 def ridge(pkl: Path) -> dict:
     """The ridge line on valid and (where it has rows) test."""
     from cpsl.data.mmsa import load_mmsa
@@ -282,6 +320,9 @@ def add_arguments(ap) -> None:
     g.add_argument("--kfold-baseline", action="store_true", help="k-fold MiniLM fine-tuned on MOSI only as well")
     g.add_argument("--kfold-only", action="store_true",
                    help="with --kfold: keep OUT's finished training run (its results.json) and only add the k-fold")
+    g.add_argument("--kfold-compare", nargs="+", metavar="RESULTS_JSON",
+                   help="only compare: the k-folds of recipe results.json files, paired with the first's; no training")
+    g.add_argument("--kfold-variant", default="transferred", help="the k-fold variant --kfold-compare reads")
     g.add_argument("--transfer-max-steps", type=int, default=0, help=argparse_suppress())
     g.add_argument("--resume", action="store_true", help="continue a stopped training run in OUT")
     g.add_argument("--overwrite", action="store_true", help="replace a training run already in OUT")

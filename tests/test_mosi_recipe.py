@@ -94,3 +94,30 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert "[train] skipped (--kfold-only)" in log and best.stat().st_mtime_ns == before
     r3 = json.loads((tmp_path / "out3" / "results.json").read_text())
     assert r3["recipe"]["kfold"]["k"] == 2 and r3["valid"] == valid3
+
+
+def kfold_results(path: Path, maes: list[float], k: int = 3, seed: int = 1, fingerprint: str = "abc") -> Path:
+    fold = [{"MAE": m, "Corr": 1 - m, "Non0_acc_2": 0.8} for m in maes]
+    mean = {m: {"mean": sum(x[m] for x in fold) / len(fold), "std": 0.0} for m in fold[0]}
+    res = {"data_fingerprint": fingerprint, "recipe": {"kfold": {"k": k, "seed": seed, "variants": {"transferred": {
+        "encoder": "/cache/enc_x", "valid": mean, "per_fold": {"valid": fold}}}}}}
+    path.write_text(json.dumps(res))
+    return path
+
+
+def test_kfold_compare_pairs_folds(tmp_path):
+    """--kfold-compare: the fold-paired difference to the first file, and a refusal for other folds."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mosi_recipe
+    a = kfold_results(tmp_path / "a.json", [0.70, 0.72, 0.68])
+    b = kfold_results(tmp_path / "b.json", [0.68, 0.71, 0.65])     # lower on every fold: −0.02 mean
+    md = mosi_recipe.compare_kfold([str(a), str(b)])
+    row = next(line for line in md.splitlines() if line.startswith(f"| `{b}`"))
+    assert "0.680 0.710 0.650" in row and "-0.0200 [" in row
+    lo, hi = (float(x) for x in row.split("-0.0200 [")[1].split("]")[0].split(","))
+    assert abs(lo + 0.0448) < 1e-4 and abs(hi - 0.0048) < 1e-4          # −0.02 ± t(0.975, 2)·0.01/√3
+    for other in (kfold_results(tmp_path / "c.json", [0.7] * 4, k=4), kfold_results(tmp_path / "d.json", [0.7] * 3, fingerprint="x")):
+        with pytest.raises(SystemExit, match="not the same folds"):
+            mosi_recipe.compare_kfold([str(a), str(other)])
+    with pytest.raises(SystemExit, match="no k-fold of the variant"):
+        mosi_recipe.compare_kfold([str(a), str(b)], variant="mosi_only")
