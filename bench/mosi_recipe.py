@@ -132,6 +132,19 @@ def train_args(pkl: Path, out: Path, config: Path, encoder: str, seeds: str, thr
     return args + (["--quiet"] if quiet else [])
 
 
+def kept_run_differences(results: dict, a, encoder) -> tuple[list[str], list[str]]:
+    """``key (kept → this command)`` where the kept run's config differs from what this command
+    trains, ignoring where and how fast it ran (cpsl.compare.IGNORED_KEYS); and the keys the kept
+    run did not record (written before they existed)."""
+    from cpsl.compare import differing_keys, flatten
+    from cpsl.config import build_config
+    sets = [f"model.text_encoder={encoder}", *a.sets, *([f"train.epochs={a.epochs}"] if a.epochs else [])]
+    now = flatten(build_config("teacher", str(a.config), sets).to_dict())
+    kept = flatten(results.get("config", {}))
+    diff = [f"{k} ({kept[k]!r} -> {now.get(k)!r})" for k in differing_keys(kept, now) if k in kept]
+    return diff, sorted(k for k in now if k not in kept)
+
+
 def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: dict) -> dict:
     """Each variant trained on the k video-grouped folds of train + valid (first seed); fold-valid mean ± std."""
     from cpsl.data.folds import video_folds
@@ -251,6 +264,12 @@ def run_recipe(a) -> dict:
         results = json.loads((out / "results.json").read_text())
         if results.get("recipe", {}).get("encoder") not in (None, str(encoder)):
             raise SystemExit(f"error: {out} was trained from {results['recipe']['encoder']}, not {encoder}")
+        diff, unrecorded = kept_run_differences(results, a, encoder)
+        if diff:
+            raise SystemExit(f"error: --kfold-only: {out} was trained with another config than this command's "
+                             f"({'; '.join(diff)}); pass the same --config, --set and --epochs")
+        if unrecorded:
+            print(f"[train] note: {out} predates the config keys {', '.join(unrecorded)} (not compared)", flush=True)
         print(f"[train] skipped (--kfold-only): keeping {out}/results.json", flush=True)
         timing.update(results.get("recipe", {}).get("timing", {}))    # the stage times of the kept run
     else:

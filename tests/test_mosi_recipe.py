@@ -121,3 +121,19 @@ def test_kfold_compare_pairs_folds(tmp_path):
             mosi_recipe.compare_kfold([str(a), str(other)])
     with pytest.raises(SystemExit, match="no k-fold of the variant"):
         mosi_recipe.compare_kfold([str(a), str(b)], variant="mosi_only")
+
+
+def test_kfold_only_checks_the_kept_runs_config():
+    """--kfold-only refuses a kept run trained with another config; keys it predates are only noted."""
+    import types
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mosi_recipe
+    from cpsl.config import build_config
+    cfg = ROOT / "configs" / "mosi_best.yaml"
+    kept = build_config("teacher", str(cfg), ["model.text_encoder=/enc", "train.num_threads=2"]).to_dict()
+    del kept["cp"]["stop"]                                   # a run written before cp.stop existed
+    a = types.SimpleNamespace(config=cfg, sets=[], epochs=None)
+    assert mosi_recipe.kept_run_differences({"config": kept}, a, "/enc") == ([], ["cp.stop"])
+    a.sets, a.epochs = ["train.text_lr=1e-5"], 7
+    diff, _ = mosi_recipe.kept_run_differences({"config": kept}, a, "/enc")
+    assert diff == ["train.epochs (20 -> 7)", "train.text_lr (2e-05 -> 1e-05)"]
