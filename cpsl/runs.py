@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .config import Config, _upgrade
 from .data.mmsa import MMSAData
 from .errors import CPSLError
 
@@ -42,30 +42,42 @@ def data_fingerprint(data: MMSAData) -> str:
     return h.hexdigest()
 
 
+# Keys absent from a checkpoint were added to the config after the run was written. The run then
+# behaved as the value below; every key not listed kept the old behaviour at its default
+# (docs/architecture.md, "a config value"). train.ema: added off (0.0), default 0.99
+# since 6148a2a. ogm_ge.mode: OGM-GE scaled gradients ("grad") before its section existed (9f17298).
+LEGACY_VALUES = {"train.ema": 0.0, "ogm_ge.mode": "grad"}
+
+
+def _flat(d: dict) -> dict:
+    return {f"{sec}.{k}": v for sec, vals in d.items() if isinstance(vals, dict) for k, v in vals.items()}
+
+
+def absent_value(key: str):
+    """What a run written before ``key`` existed behaved as."""
+    return LEGACY_VALUES[key] if key in LEGACY_VALUES else _flat(Config().to_dict()).get(key)
+
+
 def run_identity(cfg: Config, fingerprint: str) -> dict:
     """Flat ``{key: value}`` of what a resumed run must share with the checkpoint."""
-    flat = {"data.fingerprint": fingerprint}
-    for sec, vals in cfg.to_dict().items():
-        for k, v in vals.items():
-            key = f"{sec}.{k}"
-            if key not in RESUMABLE:
-                flat[key] = v
-    return flat
+    return {"data.fingerprint": fingerprint, **{k: v for k, v in _flat(cfg.to_dict()).items() if k not in RESUMABLE}}
 
 
 def resume_differences(ck: dict, cfg: Config, fingerprint: str) -> list[str]:
     """``key (checkpoint → now)`` for every identity value that differs."""
     old = ck.get("identity")
-    if not isinstance(old, dict):   # older checkpoints: the config alone
-        old = run_identity(Config.from_dict(ck["config"]), fingerprint)
+    if not isinstance(old, dict):   # older checkpoints: the config alone (only the keys it recorded)
+        recorded = set(_flat(_upgrade(ck["config"]))) | {"data.fingerprint"}
+        old = {k: v for k, v in run_identity(Config.from_dict(ck["config"]), fingerprint).items() if k in recorded}
     new = run_identity(cfg, fingerprint)
     diffs = []
     for k in sorted(set(old) | set(new)):
-        if old.get(k) != new.get(k):
+        was = old[k] if k in old else absent_value(k)
+        if was != new.get(k):
             if k == "data.fingerprint":
                 diffs.append("the data (content fingerprint differs)")
             else:
-                diffs.append(f"{k} ({old.get(k)!r} -> {new.get(k)!r})")
+                diffs.append(f"{k} ({'' if k in old else 'not recorded, ran as '}{was!r} -> {new.get(k)!r})")
     return diffs
 
 

@@ -206,6 +206,28 @@ def test_resume_of_the_same_run_continues(ckpt, pkl, tmp_path):
     assert "resuming after epoch 0" in res.output
 
 
+@pytest.mark.parametrize("entry", ["identity", "config"])
+def test_resume_of_a_run_written_before_a_config_key(ckpt, pkl, tmp_path, entry):
+    """A key the checkpoint predates counts as the value the run behaved as: its default where the
+    key kept the old behaviour (cp.stop), resumes; train.ema ran as 0.0 before it existed, so the
+    default 0.99 is refused by name and an explicit train.ema=0 continues."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(ckpt.parent.parent, run)
+    last = run / "seed1" / "last.pt"
+    ck = torch.load(last, weights_only=True)
+    if entry == "identity":
+        del ck["identity"]["cp.stop"], ck["identity"]["train.ema"]
+    else:                                                  # older still: no identity, the config alone
+        del ck["identity"], ck["config"]["cp"]["stop"], ck["config"]["train"]["ema"]
+    torch.save(ck, last)
+    args = ["train", "--data", pkl, "--out", run, "--resume", "--epochs", "2", *TRAIN]
+    one_error_line(cli(*args), "cannot resume", "train.ema (not recorded, ran as 0.0 -> 0.99)")
+    res = cli(*args, "--set", "train.ema=0")
+    assert res.exit_code == 0, res.output
+    assert "resuming after epoch 0" in res.output
+
+
 # ---------------------------------------------------------------------------- 8. silent coercions
 @pytest.mark.parametrize("lens", [0, -2, float("nan"), 4.5, 99])
 def test_bad_sequence_lengths_are_refused(tmp_path, lens):
