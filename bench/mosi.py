@@ -118,7 +118,7 @@ def main(argv=None):
     if a.kfold_compare:
         if len(a.kfold_compare) < 2:
             ap.error("--kfold-compare needs two or more results.json files")
-        print(mosi_recipe.compare_kfold(a.kfold_compare, a.kfold_variant))
+        print(mosi_recipe.compare_kfold(a.kfold_compare, a.kfold_variant, a.assume_same_folds))
         return None
     if a.recipe:
         if not a.out:

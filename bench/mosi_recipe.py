@@ -158,6 +158,7 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
         for i, d in enumerate(video_folds(load_mmsa(pkl), k, seed=0)):
             save_mmsa(d, paths[i])
     seed = a.seeds.split(",")[0]
+    signature = folds_signature(paths)
     res = {}
     for name, encoder in variants.items():
         per_fold, fold_time = [], 0.0
@@ -182,7 +183,22 @@ def kfold(pkl: Path, k: int, variants: dict, a, cache: Path, out: Path, timing: 
     for name in list(res)[1:]:      # the same folds: paired over folds
         res[first][f"minus_{name}"] = paired(res[first]["per_fold"]["valid"], res[name]["per_fold"]["valid"])
     return {"k": k, "seed": int(seed), "grouping": "video id, train+valid pooled (test rows never used)",
-            "variants": res}
+            "folds_signature": signature, "variants": res}
+
+
+def folds_signature(paths: list[Path]) -> str:
+    """blake2b of each fold's segment ids, labels and token ids, per split: the same signature means
+    the same folds, whatever float noise the frozen encoder states carry from machine to machine."""
+    import numpy as np
+    from cpsl.data.mmsa import load_mmsa
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        for name, sp in sorted(load_mmsa(p).splits.items()):
+            h.update(name.encode() + b"\0" + "\0".join(map(str, sp.ids)).encode())
+            h.update(np.ascontiguousarray(sp.labels, dtype=np.float32).tobytes())
+            if sp.text_bert is not None:
+                h.update(np.ascontiguousarray(sp.text_bert).tobytes())
+    return h.hexdigest()
 
 
 def paired(a: list[dict], b: list[dict]) -> dict:
@@ -192,7 +208,7 @@ def paired(a: list[dict], b: list[dict]) -> dict:
     return {m: paired_difference([x[m] for x in a], [y[m] for y in b]) for m in METRICS}
 
 
-def compare_kfold(files: list[str], variant: str = "transferred") -> str:
+def compare_kfold(files: list[str], variant: str = "transferred", assume_same_folds: bool = False) -> str:
     """Markdown: the k-fold of ``variant`` in each recipe ``results.json``, paired fold by fold with
     the first file's (the same folds: same MOSI data, k and seed, checked). Two recipe configs or
     encoders compared on the k-fold estimate without retraining either."""
@@ -208,14 +224,28 @@ def compare_kfold(files: list[str], variant: str = "transferred") -> str:
             raise SystemExit(f"error: {f} has no k-fold of the variant {variant!r} (run the recipe with --kfold K)")
         runs.append((f, r, kf))
     f0, r0, k0 = runs[0]
+    notes = []
     for f, r, kf in runs[1:]:
-        for what, a, b in (("k", kf["k"], k0["k"]), ("seed", kf["seed"], k0["seed"]),
-                           ("MOSI data fingerprint", r.get("data_fingerprint"), r0.get("data_fingerprint"))):
+        for what, a, b in (("k", kf["k"], k0["k"]), ("seed", kf["seed"], k0["seed"])):
             if a != b:
                 raise SystemExit(f"error: {f} and {f0} differ in {what} ({a!r} vs {b!r}): not the same folds")
+        if kf.get("folds_signature") and k0.get("folds_signature"):
+            if kf["folds_signature"] != k0["folds_signature"]:
+                raise SystemExit(f"error: {f} and {f0} differ in their folds' segments, labels or tokens "
+                                 "(folds_signature): not the same folds")
+        elif r.get("data_fingerprint") != r0.get("data_fingerprint"):
+            old = f if not kf.get("folds_signature") else f0
+            if not assume_same_folds:
+                raise SystemExit(f"error: {f} and {f0} differ in the MOSI data fingerprint and {old} predates "
+                                 "fold signatures, so their folds cannot be checked; pass --assume-same-folds if "
+                                 "both came from the same labels.csv (the same segments and labels)")
+            notes.append(f"`{old}` records no fold signature and the MOSI data fingerprints differ "
+                         "(frozen encoder states differ across machines): the folds are assumed to be the same "
+                         "(--assume-same-folds).")
     folds = [kf["variants"][variant]["per_fold"]["valid"] for _, _, kf in runs]
     lines = [f"k = {k0['k']} video-grouped folds of MOSI train + valid, seed {k0['seed']}, variant `{variant}`; "
-             f"Δ = run − `{f0}` paired over folds, mean [95 % t-interval], `*` = the interval excludes 0.", "",
+             f"Δ = run − `{f0}` paired over folds, mean [95 % t-interval], `*` = the interval excludes 0.",
+             *notes, "",
              "| run | encoder | per-fold MAE | MAE | Δ MAE | Corr | Δ Corr | Non0_acc_2 | Δ Non0_acc_2 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (f, _, kf), pf in zip(runs, folds):
@@ -342,6 +372,8 @@ def add_arguments(ap) -> None:
     g.add_argument("--kfold-compare", nargs="+", metavar="RESULTS_JSON",
                    help="only compare: the k-folds of recipe results.json files, paired with the first's; no training")
     g.add_argument("--kfold-variant", default="transferred", help="the k-fold variant --kfold-compare reads")
+    g.add_argument("--assume-same-folds", action="store_true",
+                   help="--kfold-compare of a run that predates fold signatures, on other MOSI features")
     g.add_argument("--transfer-max-steps", type=int, default=0, help=argparse_suppress())
     g.add_argument("--resume", action="store_true", help="continue a stopped training run in OUT")
     g.add_argument("--overwrite", action="store_true", help="replace a training run already in OUT")

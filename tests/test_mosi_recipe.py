@@ -94,12 +94,20 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert "[train] skipped (--kfold-only)" in log and best.stat().st_mtime_ns == before
     r3 = json.loads((tmp_path / "out3" / "results.json").read_text())
     assert r3["recipe"]["kfold"]["k"] == 2 and r3["valid"] == valid3
+    # the same folds (same signature) as the first run's k-fold: --kfold-compare pairs them
+    assert r3["recipe"]["kfold"]["folds_signature"] == kf["folds_signature"]
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "mosi.py"), "--kfold-compare", tmp_path / "out" / "results.json",
+                          tmp_path / "out3" / "results.json"], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert out.returncode == 0 and "| Δ MAE |" in out.stdout and str(tmp_path / "out3") in out.stdout, out.stderr
 
 
-def kfold_results(path: Path, maes: list[float], k: int = 3, seed: int = 1, fingerprint: str = "abc") -> Path:
+def kfold_results(path: Path, maes: list[float], k: int = 3, seed: int = 1, fingerprint: str = "abc",
+                  signature: str | None = None) -> Path:
     fold = [{"MAE": m, "Corr": 1 - m, "Non0_acc_2": 0.8} for m in maes]
     mean = {m: {"mean": sum(x[m] for x in fold) / len(fold), "std": 0.0} for m in fold[0]}
-    res = {"data_fingerprint": fingerprint, "recipe": {"kfold": {"k": k, "seed": seed, "variants": {"transferred": {
+    res = {"data_fingerprint": fingerprint, "recipe": {"kfold": {"k": k, "seed": seed, "folds_signature": signature,
+                                                               "variants": {"transferred": {
         "encoder": "/cache/enc_x", "valid": mean, "per_fold": {"valid": fold}}}}}}
     path.write_text(json.dumps(res))
     return path
@@ -116,9 +124,18 @@ def test_kfold_compare_pairs_folds(tmp_path):
     assert "0.680 0.710 0.650" in row and "-0.0200 [" in row
     lo, hi = (float(x) for x in row.split("-0.0200 [")[1].split("]")[0].split(","))
     assert abs(lo + 0.0448) < 1e-4 and abs(hi - 0.0048) < 1e-4          # −0.02 ± t(0.975, 2)·0.01/√3
-    for other in (kfold_results(tmp_path / "c.json", [0.7] * 4, k=4), kfold_results(tmp_path / "d.json", [0.7] * 3, fingerprint="x")):
-        with pytest.raises(SystemExit, match="not the same folds"):
-            mosi_recipe.compare_kfold([str(a), str(other)])
+    with pytest.raises(SystemExit, match="not the same folds"):
+        mosi_recipe.compare_kfold([str(a), str(kfold_results(tmp_path / "c.json", [0.7] * 4, k=4))])
+    # other MOSI features (another machine's frozen states): the fold signatures decide ...
+    s1, s2, s3 = (kfold_results(tmp_path / f"s{i}.json", [0.7] * 3, fingerprint=f"fp{i}", signature=sig)
+                  for i, sig in enumerate(("folds-1", "folds-1", "folds-2")))
+    assert "Δ MAE" in mosi_recipe.compare_kfold([str(s1), str(s2)])
+    with pytest.raises(SystemExit, match="differ in their folds"):
+        mosi_recipe.compare_kfold([str(s1), str(s3)])
+    # ... and a run without one is compared only when the user vouches for its folds, with a note
+    with pytest.raises(SystemExit, match="--assume-same-folds"):
+        mosi_recipe.compare_kfold([str(a), str(s1)])
+    assert "assumed to be the same" in mosi_recipe.compare_kfold([str(a), str(s1)], assume_same_folds=True)
     with pytest.raises(SystemExit, match="no k-fold of the variant"):
         mosi_recipe.compare_kfold([str(a), str(b)], variant="mosi_only")
 
