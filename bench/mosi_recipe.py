@@ -210,10 +210,10 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 
 def compare_kfold(files: list[str], variant: str = "transferred", assume_same_folds: bool = False) -> str:
     """Markdown: the k-fold of ``variant`` in each recipe ``results.json``, paired fold by fold with
-    the first file's (the same folds: same MOSI data, k and seed, checked). Two recipe configs or
+    the first file's (the same folds: k, seed and folds_signature checked). Two recipe configs or
     encoders compared on the k-fold estimate without retraining either."""
     from cpsl.ablate import paired_difference
-    from cpsl.compare import METRICS, format_delta
+    from cpsl.compare import format_delta
     runs = []
     for f in map(Path, files):
         if not f.is_file():
@@ -248,15 +248,13 @@ def compare_kfold(files: list[str], variant: str = "transferred", assume_same_fo
              *notes, "",
              "| run | encoder | per-fold MAE | MAE | Δ MAE | Corr | Δ Corr | Non0_acc_2 | Δ Non0_acc_2 |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (f, _, kf), pf in zip(runs, folds):
+    for i, ((f, _, kf), pf) in enumerate(zip(runs, folds)):
         v = kf["variants"][variant]
-        d = {m: paired_difference([x[m] for x in pf], [y[m] for y in folds[0]]) for m in METRICS}
-        cell = lambda m: f"{v['valid'][m]['mean']:.4f} ± {v['valid'][m]['std']:.4f}"
-        delta = lambda m: "" if pf is folds[0] else format_delta(d[m])
-        per_fold = " ".join(f"{x['MAE']:.3f}" for x in pf)
-        lines.append(f"| `{f}` | `{Path(v['encoder']).name}` | {per_fold} | "
-                     f"{cell('MAE')} | {delta('MAE')} | {cell('Corr')} | {delta('Corr')} | "
-                     f"{cell('Non0_acc_2')} | {delta('Non0_acc_2')} |")
+        cells = [f"`{f}`", f"`{Path(v['encoder']).name}`", " ".join(f"{x['MAE']:.3f}" for x in pf)]
+        for m in ("MAE", "Corr", "Non0_acc_2"):
+            d = paired_difference([x[m] for x in pf], [y[m] for y in folds[0]])
+            cells += [f"{v['valid'][m]['mean']:.4f} ± {v['valid'][m]['std']:.4f}", format_delta(d) if i else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
