@@ -307,7 +307,8 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
 _MOVED = {("cp", "modulation"): ("train", "modulation"), ("cp", "ogm_alpha"): ("ogm_ge", "alpha")}
 
 
-def _upgrade(d: dict) -> dict:
+def upgrade_keys(d: dict) -> dict:
+    """A copy of a config mapping with the keys of ``_MOVED`` at their new places (old configs, checkpoints)."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for (sec, key), (new_sec, new_key) in _MOVED.items():
         if isinstance(d.get(sec), dict) and key in d[sec]:
@@ -321,7 +322,7 @@ def _upgrade(d: dict) -> dict:
 def merge(cfg: Config, d: dict) -> Config:
     """Merge a nested mapping into ``cfg`` in place; unknown sections/keys raise CPSLError."""
     sections = {f.name for f in fields(cfg)}
-    for sec, vals in _upgrade(d).items():
+    for sec, vals in upgrade_keys(d).items():
         if sec not in sections:
             raise CPSLError(f"unknown config section {sec!r} (known: {', '.join(sorted(sections))})")
         if not isinstance(vals, dict):

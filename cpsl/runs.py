@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, _upgrade
+from .config import Config, upgrade_keys
 from .data.mmsa import MMSAData
 from .errors import CPSLError
 
@@ -67,7 +67,7 @@ def resume_differences(ck: dict, cfg: Config, fingerprint: str) -> list[str]:
     """``key (checkpoint → now)`` for every identity value that differs."""
     old = ck.get("identity")
     if not isinstance(old, dict):   # older checkpoints: the config alone (only the keys it recorded)
-        recorded = set(_flat(_upgrade(ck["config"]))) | {"data.fingerprint"}
+        recorded = set(_flat(upgrade_keys(ck["config"]))) | {"data.fingerprint"}
         old = {k: v for k, v in run_identity(Config.from_dict(ck["config"]), fingerprint).items() if k in recorded}
     new = run_identity(cfg, fingerprint)
     diffs = []
