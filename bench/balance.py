@@ -129,8 +129,7 @@ def config_differences(out: Path, a, data: str, extra_sets=()) -> list[str]:
     (preset, --epochs, --set, --define, the cell's own overrides), ``NOT_COMPARED`` aside."""
     from cpsl.ablate import _dirname, variant_config
     from cpsl.cli.options import run_config
-    from cpsl.compare import flatten
-    from cpsl.config import Config, parse_overrides
+    from cpsl.config import Config, flatten, parse_overrides
     s = json.loads((out / "ablation.json").read_text())
     diffs = [] if s.get("data") == data else [f"data = {s.get('data')!r} (this command: {data!r})"]
     preset = "teacher" if a.preset == "default" else a.preset

@@ -136,8 +136,8 @@ def kept_run_differences(results: dict, a, encoder) -> tuple[list[str], list[str
     """``key (kept → this command)`` where the kept run's config differs from what this command
     trains, ignoring where and how fast it ran (cpsl.compare.IGNORED_KEYS); and the keys the kept
     run did not record (written before they existed)."""
-    from cpsl.compare import differing_keys, flatten
-    from cpsl.config import build_config
+    from cpsl.compare import differing_keys
+    from cpsl.config import build_config, flatten
     sets = [f"model.text_encoder={encoder}", *a.sets, *([f"train.epochs={a.epochs}"] if a.epochs else [])]
     now = flatten(build_config("teacher", str(a.config), sets).to_dict())
     kept = flatten(results.get("config", {}))
@@ -212,7 +212,6 @@ def compare_kfold(files: list[str], variant: str = "transferred", assume_same_fo
     """Markdown: the k-fold of ``variant`` in each recipe ``results.json``, paired fold by fold with
     the first file's (the same folds: k, seed and folds_signature checked). Two recipe configs or
     encoders compared on the k-fold estimate without retraining either."""
-    from cpsl.ablate import paired_difference
     from cpsl.compare import format_delta
     runs = []
     for f in map(Path, files):
@@ -249,11 +248,10 @@ def compare_kfold(files: list[str], variant: str = "transferred", assume_same_fo
              "| run | encoder | per-fold MAE | MAE | Δ MAE | Corr | Δ Corr | Non0_acc_2 | Δ Non0_acc_2 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for i, ((f, _, kf), pf) in enumerate(zip(runs, folds)):
-        v = kf["variants"][variant]
+        v, d = kf["variants"][variant], paired(pf, folds[0])
         cells = [f"`{f}`", f"`{Path(v['encoder']).name}`", " ".join(f"{x['MAE']:.3f}" for x in pf)]
         for m in ("MAE", "Corr", "Non0_acc_2"):
-            d = paired_difference([x[m] for x in pf], [y[m] for y in folds[0]])
-            cells += [f"{v['valid'][m]['mean']:.4f} ± {v['valid'][m]['std']:.4f}", format_delta(d) if i else ""]
+            cells += [f"{v['valid'][m]['mean']:.4f} ± {v['valid'][m]['std']:.4f}", format_delta(d[m]) if i else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

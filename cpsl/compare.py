@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import flatten
 from .errors import CPSLError
 
 METRICS = ("MAE", "Corr", "Non0_acc_2")
@@ -53,17 +54,6 @@ def load_run(name: str, dirs: list[Path]) -> dict:
         if diff:
             raise CPSLError(f"{name}: {d} was trained with other settings than {dirs[0]} ({', '.join(diff)})")
     return {"seeds": rows, "config": cfg, "fingerprints": prints}
-
-
-def flatten(cfg: dict) -> dict:
-    """``section.key -> value`` of a config dict; nested values (``data.synth``, ``cp.groups``) stay whole."""
-    out = {}
-    for section, keys in cfg.items():
-        if isinstance(keys, dict):
-            out.update({f"{section}.{k}": v for k, v in keys.items()})
-        else:
-            out[section] = keys
-    return out
 
 
 def differing_keys(a: dict, b: dict) -> list[str]:

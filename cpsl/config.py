@@ -319,6 +319,17 @@ def upgrade_keys(d: dict) -> dict:
     return d
 
 
+def flatten(cfg: dict) -> dict:
+    """``section.key -> value`` of a config dict; nested values (``data.synth``, ``cp.groups``) stay whole."""
+    out = {}
+    for section, keys in cfg.items():
+        if isinstance(keys, dict):
+            out.update({f"{section}.{k}": v for k, v in keys.items()})
+        else:
+            out[section] = keys
+    return out
+
+
 def merge(cfg: Config, d: dict) -> Config:
     """Merge a nested mapping into ``cfg`` in place; unknown sections/keys raise CPSLError."""
     sections = {f.name for f in fields(cfg)}

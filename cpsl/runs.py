@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, upgrade_keys
+from .config import Config, flatten, upgrade_keys
 from .data.mmsa import MMSAData
 from .errors import CPSLError
 
@@ -49,25 +49,21 @@ def data_fingerprint(data: MMSAData) -> str:
 LEGACY_VALUES = {"train.ema": 0.0, "ogm_ge.mode": "grad"}
 
 
-def _flat(d: dict) -> dict:
-    return {f"{sec}.{k}": v for sec, vals in d.items() if isinstance(vals, dict) for k, v in vals.items()}
-
-
 def absent_value(key: str):
     """What a run written before ``key`` existed behaved as."""
-    return LEGACY_VALUES[key] if key in LEGACY_VALUES else _flat(Config().to_dict()).get(key)
+    return LEGACY_VALUES[key] if key in LEGACY_VALUES else flatten(Config().to_dict()).get(key)
 
 
 def run_identity(cfg: Config, fingerprint: str) -> dict:
     """Flat ``{key: value}`` of what a resumed run must share with the checkpoint."""
-    return {"data.fingerprint": fingerprint, **{k: v for k, v in _flat(cfg.to_dict()).items() if k not in RESUMABLE}}
+    return {"data.fingerprint": fingerprint, **{k: v for k, v in flatten(cfg.to_dict()).items() if k not in RESUMABLE}}
 
 
 def resume_differences(ck: dict, cfg: Config, fingerprint: str) -> list[str]:
     """``key (checkpoint → now)`` for every identity value that differs."""
     old = ck.get("identity")
     if not isinstance(old, dict):   # older checkpoints: the config alone (only the keys it recorded)
-        recorded = set(_flat(upgrade_keys(ck["config"]))) | {"data.fingerprint"}
+        recorded = set(flatten(upgrade_keys(ck["config"]))) | {"data.fingerprint"}
         old = {k: v for k, v in run_identity(Config.from_dict(ck["config"]), fingerprint).items() if k in recorded}
     new = run_identity(cfg, fingerprint)
     diffs = []
