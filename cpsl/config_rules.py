@@ -67,8 +67,8 @@ _BOOL, _STR, _DICT = _type(bool, "true or false"), _type(str, "a string"), _type
 _NONNEG = _float(0.0)
 
 RULES = {
-    "data": {"path": _STR, "batch_size": _int(1), "eval_batch_size": _int(1), "synth_seed": _int(0),
-             "synth": _DICT},
+    "data": {"path": _STR, "batch_size": _int(1), "eval_batch_size": _int(1), "bucket": _int(0),
+             "synth_seed": _int(0), "synth": _DICT},
     "model": {"d": _int(1), "heads": _int(1), "dropout": _float(0.0, 1.0, hi_open=True),
               "text_layers": _int(0), "audio_layers": _int(0), "vision_layers": _int(0),
               "text_kernel": _int(1, odd=True), "audio_kernel": _int(1, odd=True), "vision_kernel": _int(1, odd=True),

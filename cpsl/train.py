@@ -320,7 +320,7 @@ def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, 
     st.dist.begin_epoch(epoch)
     nb = 0
     for i, b in enumerate(iterate(st.data["train"], st.cfg.data.batch_size, shuffle=True, generator=gen,
-                                  modalities=st.model.modalities)):
+                                  modalities=st.model.modalities, bucket=st.cfg.data.bucket)):
         st.schedule.apply(epoch, i)
         done = _train_step(st, modulator, b, epoch)
         if done is None:

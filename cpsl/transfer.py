@@ -49,6 +49,8 @@ class TransferSettings:
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     warmup: float = _f(0.06, "Fraction of all steps with a linear learning-rate warm-up.")
     batch_size: int = _f(32, "Batch size.")
+    bucket: int = _f(0, "Batch texts of similar length: sort each window of bucket x batch_size shuffled rows by "
+                        "length, then shuffle the batches (0: plain shuffle). Removes most padding: faster.")
     dropout: float = _f(0.1, "Dropout on the pooled sentence vector.")
     loss: str = _f("l1", "Regression loss.", choices=("l1", "mse", "smoothl1"))
     clip: float = _f(1.0, "Max gradient norm (0: off).")
@@ -57,6 +59,8 @@ class TransferSettings:
     def check(self) -> None:
         if self.epochs < 1:
             raise CPSLError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.bucket < 0:
+            raise CPSLError(f"--bucket must be >= 0, got {self.bucket}")
         if self.batch_size < 1:
             raise CPSLError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and self.head_lr > 0):
@@ -178,8 +182,11 @@ class _Run:
 
     def order(self, epoch: int) -> np.ndarray:
         import torch
+        from .data.batch import bucket_order, row_lengths
         gen = torch.Generator().manual_seed(self.st.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data["train"]), generator=gen).numpy()
+        split = self.data["train"]
+        order = torch.randperm(len(split), generator=gen).numpy()
+        return bucket_order(order, row_lengths(split), self.st.batch_size, self.st.bucket, gen)
 
     def save_state(self, path: Path) -> None:
         import torch
@@ -199,8 +206,8 @@ class _Run:
         if not isinstance(ck, dict) or ck.get("format") != "cpsl-transfer-1":
             raise CPSLError(f"{path} is not a transfer state written by cpsl pretrain-text")
         old, new = ck["identity"], self.identity
-        diffs = [f"{k} ({old['settings'].get(k)!r} -> {v!r})" for k, v in new["settings"].items()
-                 if old["settings"].get(k) != v]
+        was = {**asdict(TransferSettings()), **old["settings"]}           # a key it predates ran as its default
+        diffs = [f"{k} ({was.get(k)!r} -> {v!r})" for k, v in new["settings"].items() if was.get(k) != v]
         if old["data"] != new["data"]:
             diffs.insert(0, "the data (content fingerprint differs)")
         if diffs:

@@ -121,6 +121,7 @@ def test_overrides_validated_together():
     ("train.epochs=many", "train.epochs"),
     ("train.epochs=true", "train.epochs"),
     ("train.epochs=0", "train.epochs"),
+    ("data.bucket=-1", "data.bucket"),
     ("cp.tau=high", "cp.tau"),
     ("cp.normalize=maybe", "cp.normalize"),
     ("cp.groups=[1]", "cp.groups"),

@@ -299,3 +299,53 @@ def test_iterate_order_coverage_and_determinism(tiny_raw, tiny_mmsa):
     g = torch.Generator().manual_seed(5)
     for bt in iterate(s, 4, shuffle=True, generator=g):
         np.testing.assert_array_equal(bt.y.numpy(), s.labels[bt.index])
+
+
+def test_bucket_order_groups_similar_lengths():
+    from cpsl.data.batch import bucket_order
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 51, size=203)
+    base = torch.randperm(203, generator=torch.Generator().manual_seed(3)).numpy()
+
+    def cost(order):                                        # padded tokens of the batches of 8
+        return sum(len(order[i:i + 8]) * lengths[order[i:i + 8]].max() for i in range(0, len(order), 8))
+
+    np.testing.assert_array_equal(bucket_order(base, lengths, 8, 0), base)        # 0: unchanged
+    out = [bucket_order(base, lengths, 8, 4, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    for o in out:
+        assert sorted(o.tolist()) == list(range(203))                             # a permutation
+        assert cost(o) < 0.75 * cost(base)                                        # far less padding
+        windows = {tuple(sorted(base[i:i + 32])) for i in range(0, 203, 32)}
+        for i in range(0, 200, 8):                                                # a batch: one window's rows
+            assert any(set(o[i:i + 8]) <= set(w) for w in windows)
+    np.testing.assert_array_equal(out[0], out[1])                                 # same generator, same order
+    assert not np.array_equal(out[0], out[2])                                     # the batches are shuffled
+    last = base[192:]                                                             # the short batch goes last
+    assert set(out[0][200:]) <= set(last) and len(out[0][200:]) == 3
+
+
+def test_iterate_bucket_uses_text_lengths(tiny_raw, tiny_mmsa):
+    from cpsl.data.batch import row_lengths
+    raw = _text_bert(tiny_raw(sizes={"train": 40, "valid": 2, "test": 2}))
+    s = load_mmsa(tiny_mmsa(raw))["train"]
+    L = s.text_bert.shape[2]
+    rng = np.random.default_rng(1)
+    s.text_bert[:, 1] = 0                                   # real texts of 2..L tokens, right-padded
+    for i, n in enumerate(rng.integers(2, L + 1, size=len(s))):
+        s.text_bert[i, 1, :n] = 1
+    np.testing.assert_array_equal(row_lengths(s), s.text_bert[:, 1].sum(1))
+
+    def widths(bucket):
+        g = torch.Generator().manual_seed(0)
+        bs = list(iterate(s, 8, shuffle=True, generator=g, bucket=bucket))
+        assert sorted(np.concatenate([b.index for b in bs]).tolist()) == list(range(40))
+        for b in bs:
+            np.testing.assert_array_equal(b.y.numpy(), s.labels[b.index])
+        return sum(len(b) * b.text_bert.shape[2] for b in bs)
+
+    assert widths(5) < widths(0)
+    g = torch.Generator().manual_seed(0)
+    plain = np.concatenate([b.index for b in iterate(s, 8, shuffle=True, generator=g)])
+    g = torch.Generator().manual_seed(0)
+    np.testing.assert_array_equal(plain, np.concatenate([b.index for b in iterate(s, 8, shuffle=True, generator=g,
+                                                                                   bucket=0)]))

@@ -71,6 +71,38 @@ def test_resume_equals_uninterrupted(setup):
     assert not torch.equal(wa[k], src[k])                                  # it did train
 
 
+def test_bucketed_resume_and_a_state_written_before_bucket(setup):
+    """--bucket groups texts of similar length: a stopped bucketed run resumes onto the uninterrupted
+    one's batches; a train_state.pt written before the setting existed resumes as --bucket 0."""
+    from cpsl.transfer import STATE
+    root, enc, pkl, full = setup
+    bucket = ("--bucket", 2)                                                 # windows of 16 rows, batches of 8
+    whole, part = root / "bucket_whole", root / "bucket_part"
+    assert cli("pretrain-text", "--data", pkl, "--out", whole, "--text-encoder", enc, *ARGS, *bucket).exit_code == 0
+    for extra in (("--max-steps", 4), ("--resume",)):
+        r = cli("pretrain-text", "--data", pkl, "--out", part, "--text-encoder", enc, *extra, *ARGS, *bucket)
+        assert r.exit_code == 0, r.output
+    a, b, plain = (json.loads((p / "transfer.json").read_text()) for p in (whole, part, full))
+    assert a["settings"]["bucket"] == 2 and plain["settings"]["bucket"] == 0
+    assert _strip(a["history"]) == _strip(b["history"])
+    assert _strip(a["history"]) != _strip(plain["history"])                 # other batches, another run
+    wa, wb = load_file(whole / "model.safetensors"), load_file(part / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for name, extra, ok in (("old", (), True), ("old_bucket", bucket, False)):
+        old = root / name
+        r = cli("pretrain-text", "--data", pkl, "--out", old, "--text-encoder", enc, "--max-steps", 4, *ARGS)
+        assert r.exit_code == 0, r.output
+        ck = torch.load(old / STATE, weights_only=True)
+        del ck["identity"]["settings"]["bucket"]                            # as written before the setting
+        torch.save(ck, old / STATE)
+        r = cli("pretrain-text", "--data", pkl, "--out", old, "--text-encoder", enc, "--resume", *ARGS, *extra)
+        if ok:
+            assert r.exit_code == 0 and "resuming after step 4" in r.output, r.output
+            assert _strip(json.loads((old / "transfer.json").read_text())["history"]) == _strip(plain["history"])
+        else:
+            one_error_line(r, "cannot resume", "bucket (0 -> 2)")
+
+
 def test_folder_loads_offline_and_starts_cpsl_train(setup, tmp_path):
     root, enc, pkl, full = setup
     card = (full / "README.md").read_text()
@@ -128,3 +160,4 @@ def test_bad_inputs_fail_with_one_line(setup, tmp_path, tiny_mmsa):
     one_error_line(cli("pretrain-text", "--data", pkl, "--out", tmp_path / "z", "--text-encoder", tmp_path),
                    "not a Hugging Face model folder")
     one_error_line(cli("pretrain-text", "--data", pkl, "--out", tmp_path / "w", "--epochs", 0), "--epochs")
+    one_error_line(cli("pretrain-text", "--data", pkl, "--out", tmp_path / "b", "--bucket", -1), "--bucket")

@@ -24,6 +24,7 @@ from .options import setting_option, trust_pickle_option
 @setting_option(TransferSettings, "weight_decay")
 @setting_option(TransferSettings, "warmup")
 @setting_option(TransferSettings, "batch_size")
+@setting_option(TransferSettings, "bucket")
 @setting_option(TransferSettings, "dropout")
 @setting_option(TransferSettings, "loss")
 @setting_option(TransferSettings, "clip")
