@@ -312,10 +312,10 @@ def test_bucket_order_groups_similar_lengths():
 
     np.testing.assert_array_equal(bucket_order(base, lengths, 8, 0), base)        # 0: unchanged
     out = [bucket_order(base, lengths, 8, 4, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    windows = [base[i:i + 32] for i in range(0, 203, 32)]
     for o in out:
         assert sorted(o.tolist()) == list(range(203))                             # a permutation
         assert cost(o) < 0.75 * cost(base)                                        # far less padding
-        windows = {tuple(sorted(base[i:i + 32])) for i in range(0, 203, 32)}
         for i in range(0, 200, 8):                                                # a batch: one window's rows
             assert any(set(o[i:i + 8]) <= set(w) for w in windows)
     np.testing.assert_array_equal(out[0], out[1])                                 # same generator, same order
@@ -325,7 +325,7 @@ def test_bucket_order_groups_similar_lengths():
 
 
 def test_iterate_bucket_uses_text_lengths(tiny_raw, tiny_mmsa):
-    from cpsl.data.batch import row_lengths
+    from cpsl.data.batch import bucket_order, row_lengths
     raw = _text_bert(tiny_raw(sizes={"train": 40, "valid": 2, "test": 2}))
     s = load_mmsa(tiny_mmsa(raw))["train"]
     L = s.text_bert.shape[2]
@@ -344,6 +344,10 @@ def test_iterate_bucket_uses_text_lengths(tiny_raw, tiny_mmsa):
         return sum(len(b) * b.text_bert.shape[2] for b in bs)
 
     assert widths(5) < widths(0)
+    g, ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)   # bucketed by the text lengths
+    got = np.concatenate([b.index for b in iterate(s, 8, shuffle=True, generator=g, bucket=5)])
+    want = bucket_order(torch.randperm(40, generator=ref).numpy(), s.text_bert[:, 1].sum(1), 8, 5, ref)
+    np.testing.assert_array_equal(got, want)
     g = torch.Generator().manual_seed(0)
     plain = np.concatenate([b.index for b in iterate(s, 8, shuffle=True, generator=g)])
     g = torch.Generator().manual_seed(0)
