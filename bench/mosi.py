@@ -5,6 +5,7 @@ audio, and the tri-modal bc-LSTM feature set on its own split.
                          [--variants frozen_none,frozen_cpsl,ft_none,ft_cpsl] [--epochs N] [--bclstm]
     python bench/mosi.py --recipe best --data-dir DIR --out OUT [--seeds 1,2,3] [--encoder PATH]
                          [--kfold K [--kfold-baseline]] [--threads N]      (bench/mosi_recipe.py)
+    python bench/mosi.py --ensemble RUN_DIR RUN_DIR [...] [--ensemble-json FILE]  (bench/mosi_ensemble.py)
 
 Variants (each over the seeds, valid metrics of the checkpoint selected on valid loss —
 MOSI's test fold is not in the data pack):
@@ -114,7 +115,20 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT / "bench"))
     import mosi_recipe
     mosi_recipe.add_arguments(ap)
+    g = ap.add_argument_group("ensemble ceiling (--ensemble)")
+    g.add_argument("--ensemble", nargs="+", metavar="RUN_DIR",
+                   help="only score: the prediction-averaging ensemble of finished recipe runs, on MOSI valid and "
+                        "(unless --ensemble-valid-only) on their common k-fold; no training")
+    g.add_argument("--ensemble-valid-only", action="store_true", help="--ensemble without the k-fold part")
+    g.add_argument("--ensemble-json", help="also write the --ensemble figures here (JSON)")
     a = ap.parse_args(argv)
+    if a.ensemble:
+        import mosi_ensemble
+        md, report = mosi_ensemble.ensemble_report(a.ensemble, a.kfold_variant, not a.ensemble_valid_only, a.threads)
+        if a.ensemble_json:
+            Path(a.ensemble_json).write_text(json.dumps(report, indent=2))
+        print(md)
+        return report
     if a.kfold_compare:
         if len(a.kfold_compare) < 2:
             ap.error("--kfold-compare needs two or more results.json files")

@@ -80,7 +80,7 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert abs(d["mean"] - (tr["valid"]["MAE"]["mean"] - tr["valid_text_head"]["MAE"]["mean"])) < 1e-9
     assert rec["timing"]["transfer_s"] > 0 and "MOSI recipe" in log
     # a second run: the pickles and the transferred encoder come from the cache
-    log = recipe("--out", tmp_path / "out2", *common, cwd=tmp_path)
+    log = recipe("--out", tmp_path / "out2", *common, "--seeds", 2, cwd=tmp_path)     # another seed: see --ensemble
     assert "[data] mosi: cached" in log and "[transfer] cached" in log
     r2 = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert r2["recipe"]["encoder"] == str(encoder) and r2["recipe"]["timing"]["transfer_s"] == 0.0
@@ -100,6 +100,53 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
                           tmp_path / "out3" / "results.json"], capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert out.returncode == 0 and "| Δ MAE |" in out.stdout and str(tmp_path / "out3") in out.stdout, out.stderr
+    check_ensemble(tmp_path)
+
+
+def bench_mosi(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "mosi.py"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def check_ensemble(tmp_path: Path) -> None:
+    """``bench/mosi.py --ensemble``: on valid, the mean of the members' predictions as ``cpsl eval``
+    writes them; on the k-fold, each member's fold scores as the recipe recorded them."""
+    import numpy as np
+
+    from cpsl.metrics import mmsa_metrics
+    out, out2, out3 = tmp_path / "out", tmp_path / "out2", tmp_path / "out3"
+    r = bench_mosi("--ensemble", out, out2, "--ensemble-valid-only", "--ensemble-json", tmp_path / "e.json", cwd=tmp_path)
+    assert r.returncode == 0 and "ensemble of 2" in r.stdout, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "e.json").read_text())
+    preds = []
+    for run, seed in ((out, 1), (out2, 2)):
+        csv_path = tmp_path / f"pred_{run.name}.csv"
+        e = subprocess.run([sys.executable, "-m", "cpsl", "eval", "--ckpt", run / f"seed{seed}" / "best.pt",
+                            "--data", json.loads((run / "results.json").read_text())["data"], "--split", "valid",
+                            "--out", csv_path], capture_output=True, text=True, cwd=tmp_path)
+        assert e.returncode == 0, e.stderr[-2000:]
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        preds.append((np.array([float(x["pred"]) for x in rows]), np.array([float(x["label"]) for x in rows])))
+        recorded = json.loads((run / "results.json").read_text())["valid"]["MAE"]["mean"]
+        assert abs(rep["valid"]["members"][f"{run} seed {seed}"]["fused"]["MAE"] - recorded) < 1e-5
+    assert not np.allclose(preds[0][0], preds[1][0])         # two different models, so the mean is a real blend
+    want = mmsa_metrics((preds[0][0] + preds[1][0]) / 2, preds[0][1])
+    for m in ("MAE", "Corr", "Non0_acc_2"):
+        assert abs(rep["valid"]["ensemble"]["fused"][m] - want[m]) < 1e-5
+    # the k-fold part: out and out3 share their folds
+    r = bench_mosi("--ensemble", out, out3, "--ensemble-json", tmp_path / "k.json", cwd=tmp_path)
+    assert r.returncode == 0 and "video-grouped folds" in r.stdout, r.stderr[-2000:]
+    kf = json.loads((tmp_path / "k.json").read_text())["kfold"]
+    assert kf["k"] == 2 and kf["ensemble_minus_members_mean"]["MAE"]["n"] == 2
+    for run in (out, out3):
+        recorded = json.loads((run / "results.json").read_text())["recipe"]["kfold"]["variants"]["transferred"]
+        got = [f["MAE"] for f in kf["per_fold"][str(run)]["fused"]]
+        assert np.allclose(got, [f["MAE"] for f in recorded["per_fold"]["valid"]], atol=1e-5)
+    # a run without a k-fold is refused by name before anything is scored
+    r = bench_mosi("--ensemble", out, out2, cwd=tmp_path)
+    assert r.returncode != 0 and f"{out2} has no k-fold" in r.stderr
 
 
 def kfold_results(path: Path, maes: list[float], k: int = 3, seed: int = 1, fingerprint: str = "abc",

@@ -1,0 +1,171 @@
+"""How far would more models of the same kind go? Prediction-averaging ensembles of MOSI recipe
+runs (issue 14): ``python bench/mosi.py --ensemble RUN_DIR RUN_DIR [...]``.
+
+Each RUN_DIR is a finished ``bench/mosi.py --recipe best`` run folder (``results.json``,
+``seed*/best.pt``; for the k-fold part, a ``--kfold K`` block and its fold runs under
+``RUN_DIR/kfold/``). Every checkpoint is re-scored here (not read from the logs):
+
+* MOSI valid: every seed of every run is a member; the ensemble predicts the mean of the members'
+  fused predictions (and, as its own row, the mean of their text-head predictions);
+* k-fold: on fold ``i`` the members are the runs' fold-``i`` models (the recipe's k-fold trains the
+  first seed only), and the ensemble is paired fold by fold with each run and with the members'
+  mean (95 % t-interval over folds).
+
+The members were each selected on the fold they are scored on, as every figure of the recipe is,
+so this is a ceiling for "train more models and average them" rather than a recipe: it costs a
+member's training and inference time per member, and the edge path ships one model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cpsl.compare import METRICS, format_delta
+
+
+def _members_valid(run: Path) -> list[tuple[str, Path, str]]:
+    """``(label, best.pt, pickle)`` of each seed of a recipe run."""
+    res = _results(run)
+    return [(f"{run} seed {s['seed']}", run / f"seed{s['seed']}" / "best.pt", res["data"])
+            for s in res["per_seed"]]
+
+
+def _results(run: Path) -> dict:
+    f = run / "results.json"
+    if not f.is_file():
+        raise SystemExit(f"error: {run} is not a finished recipe run (no results.json)")
+    return json.loads(f.read_text())
+
+
+def _fold_runs(run: Path, variant: str) -> list[Path]:
+    """The fold run folders of ``variant`` whose scores are the ones ``results.json`` records."""
+    kf = _results(run).get("recipe", {}).get("kfold")
+    if not kf or variant not in kf["variants"]:
+        raise SystemExit(f"error: {run} has no k-fold of the variant {variant!r} (run the recipe with --kfold K)")
+    recorded = [f["MAE"] for f in kf["variants"][variant]["per_fold"]["valid"]]
+    for d in sorted(run.glob(f"kfold/{variant}_*")):
+        folds = [d / f"fold{i}" for i in range(kf["k"])]
+        if all((f / "results.json").is_file() for f in folds) and all(
+                abs(_results(f)["per_seed"][0]["valid"]["MAE"] - m) < 1e-9 for f, m in zip(folds, recorded)):
+            return folds
+    raise SystemExit(f"error: {run}/kfold holds no complete set of {variant} fold runs matching its results.json")
+
+
+class _Scorer:
+    """Predictions of checkpoints on a pickle's valid split (each pickle loaded once)."""
+
+    def __init__(self):
+        self.data = {}
+
+    def __call__(self, ckpt: Path, pkl: str) -> dict:
+        from cpsl.checkpoint import load_model
+        from cpsl.data.mmsa import load_mmsa
+        from cpsl.train import predict
+        if not ckpt.is_file():
+            raise SystemExit(f"error: {ckpt} not found")
+        if pkl not in self.data:
+            self.data[pkl] = load_mmsa(pkl)["valid"]
+        split = self.data[pkl]
+        model, cfg, _ = load_model(ckpt)
+        pred, aux, y = predict(model, split, cfg.data.eval_batch_size, "cpu")
+        return {"ids": [str(i) for i in split.ids], "y": y, "fused": pred, "text": aux.get("text")}
+
+
+def _combine(members: list[dict], where: str) -> dict:
+    """The members' mean predictions (fused, text head) on the same rows."""
+    first = members[0]
+    for m in members[1:]:
+        if m["ids"] != first["ids"] or not np.array_equal(m["y"], first["y"]):
+            raise SystemExit(f"error: the members were scored on different rows or labels ({where})")
+    out = {"ids": first["ids"], "y": first["y"], "fused": np.mean([m["fused"] for m in members], axis=0)}
+    has_text = all(m["text"] is not None for m in members)
+    out["text"] = np.mean([m["text"] for m in members], axis=0) if has_text else None
+    return out
+
+
+def _metrics(p: dict, head: str) -> dict | None:
+    from cpsl.metrics import mmsa_metrics
+    return None if p[head] is None else {k: float(v) for k, v in mmsa_metrics(p[head], p["y"]).items()}
+
+
+def ensemble_report(runs: list[str], variant: str = "transferred", kfold: bool = True, threads: int = 0) -> tuple[str, dict]:
+    """(markdown, json) of the valid-fold and k-fold ensembles of the recipe runs ``runs``."""
+    import torch
+
+    from cpsl.ablate import paired_difference
+    from cpsl.metrics import mean_std
+    if threads:
+        torch.set_num_threads(threads)
+    runs = [Path(r) for r in runs]
+    folds = [_fold_runs(r, variant) for r in runs] if kfold else []     # checked before any scoring
+    if folds and any(len(f) != len(folds[0]) for f in folds):
+        raise SystemExit("error: the runs' k-folds have different k")
+    sigs = {_results(r)["recipe"]["kfold"].get("folds_signature") for r in runs} if kfold else set()
+    if kfold and (len(sigs) != 1 or None in sigs):
+        raise SystemExit("error: the runs' k-folds are not on the same recorded folds (folds_signature)")
+    score = _Scorer()
+    # ---- MOSI valid: every seed of every run
+    members = [(label, score(ck, pkl)) for r in runs for label, ck, pkl in _members_valid(r)]
+    ens = _combine([p for _, p in members], "MOSI valid")
+    rows = {label: {h: _metrics(p, h) for h in ("fused", "text")} for label, p in members}
+    single = {h: mean_std([r[h] for r in rows.values()]) if all(r[h] for r in rows.values()) else None
+              for h in ("fused", "text")}
+    valid = {"members": rows, "members_mean": single,
+             "ensemble": {h: _metrics(ens, h) for h in ("fused", "text")}}
+    md = [f"Members: {len(members)} checkpoints of {len(runs)} recipe runs; ensemble = mean of their predictions.", "",
+          f"MOSI valid ({len(ens['ids'])} segments):", "",
+          "| model | MAE | Corr | Non0_acc_2 | text head MAE | Corr | Non0_acc_2 |", "|---|---|---|---|---|---|---|"]
+
+    def cells(m):
+        return [f"{m[k]:.4f}" for k in METRICS] if m else ["", "", ""]
+
+    def cells_ms(m):
+        return [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS] if m else ["", "", ""]
+    for label, r in rows.items():
+        md.append("| " + " | ".join([f"`{label}`", *cells(r["fused"]), *cells(r["text"])]) + " |")
+    md.append("| " + " | ".join(["members, mean ± std", *cells_ms(single["fused"]), *cells_ms(single["text"])]) + " |")
+    md.append("| " + " | ".join([f"**ensemble of {len(members)}**", *cells(valid["ensemble"]["fused"]),
+                                 *cells(valid["ensemble"]["text"])]) + " |")
+    report = {"runs": [str(r) for r in runs], "valid": valid}
+    if not kfold:
+        return "\n".join(md), report
+    # ---- k-fold: the runs' fold-i models
+    k = len(folds[0])
+    per = {str(r): {"fused": [], "text": []} for r in runs}
+    per_ens = {"fused": [], "text": []}
+    for i in range(k):
+        preds = []
+        for r, fr in zip(runs, folds):
+            res = _results(fr[i])
+            preds.append(score(fr[i] / f"seed{res['seeds'][0]}" / "best.pt", res["data"]))
+            for h in ("fused", "text"):
+                per[str(r)][h].append(_metrics(preds[-1], h))
+        e = _combine(preds, f"fold {i}")
+        for h in ("fused", "text"):
+            per_ens[h].append(_metrics(e, h))
+    mean_of_runs = [{m: float(np.mean([per[str(r)]["fused"][i][m] for r in runs])) for m in METRICS} for i in range(k)]
+    delta = {str(r): {m: paired_difference([x[m] for x in per_ens["fused"]], [x[m] for x in per[str(r)]["fused"]])
+                      for m in METRICS} for r in runs}
+    delta_mean = {m: paired_difference([x[m] for x in per_ens["fused"]], [x[m] for x in mean_of_runs]) for m in METRICS}
+    report["kfold"] = {"k": k, "variant": variant, "folds_signature": sigs.pop(), "per_fold": per,
+                       "ensemble_per_fold": per_ens, "ensemble_minus_run": delta, "ensemble_minus_members_mean": delta_mean}
+    ms = {str(r): mean_std(per[str(r)]["fused"]) for r in runs}
+    ems, etext = mean_std(per_ens["fused"]), mean_std(per_ens["text"]) if all(per_ens["text"]) else None
+    md += ["", f"k = {k} video-grouped folds of MOSI train + valid (variant `{variant}`), fused model; "
+               "Δ = ensemble − row, paired over folds, mean [95 % t-interval], `*` = the interval excludes 0.", "",
+           "| model | per-fold MAE | MAE | Corr | Non0_acc_2 | Δ MAE | Δ Corr | Δ Non0_acc_2 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        pf = " ".join(f"{x['MAE']:.3f}" for x in per[str(r)]["fused"])
+        md.append("| " + " | ".join([f"`{r}`", pf, *cells_ms(ms[str(r)]),
+                                     *(format_delta(delta[str(r)][m]) for m in METRICS)]) + " |")
+    md.append("| " + " | ".join(["members' mean (per fold)", " ".join(f"{x['MAE']:.3f}" for x in mean_of_runs),
+                                 *cells_ms(mean_std(mean_of_runs)), *(format_delta(delta_mean[m]) for m in METRICS)]) + " |")
+    md.append("| " + " | ".join([f"**ensemble of {len(runs)}**", " ".join(f"{x['MAE']:.3f}" for x in per_ens["fused"]),
+                                 *cells_ms(ems), "", "", ""]) + " |")
+    if etext:
+        md.append("| " + " | ".join([f"ensemble of {len(runs)}, text head",
+                                     " ".join(f"{x['MAE']:.3f}" for x in per_ens["text"]), *cells_ms(etext), "", "", ""]) + " |")
+    return "\n".join(md), report
