@@ -90,48 +90,41 @@ def _metrics(p: dict, head: str) -> dict | None:
     return None if p[head] is None else {k: float(v) for k, v in mmsa_metrics(p[head], p["y"]).items()}
 
 
-def ensemble_report(runs: list[str], variant: str = "transferred", kfold: bool = True, threads: int = 0) -> tuple[str, dict]:
-    """(markdown, json) of the valid-fold and k-fold ensembles of the recipe runs ``runs``."""
-    import torch
+def _cells(m: dict | None) -> list[str]:
+    return [f"{m[k]:.4f}" for k in METRICS] if m else ["", "", ""]
 
-    from cpsl.ablate import paired_difference
+
+def _cells_ms(m: dict | None) -> list[str]:
+    return [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS] if m else ["", "", ""]
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _valid_section(runs: list[Path], score) -> tuple[list[str], dict]:
+    """MOSI valid: every seed of every run is a member."""
     from cpsl.metrics import mean_std
-    if threads:
-        torch.set_num_threads(threads)
-    runs = [Path(r) for r in runs]
-    folds = [_fold_runs(r, variant) for r in runs] if kfold else []     # checked before any scoring
-    if folds and any(len(f) != len(folds[0]) for f in folds):
-        raise SystemExit("error: the runs' k-folds have different k")
-    sigs = {_results(r)["recipe"]["kfold"].get("folds_signature") for r in runs} if kfold else set()
-    if kfold and (len(sigs) != 1 or None in sigs):
-        raise SystemExit("error: the runs' k-folds are not on the same recorded folds (folds_signature)")
-    score = _Scorer()
-    # ---- MOSI valid: every seed of every run
     members = [(label, score(ck, pkl)) for r in runs for label, ck, pkl in _members_valid(r)]
     ens = _combine([p for _, p in members], "MOSI valid")
     rows = {label: {h: _metrics(p, h) for h in ("fused", "text")} for label, p in members}
     single = {h: mean_std([r[h] for r in rows.values()]) if all(r[h] for r in rows.values()) else None
               for h in ("fused", "text")}
-    valid = {"members": rows, "members_mean": single,
-             "ensemble": {h: _metrics(ens, h) for h in ("fused", "text")}}
+    valid = {"members": rows, "members_mean": single, "ensemble": {h: _metrics(ens, h) for h in ("fused", "text")}}
     md = [f"Members: {len(members)} checkpoints of {len(runs)} recipe runs; ensemble = mean of their predictions.", "",
           f"MOSI valid ({len(ens['ids'])} segments):", "",
           "| model | MAE | Corr | Non0_acc_2 | text head MAE | Corr | Non0_acc_2 |", "|---|---|---|---|---|---|---|"]
+    md += [_row(f"`{label}`", *_cells(r["fused"]), *_cells(r["text"])) for label, r in rows.items()]
+    md.append(_row("members, mean ± std", *_cells_ms(single["fused"]), *_cells_ms(single["text"])))
+    md.append(_row(f"**ensemble of {len(members)}**", *_cells(valid["ensemble"]["fused"]),
+                   *_cells(valid["ensemble"]["text"])))
+    return md, valid
 
-    def cells(m):
-        return [f"{m[k]:.4f}" for k in METRICS] if m else ["", "", ""]
 
-    def cells_ms(m):
-        return [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS] if m else ["", "", ""]
-    for label, r in rows.items():
-        md.append("| " + " | ".join([f"`{label}`", *cells(r["fused"]), *cells(r["text"])]) + " |")
-    md.append("| " + " | ".join(["members, mean ± std", *cells_ms(single["fused"]), *cells_ms(single["text"])]) + " |")
-    md.append("| " + " | ".join([f"**ensemble of {len(members)}**", *cells(valid["ensemble"]["fused"]),
-                                 *cells(valid["ensemble"]["text"])]) + " |")
-    report = {"runs": [str(r) for r in runs], "valid": valid}
-    if not kfold:
-        return "\n".join(md), report
-    # ---- k-fold: the runs' fold-i models
+def _kfold_section(runs: list[Path], folds: list[list[Path]], variant: str, signature: str, score) -> tuple[list[str], dict]:
+    """k-fold: on fold i the members are the runs' fold-i models; paired over folds."""
+    from cpsl.ablate import paired_difference
+    from cpsl.metrics import mean_std
     k = len(folds[0])
     per = {str(r): {"fused": [], "text": []} for r in runs}
     per_ens = {"fused": [], "text": []}
@@ -146,26 +139,50 @@ def ensemble_report(runs: list[str], variant: str = "transferred", kfold: bool =
         for h in ("fused", "text"):
             per_ens[h].append(_metrics(e, h))
     mean_of_runs = [{m: float(np.mean([per[str(r)]["fused"][i][m] for r in runs])) for m in METRICS} for i in range(k)]
-    delta = {str(r): {m: paired_difference([x[m] for x in per_ens["fused"]], [x[m] for x in per[str(r)]["fused"]])
-                      for m in METRICS} for r in runs}
-    delta_mean = {m: paired_difference([x[m] for x in per_ens["fused"]], [x[m] for x in mean_of_runs]) for m in METRICS}
-    report["kfold"] = {"k": k, "variant": variant, "folds_signature": sigs.pop(), "per_fold": per,
-                       "ensemble_per_fold": per_ens, "ensemble_minus_run": delta, "ensemble_minus_members_mean": delta_mean}
-    ms = {str(r): mean_std(per[str(r)]["fused"]) for r in runs}
-    ems, etext = mean_std(per_ens["fused"]), mean_std(per_ens["text"]) if all(per_ens["text"]) else None
-    md += ["", f"k = {k} video-grouped folds of MOSI train + valid (variant `{variant}`), fused model; "
-               "Δ = ensemble − row, paired over folds, mean [95 % t-interval], `*` = the interval excludes 0.", "",
-           "| model | per-fold MAE | MAE | Corr | Non0_acc_2 | Δ MAE | Δ Corr | Δ Non0_acc_2 |",
-           "|---|---|---|---|---|---|---|---|"]
+
+    def minus(rows):
+        return {m: paired_difference([x[m] for x in per_ens["fused"]], [x[m] for x in rows]) for m in METRICS}
+    delta = {str(r): minus(per[str(r)]["fused"]) for r in runs}
+    delta_mean = minus(mean_of_runs)
+    out = {"k": k, "variant": variant, "folds_signature": signature, "per_fold": per, "ensemble_per_fold": per_ens,
+           "ensemble_minus_run": delta, "ensemble_minus_members_mean": delta_mean}
+
+    def maes(rows):
+        return " ".join(f"{x['MAE']:.3f}" for x in rows)
+    md = ["", f"k = {k} video-grouped folds of MOSI train + valid (variant `{variant}`), fused model; "
+              "Δ = ensemble − row, paired over folds, mean [95 % t-interval], `*` = the interval excludes 0.", "",
+          "| model | per-fold MAE | MAE | Corr | Non0_acc_2 | Δ MAE | Δ Corr | Δ Non0_acc_2 |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        pf = " ".join(f"{x['MAE']:.3f}" for x in per[str(r)]["fused"])
-        md.append("| " + " | ".join([f"`{r}`", pf, *cells_ms(ms[str(r)]),
-                                     *(format_delta(delta[str(r)][m]) for m in METRICS)]) + " |")
-    md.append("| " + " | ".join(["members' mean (per fold)", " ".join(f"{x['MAE']:.3f}" for x in mean_of_runs),
-                                 *cells_ms(mean_std(mean_of_runs)), *(format_delta(delta_mean[m]) for m in METRICS)]) + " |")
-    md.append("| " + " | ".join([f"**ensemble of {len(runs)}**", " ".join(f"{x['MAE']:.3f}" for x in per_ens["fused"]),
-                                 *cells_ms(ems), "", "", ""]) + " |")
-    if etext:
-        md.append("| " + " | ".join([f"ensemble of {len(runs)}, text head",
-                                     " ".join(f"{x['MAE']:.3f}" for x in per_ens["text"]), *cells_ms(etext), "", "", ""]) + " |")
+        rows = per[str(r)]["fused"]
+        md.append(_row(f"`{r}`", maes(rows), *_cells_ms(mean_std(rows)), *(format_delta(delta[str(r)][m]) for m in METRICS)))
+    md.append(_row("members' mean (per fold)", maes(mean_of_runs), *_cells_ms(mean_std(mean_of_runs)),
+                   *(format_delta(delta_mean[m]) for m in METRICS)))
+    md.append(_row(f"**ensemble of {len(runs)}**", maes(per_ens["fused"]), *_cells_ms(mean_std(per_ens["fused"])),
+                   "", "", ""))
+    if all(per_ens["text"]):
+        md.append(_row(f"ensemble of {len(runs)}, text head", maes(per_ens["text"]),
+                       *_cells_ms(mean_std(per_ens["text"])), "", "", ""))
+    return md, out
+
+
+def ensemble_report(runs: list[str], variant: str = "transferred", kfold: bool = True, threads: int = 0) -> tuple[str, dict]:
+    """(markdown, json) of the valid-fold and k-fold ensembles of the recipe runs ``runs``."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    runs = [Path(r) for r in runs]
+    if kfold:                                   # the runs' k-folds are checked before anything is scored
+        folds = [_fold_runs(r, variant) for r in runs]
+        if any(len(f) != len(folds[0]) for f in folds):
+            raise SystemExit("error: the runs' k-folds have different k")
+        sigs = {_results(r)["recipe"]["kfold"].get("folds_signature") for r in runs}
+        if len(sigs) != 1 or None in sigs:
+            raise SystemExit("error: the runs' k-folds are not on the same recorded folds (folds_signature)")
+    score = _Scorer()
+    md, valid = _valid_section(runs, score)
+    report = {"runs": [str(r) for r in runs], "valid": valid}
+    if kfold:
+        kmd, report["kfold"] = _kfold_section(runs, folds, variant, sigs.pop(), score)
+        md += kmd
     return "\n".join(md), report

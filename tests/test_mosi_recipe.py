@@ -41,10 +41,14 @@ def cut(src: Path, dst: Path, keep: dict, test_from_valid: int = 0) -> None:
         w.writerows(out)
 
 
-def recipe(*args, cwd):
+def bench_mosi(*args, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "mosi.py"), "--recipe", "best", *map(str, args)],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "mosi.py"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def recipe(*args, cwd):
+    r = bench_mosi("--recipe", "best", *args, cwd=cwd)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return r.stdout
 
@@ -96,17 +100,9 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert r3["recipe"]["kfold"]["k"] == 2 and r3["valid"] == valid3
     # the same folds (same signature) as the first run's k-fold: --kfold-compare pairs them
     assert r3["recipe"]["kfold"]["folds_signature"] == kf["folds_signature"]
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "mosi.py"), "--kfold-compare", tmp_path / "out" / "results.json",
-                          tmp_path / "out3" / "results.json"], capture_output=True, text=True, cwd=tmp_path,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    out = bench_mosi("--kfold-compare", tmp_path / "out" / "results.json", tmp_path / "out3" / "results.json", cwd=tmp_path)
     assert out.returncode == 0 and "| Δ MAE |" in out.stdout and str(tmp_path / "out3") in out.stdout, out.stderr
     check_ensemble(tmp_path)
-
-
-def bench_mosi(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "bench" / "mosi.py"), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 def check_ensemble(tmp_path: Path) -> None:
@@ -144,7 +140,7 @@ def check_ensemble(tmp_path: Path) -> None:
         recorded = json.loads((run / "results.json").read_text())["recipe"]["kfold"]["variants"]["transferred"]
         got = [f["MAE"] for f in kf["per_fold"][str(run)]["fused"]]
         assert np.allclose(got, [f["MAE"] for f in recorded["per_fold"]["valid"]], atol=1e-5)
-    # a run without a k-fold is refused by name before anything is scored
+    # a run without a k-fold is refused by name
     r = bench_mosi("--ensemble", out, out2, cwd=tmp_path)
     assert r.returncode != 0 and f"{out2} has no k-fold" in r.stderr
 
