@@ -15,6 +15,7 @@ type ids. ``encode_tokens`` gives the last layer's token states ``(N, L, d)``, z
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,21 @@ def _require_transformers():
     return transformers
 
 
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """Without transformers' own progress bars ("Loading weights", "Writing model shards"): each
+    is an instant bar on every load or save, noise between cpsl's epoch lines and in ``cpsl eval``.
+    The previous setting comes back afterwards."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(spec: str):
     """The encoder's tokenizer, from local files only."""
     path = resolve_encoder_path(spec)
@@ -96,7 +112,8 @@ def load_encoder(spec: str):
     layers = split_spec(spec)[1]
     transformers = _require_transformers()
     try:
-        model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+        with quiet_hf_progress():
+            model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise CPSLError(f"cannot load a text encoder from {path}: {type(e).__name__}: {_first_line(e)}") from None
     if layers is not None:

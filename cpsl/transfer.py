@@ -329,14 +329,9 @@ def save_folder(run: _Run, out: Path, data, command: str) -> None:
     """The Hugging Face folder of the current weights: encoder, tokenizer, head, card."""
     from safetensors.torch import save_file
 
-    from transformers.utils import logging as hf_logging
-
-    from .text_encoder import load_tokenizer
-    hf_logging.disable_progress_bar()                  # a one-shard write: no bar between the epoch lines
-    try:
+    from .text_encoder import load_tokenizer, quiet_hf_progress
+    with quiet_hf_progress():                          # a one-shard write: no bar between the epoch lines
         run.model.encoder.save_pretrained(str(out), safe_serialization=True)
-    finally:
-        hf_logging.enable_progress_bar()
     load_tokenizer(run.st.text_encoder).save_pretrained(str(out))
     save_file({k: v.detach().contiguous() for k, v in run.model.head.state_dict().items()},
               str(out / "head.safetensors"))

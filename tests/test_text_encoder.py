@@ -120,8 +120,10 @@ def test_loads_with_hf_hub_offline(tmp_path):
     code = ("from cpsl.text_encoder import *\n"
             "t = load_tokenizer('minilm'); m, d = load_encoder('minilm')\n"
             "h = encode_tokens(m, tokenize(t, ['IT WAS REALLY GOOD'], 8))\n"
-            "print('OK', d, h.shape)\n")
+            "from transformers.utils import logging as hf\n"
+            "print('OK', d, h.shape, 'bars', hf.is_progress_bar_enabled())\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "OK 384 (1, 8, 384)" in r.stdout
+    assert "OK 384 (1, 8, 384) bars True" in r.stdout        # transformers' own bars: back on after the load
+    assert "Loading weights" not in r.stderr                   # ... but not drawn by it (noise in every log)
     assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").iterdir())
