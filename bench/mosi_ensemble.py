@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpsl.compare import METRICS, format_delta
+from cpsl.compare import METRICS, format_delta, format_mean_std
 
 
 def _members_valid(run: Path) -> list[tuple[str, Path, str]]:
@@ -95,7 +95,7 @@ def _cells(m: dict | None) -> list[str]:
 
 
 def _cells_ms(m: dict | None) -> list[str]:
-    return [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS] if m else ["", "", ""]
+    return [format_mean_std(m[k]) for k in METRICS] if m else ["", "", ""]
 
 
 def _row(*cells) -> str:

@@ -212,7 +212,7 @@ def compare_kfold(files: list[str], variant: str = "transferred", assume_same_fo
     """Markdown: the k-fold of ``variant`` in each recipe ``results.json``, paired fold by fold with
     the first file's (the same folds: k, seed and folds_signature checked). Two recipe configs or
     encoders compared on the k-fold estimate without retraining either."""
-    from cpsl.compare import format_delta
+    from cpsl.compare import format_delta, format_mean_std
     runs = []
     for f in map(Path, files):
         if not f.is_file():
@@ -251,7 +251,7 @@ def compare_kfold(files: list[str], variant: str = "transferred", assume_same_fo
         v, d = kf["variants"][variant], paired(pf, folds[0])
         cells = [f"`{f}`", f"`{Path(v['encoder']).name}`", " ".join(f"{x['MAE']:.3f}" for x in pf)]
         for m in ("MAE", "Corr", "Non0_acc_2"):
-            cells += [f"{v['valid'][m]['mean']:.4f} ± {v['valid'][m]['std']:.4f}", format_delta(d[m]) if i else ""]
+            cells += [format_mean_std(v["valid"][m]), format_delta(d[m]) if i else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

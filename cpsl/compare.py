@@ -106,6 +106,11 @@ def compare(specs: list[str], split: str = "auto") -> dict:
     return out
 
 
+def format_mean_std(v: dict) -> str:
+    """A ``{"mean", "std"}`` pair (cpsl.metrics.mean_std) as ``0.7123 ± 0.0045``."""
+    return f"{v['mean']:.4f} ± {v['std']:.4f}"
+
+
 def format_delta(d: dict) -> str:
     """A paired difference as ``+0.0123 [+0.0010, +0.0236] *`` (*: its 95 % interval excludes 0)."""
     if d["ci95"] is None:
@@ -125,7 +130,7 @@ def markdown(res: dict) -> str:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in res["runs"].items():
         m, v = r["metrics"], r.get("vs_reference")
-        cells = [name, f"{m['MAE']['mean']:.4f} ± {m['MAE']['std']:.4f}", format_delta(v["MAE"]) if v else "",
+        cells = [name, format_mean_std(m["MAE"]), format_delta(v["MAE"]) if v else "",
                  f"{m['Corr']['mean']:.4f}", format_delta(v["Corr"]) if v else "",
                  f"{m['Non0_acc_2']['mean']:.4f}", format_delta(v["Non0_acc_2"]) if v else ""]
         for h in heads:
