@@ -123,9 +123,9 @@ def step_costs(base: Config, data, names, steps: int = 20, warmup: int = 3, defi
     import numpy as np
     import torch
     from .data.batch import make_batch
-    from .train import stepper
+    from .train import batch_size, stepper
     torch.set_num_threads(base.train.num_threads or 1)
-    train, bs = data["train"], base.data.batch_size
+    train, bs = data["train"], batch_size(base, data)
     rows = [np.arange(i, min(i + bs, len(train))) for i in range(0, min(len(train), 4 * bs), bs)]
     steps_of = {n: stepper(variant_config(base, n, defined), data) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}

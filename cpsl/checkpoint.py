@@ -21,6 +21,7 @@ import torch
 from .config import Config
 from .errors import CPSLError
 from .model import CPSLModel
+from .model import build as build_model
 
 CKPT_FORMAT = "cpsl-ckpt-2"
 READABLE_FORMATS = ("cpsl-ckpt-1", CKPT_FORMAT)
@@ -142,7 +143,7 @@ def load_model(path: str | Path, device="cpu") -> tuple[CPSLModel, Config, dict]
         raise CPSLError(f"{path}: {sum(bad.values())} weights are NaN/inf (in {len(bad)} tensors, first {first}); "
                         "this model cannot be evaluated or exported")
     try:
-        model = CPSLModel(dims, cfg.model)
+        model = build_model(dims, cfg.model)
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CPSLError(f"{path}: checkpoint weights do not fit its config ({str(e).splitlines()[0]})") from None

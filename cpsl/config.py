@@ -16,7 +16,7 @@ MODALITIES = ("text", "audio", "vision")
 @dataclass
 class DataConfig:
     path: str = "synth"           # "synth" (embedded generator) or an MMSA .pkl path
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata={"help": "Training batch size (0: the whole training split, full-batch)."})
     eval_batch_size: int = 128
     bucket: int = field(default=0, metadata={
         "help": "Batch rows of similar length: sort each window of bucket x batch_size shuffled rows by length, "
@@ -46,11 +46,25 @@ class ModelConfig:
     # End-to-end text: run a pretrained encoder on text_bert ids ("" = use the text features).
     text_encoder: str = ""        # "", "minilm" or a local Hugging Face folder
     finetune_text: bool = False   # fine-tune the encoder (else frozen)
+    # the model class: the CPSL model, or the deep linear/ReLU fusion networks of the unimodal-bias
+    # theory (cpsl/model/linear.py; presets linear_late / linear_early); linear_* keys only for "linear"
+    arch: str = field(default="cpsl", metadata={
+        "choices": ("cpsl", "linear"),
+        "help": "cpsl (AME + gated fusion + heads) or linear (deep linear/ReLU network fusing at model.fusion_layer)."})
+    linear_width: int = field(default=100, metadata={"help": "arch=linear: hidden width H."})
+    linear_depth: int = field(default=2, metadata={"help": "arch=linear: number of weight layers."})
+    fusion_layer: int = field(default=1, metadata={
+        "help": "arch=linear: layers each modality has to itself before they meet (0: early fusion; "
+                "linear_depth: sum of per-modality scalar outputs)."})
+    activation: str = field(default="linear", metadata={"choices": ("linear", "relu"),
+                                                       "help": "arch=linear: activation between layers."})
+    init_std: float = field(default=1e-3, metadata={"help": "arch=linear: std of every initial weight (small: the theory's regime)."})
 
 
 @dataclass
 class LossConfig:
-    task: str = field(default="l1", metadata={"choices": ("l1", "mse", "smoothl1"), "help": "Task loss."})
+    task: str = field(default="l1", metadata={"choices": ("l1", "mse", "smoothl1", "half_mse"),
+                                              "help": "Task loss (half_mse: 0.5 * MSE, the linear theory's loss)."})
     aux: float = 0.1
     rec: float = 0.1
     sl: float = 0.05
@@ -172,6 +186,13 @@ class TrainConfig:
     lr_min: float = 0.05          # cosine: final lr as a fraction of lr / text_lr
     ema: float = field(default=0.99, metadata={
         "help": "Decay of an EMA of the weights used for validation and checkpoints (0 = off)."})
+    optimizer: str = field(default="adamw", metadata={
+        "choices": ("adamw", "sgd"), "help": "adamw (fused, per-group tensor learning rates) or sgd (plain gradient descent)."})
+    eval_every: int = field(default=1, metadata={
+        "help": "Validate (log, checkpoint, early-stopping count) every N epochs; the last epoch always."})
+    select: str = field(default="best", metadata={
+        "choices": ("best", "last"),
+        "help": "best.pt = the best validation epoch (best) or the final weights (last: no selection on valid)."})
     amp: str = field(default="off", metadata={
         "choices": ("off", "bf16", "fp16"),
         "help": "Mixed precision: autocast forward/loss in bf16 (CUDA or CPU) or fp16 (CUDA, with a GradScaler; "
@@ -218,12 +239,24 @@ class Config:
         return cfg
 
 
+# the unimodal-bias theory's regime (docs/unimodal_bias.md): full-batch gradient descent on 0.5·MSE
+# from a small initialisation, no early stopping, selection or weight averaging, no extra loss terms
+_LINEAR = {
+    "data": {"batch_size": 0},
+    "model": {"arch": "linear", "linear_width": 100, "linear_depth": 2, "activation": "linear", "init_std": 1e-3},
+    "loss": {"task": "half_mse", "aux": 0.0, "rec": 0.0, "sl": 0.0, "div": 0.0},
+    "train": {"optimizer": "sgd", "lr": 0.04, "epochs": 3000, "patience": 1_000_000, "weight_decay": 0.0,
+              "clip": 0.0, "ema": 0.0, "eval_every": 100, "select": "last", "progress": False},
+}
+
 PRESETS: dict[str, dict] = {
     "teacher": {},
     "student": {
         "model": {"d": 32, "heads": 2, "text_layers": 1, "audio_layers": 1, "vision_layers": 1,
                   "dropout": 0.1, "head_hidden": 32},
     },
+    "linear_late": {**_LINEAR, "model": {**_LINEAR["model"], "fusion_layer": 1}},
+    "linear_early": {**_LINEAR, "model": {**_LINEAR["model"], "fusion_layer": 0}},
 }
 
 

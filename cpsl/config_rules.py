@@ -67,13 +67,14 @@ _BOOL, _STR, _DICT = _type(bool, "true or false"), _type(str, "a string"), _type
 _NONNEG = _float(0.0)
 
 RULES = {
-    "data": {"path": _STR, "batch_size": _int(1), "eval_batch_size": _int(1), "bucket": _int(0),
+    "data": {"path": _STR, "batch_size": _int(0), "eval_batch_size": _int(1), "bucket": _int(0),
              "synth_seed": _int(0), "synth": _DICT},
     "model": {"d": _int(1), "heads": _int(1), "dropout": _float(0.0, 1.0, hi_open=True),
               "text_layers": _int(0), "audio_layers": _int(0), "vision_layers": _int(0),
               "text_kernel": _int(1, odd=True), "audio_kernel": _int(1, odd=True), "vision_kernel": _int(1, odd=True),
               "norm_momentum": _float(0.0, 1.0), "max_len": _int(1), "ame": _BOOL, "head_hidden": _int(0),
-              "text_encoder": _STR, "finetune_text": _BOOL},
+              "text_encoder": _STR, "finetune_text": _BOOL, "linear_width": _int(1, 65536),
+              "linear_depth": _int(1, 64), "fusion_layer": _int(0, 64), "init_std": _float(0.0, lo_open=True)},
     "loss": {"aux": _NONNEG, "rec": _NONNEG, "sl": _NONNEG, "div": _NONNEG, "sl_out": _NONNEG,
              "warmup_epochs": _int(0), "eps": _float(0.0, lo_open=True)},
     "cp": {"tau": _float(0.0, lo_open=True), "alpha": _NONNEG, "k_min": _float(0.0, 1.0), "beta": _float(0.0, 1.0),
@@ -91,7 +92,7 @@ RULES = {
               "weight_decay": _NONNEG, "clip": _NONNEG, "seeds": _seeds, "device": _device,
               "num_threads": _int(0), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL,
               "warmup_epochs": _NONNEG, "lr_horizon": _float(0.0, lo_open=True), "lr_min": _float(0.0, 1.0),
-              "ema": _float(0.0, 1.0, hi_open=True)},
+              "ema": _float(0.0, 1.0, hi_open=True), "eval_every": _int(1)},
 }
 
 
@@ -120,5 +121,15 @@ def check(cfg, choices: dict) -> None:
     if cfg.train.amp == "fp16" and not cfg.train.device.startswith("cuda"):
         raise CPSLError("config key train.amp: fp16 needs train.device=cuda (loss scaling on the GPU); "
                         "use bf16 or off on the CPU")
+    if m.arch == "linear":
+        if m.fusion_layer > m.linear_depth:
+            raise CPSLError(f"config key model.fusion_layer ({m.fusion_layer}) must be <= model.linear_depth "
+                            f"({m.linear_depth})")
+        extra = [k for k in ("rec", "sl", "div") if getattr(cfg.loss, k) > 0]
+        if extra:
+            raise CPSLError(f"config: model.arch=linear has no decoders or statistics heads; set "
+                            f"{', '.join(f'loss.{k}=0' for k in extra)}")
+        if m.text_encoder:
+            raise CPSLError("config: model.arch=linear reads feature vectors; model.text_encoder must be empty")
     if cfg.cp.end_epoch < cfg.cp.start_epoch:
         raise CPSLError(f"config key cp.end_epoch ({cfg.cp.end_epoch}) must be >= cp.start_epoch ({cfg.cp.start_epoch})")

@@ -347,7 +347,7 @@ def setup(cfg, fingerprint: str, n_train: int, needs=frozenset()) -> Context:
     _CURRENT = ctx
     ctx.agree(config_digest(cfg.to_dict(), fingerprint))
     if ctx.active:
-        check_world(ctx.world_size, n_train, cfg.data.batch_size)
+        check_world(ctx.world_size, n_train, cfg.data.batch_size or n_train)
         refused = REFUSED_NEEDS & set(needs)
         if refused:
             raise CPSLError(f"modulation {cfg.train.modulation!r} cannot run with world size {ctx.world_size}: its "

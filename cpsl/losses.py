@@ -10,13 +10,15 @@ from .config import LossConfig
 
 
 def task_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """ℓ(ŷ, y) with ℓ ∈ {l1, mse, smoothl1}."""
+    """ℓ(ŷ, y) with ℓ ∈ {l1, mse, smoothl1, half_mse (0.5 · mse)}."""
     if kind == "l1":
         return F.l1_loss(pred, y)
     if kind == "mse":
         return F.mse_loss(pred, y)
     if kind == "smoothl1":
         return F.smooth_l1_loss(pred, y)
+    if kind == "half_mse":
+        return 0.5 * F.mse_loss(pred, y)
     raise ValueError(f"unknown task loss {kind!r}")
 
 

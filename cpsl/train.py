@@ -48,11 +48,17 @@ def set_seed(seed: int) -> None:
 
 
 def build_model(cfg: Config, data: MMSAData) -> CPSLModel:
-    return CPSLModel(data.dims, cfg.model)
+    from .model import build
+    return build(data.dims, cfg.model)
+
+
+def batch_size(cfg: Config, data: MMSAData) -> int:
+    """The training batch size (``data.batch_size`` 0: the whole training split)."""
+    return cfg.data.batch_size or max(len(data["train"]), 1)
 
 
 def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list], extra_params=()) -> torch.optim.Optimizer:
-    """AdamW with one param group per modality group (per-group tensor lr: CP's ``update`` mode
+    """AdamW (or plain SGD: ``train.optimizer``) with one param group per modality group (per-group tensor lr: CP's ``update`` mode
     scales it on the device), a group for a pretrained text encoder (``train.text_lr``) and one
     for the rest. Fused AdamW (CPU and CUDA) reads tensor learning rates without host sync."""
     dev = next(model.parameters()).device
@@ -71,6 +77,8 @@ def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list], extr
         add([p for p in params if id(p) not in backbone], cfg.train.lr, name)
     add([p for p in model.parameters() if id(p) in backbone], cfg.train.text_lr, "pretrained")
     add(list(model.parameters()) + list(extra_params), cfg.train.lr, "shared")
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(pgs, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=False)
     return torch.optim.AdamW(pgs, weight_decay=cfg.train.weight_decay, fused=True)
 
 
@@ -209,7 +217,8 @@ class _State:
                                          extra_params)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         from .stability import LRSchedule, WeightEMA
-        self.steps_per_epoch = -(-len(data["train"]) // cfg.data.batch_size)
+        self.batch_size = batch_size(cfg, data)
+        self.steps_per_epoch = -(-len(data["train"]) // self.batch_size)
         self.schedule = LRSchedule(cfg.train, self.optimizer, self.steps_per_epoch)
         self.ema = WeightEMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         self.guard = StepGuard(self.model, self.params, cfg.train.skip_limit, cfg.train.lr,
@@ -319,7 +328,7 @@ def _train_epoch(st: _State, modulator, epoch: int) -> tuple[dict, dict | None, 
     st.guard.new_epoch()
     st.dist.begin_epoch(epoch)
     nb = 0
-    for i, b in enumerate(iterate(st.data["train"], st.cfg.data.batch_size, shuffle=True, generator=gen,
+    for i, b in enumerate(iterate(st.data["train"], st.batch_size, shuffle=True, generator=gen,
                                   modalities=st.model.modalities, bucket=st.cfg.data.bucket)):
         st.schedule.apply(epoch, i)
         done = _train_step(st, modulator, b, epoch)
@@ -337,10 +346,15 @@ def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance,
                   log=print) -> dict:
     ev = evaluate(st.eval_model, st.data["valid"], st.cfg, st.device)
     val_loss = ev["metrics"]["loss"]
-    improved = val_loss < st.best_val - 1e-9
-    if improved:
+    if st.cfg.train.select == "last":                  # no selection, no early stop: best.pt = the final weights
+        improved = epoch + 1 >= st.cfg.train.epochs
+        if improved:
+            st.best_val, st.best_epoch = val_loss, epoch
+    elif val_loss < st.best_val - 1e-9:
+        improved = True
         st.best_val, st.best_epoch, st.bad_epochs = val_loss, epoch, 0
     else:
+        improved = False
         st.bad_epochs += 1
     after = modulator.after_valid(epoch, ev["aux_loss"])   # hook 7 (CP's stop rule); saved in last.pt below
     if after:
@@ -410,8 +424,10 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
         st.dist.end_epoch(st.model, balance)           # BN buffers averaged; replicas checked equal
         if st.ema is not None:
             st.dist.average_buffers(st.ema.model)      # the averaged model's BN statistics too
-        steps += -(-len(data["train"]) // cfg.data.batch_size)
+        steps += st.steps_per_epoch
         step_s += time.perf_counter() - t0
+        if (epoch + 1) % cfg.train.eval_every and epoch + 1 < cfg.train.epochs:
+            continue                                   # train.eval_every: validate every N epochs
         ev = _record_epoch(st, modulator, epoch, train_terms, balance, mod_rec, t0, tb, log)
         bar.set_postfix(loss=f"{train_terms.get('task', float('nan')):.3f}", val_mae=f"{ev['metrics']['MAE']:.3f}",
                         best=st.best_epoch, skipped=st.guard.skipped)

@@ -42,9 +42,9 @@ def main():
     """
 
 
-from . import data, distill, export, info, train, transfer  # noqa: E402 - the command modules attach to `main`
+from . import data, diagnose, distill, export, info, train, transfer  # noqa: E402 - the command modules attach to `main`
 
-for _mod in (info, data, train, transfer, distill, export):
+for _mod in (info, data, train, diagnose, transfer, distill, export):
     for _cmd in _mod.COMMANDS:
         main.add_command(_cmd)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..data import FAMILIES
 from ..data.synthetic import SynthSpec
 from .data_build import build_bclstm, build_mosei, build_mosi
 from .options import trust_pickle_option
@@ -20,6 +21,10 @@ def data():
 
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .pkl path.")
+@click.option("--family", type=click.Choice(list(FAMILIES)), default="default", show_default=True,
+              help="Generator: default (MOSI-like: dominant text, weak audio/visual) or unimodal_bias (the "
+                   "deep-linear benchmark where joint training provably under-learns a modality; knobs "
+                   "n_train, n_valid, n_test, dims, variances, rho, weights, noise, variant, xor_gain: docs/unimodal_bias.md).")
 @click.option("--seed", default=_SPEC.seed, show_default=True, type=int, help="Generator seed.")
 @click.option("--imbalance", type=float, show_default=f"{_SPEC.imbalance}",
               help="Weight of the text cue in the label.")
@@ -28,21 +33,22 @@ def data():
 @click.option("--av-noise", type=float, show_default=f"{_SPEC.av_noise}",
               help="Per-frame noise of audio/visual.")
 @click.option("--sizes", show_default=f"{_SPEC.n_train},{_SPEC.n_valid},{_SPEC.n_test}", help="train,valid,test sizes.")
-@click.option("--set", "knobs", multiple=True, metavar="KNOB=VALUE", help="Any SynthSpec knob, e.g. --set d_text=32.")
-def data_synth(out, seed, imbalance, text_memo, av_noise, sizes, knobs):
-    """Write the embedded synthetic dataset (dominant text, weak audio/visual) as an MMSA pickle."""
+@click.option("--set", "knobs", multiple=True, metavar="KNOB=VALUE",
+              help="Any knob of the family, e.g. --set d_text=32 or --set dims=50,50.")
+def data_synth(out, family, seed, imbalance, text_memo, av_noise, sizes, knobs):
+    """Write an embedded synthetic dataset as an MMSA pickle (default family: dominant text, weak
+    audio/visual; --family unimodal_bias: the deep-linear unimodal-bias benchmark)."""
     from ..data import synth_spec_from_args
     from ..data.mmsa import save_mmsa
-    from ..data.synthetic import generate
 
     spec = synth_spec_from_args(seed=seed, imbalance=imbalance, text_memo=text_memo,
-                                av_noise=av_noise, sizes=sizes, knobs=knobs)
-    d = generate(spec)
+                                av_noise=av_noise, sizes=sizes, knobs=knobs, family=family)
+    d = FAMILIES[family][1](spec)
     save_mmsa(d, out)
     n = {k: len(s) for k, s in d.splits.items()}
     click.echo(f"wrote {out}: train/valid/test = {n['train']}/{n['valid']}/{n['test']}, "
                f"modalities {', '.join(d.modalities)} (dims {d.dims})")
-    Path(str(out) + ".json").write_text(json.dumps({"spec": spec.to_dict(), "sizes": n}, indent=2))
+    Path(str(out) + ".json").write_text(json.dumps({"family": family, "spec": spec.to_dict(), "sizes": n}, indent=2))
 
 
 @data.command("info")

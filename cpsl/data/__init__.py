@@ -5,15 +5,31 @@ import numpy as np
 
 from ..errors import CPSLError
 from .mmsa import MMSAData, Split, load_mmsa, save_mmsa
+from . import unimodal_bias
 from .synthetic import SynthSpec, generate
+from .unimodal_bias import UnimodalBiasSpec
 
-__all__ = ["MMSAData", "Split", "load_mmsa", "save_mmsa", "SynthSpec", "generate", "load_data", "describe"]
+__all__ = ["MMSAData", "Split", "load_mmsa", "save_mmsa", "SynthSpec", "UnimodalBiasSpec", "generate",
+           "load_data", "describe", "FAMILIES"]
+
+# the embedded generators: family name -> (spec class, generate(spec) -> MMSAData)
+FAMILIES = {"default": (SynthSpec, generate), "unimodal_bias": (UnimodalBiasSpec, unimodal_bias.generate)}
 
 
-def synth_spec_from_args(seed=0, imbalance=None, text_memo=None, av_noise=None, sizes=None, knobs=()) -> SynthSpec:
-    spec = SynthSpec(seed=int(seed))
+def family_spec(family: str, seed: int = 0):
+    """A fresh spec of a generator family (``default``: the MOSI-like data; ``unimodal_bias``)."""
+    if family not in FAMILIES:
+        raise CPSLError(f"unknown synthetic family {family!r} (choose from: {', '.join(FAMILIES)})")
+    return FAMILIES[family][0](seed=int(seed))
+
+
+def synth_spec_from_args(seed=0, imbalance=None, text_memo=None, av_noise=None, sizes=None, knobs=(),
+                         family: str = "default"):
+    spec = family_spec(family, seed)
     for k, v in (("imbalance", imbalance), ("text_memo", text_memo), ("av_noise", av_noise)):
         if v is not None:
+            if not hasattr(spec, k):
+                raise CPSLError(f"--{k.replace('_', '-')} is a knob of the default family, not of {family!r}")
             setattr(spec, k, float(v))
     if sizes:
         try:
@@ -28,8 +44,8 @@ def synth_spec_from_args(seed=0, imbalance=None, text_memo=None, av_noise=None, 
     return spec
 
 
-def set_knobs(spec: SynthSpec, knobs: dict, where: str = "") -> SynthSpec:
-    """Override SynthSpec knobs in place (values as given, or strings like ``"3,9"`` for tuples):
+def set_knobs(spec, knobs: dict, where: str = ""):
+    """Override a family spec's knobs in place (values as given, or strings like ``"3,9"`` for tuples):
     the one place every synthetic-knob override goes through (--set of cpsl data synth, data.synth)."""
     for k, v in knobs.items():
         if not hasattr(spec, k):
@@ -37,7 +53,8 @@ def set_knobs(spec: SynthSpec, knobs: dict, where: str = "") -> SynthSpec:
         cur = getattr(spec, k)
         try:
             if isinstance(cur, tuple):
-                v = tuple(int(x) for x in v.split(",")) if isinstance(v, str) else tuple(int(x) for x in v)
+                kind = float if cur and isinstance(cur[0], float) else int    # (8, 40) or (3.0, 1.0)
+                v = tuple(kind(x) for x in (v.split(",") if isinstance(v, str) else v))
             setattr(spec, k, v if isinstance(cur, tuple) else type(cur)(v))
         except (TypeError, ValueError, OverflowError):
             raise CPSLError(f"synthetic knob {k}{where}: bad value {v!r}") from None
@@ -53,7 +70,10 @@ def load_data(path: str, synth_seed: int = 0, synth: dict | None = None, trust_p
             seed = int(str(path).split(":", 1)[1]) if ":" in str(path) else synth_seed
         except ValueError:
             raise CPSLError(f"bad synthetic data spec {path!r} (use synth or synth:SEED)") from None
-        return generate(set_knobs(SynthSpec(seed=seed), synth or {}, " in data.synth"))
+        knobs = dict(synth or {})
+        family = str(knobs.pop("family", "default"))
+        spec = set_knobs(family_spec(family, seed), knobs, " in data.synth")
+        return FAMILIES[family][1](spec)
     return load_mmsa(path, trust_pickle=trust_pickle)
 
 

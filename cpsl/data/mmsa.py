@@ -147,7 +147,7 @@ def _lengths(raw: dict, mod: str, arr: np.ndarray, split: str, path: str) -> np.
     return lens
 
 
-def _read_split(raw, name: str, path: str) -> Split:
+def _read_split(raw, name: str, path: str, bounded: bool = True) -> Split:
     if not isinstance(raw, dict):
         raise CPSLError(f"{path}: split {name!r} is not a dict")
     for k in REQUIRED_KEYS:
@@ -157,7 +157,7 @@ def _read_split(raw, name: str, path: str) -> Split:
     n = labels.shape[0]
     if not np.all(np.isfinite(labels)):
         raise CPSLError(f"{path}: {name}/regression_labels holds non-finite values")
-    if n and (labels.min() < -3.0 - 1e-6 or labels.max() > 3.0 + 1e-6):
+    if bounded and n and (labels.min() < -3.0 - 1e-6 or labels.max() > 3.0 + 1e-6):
         raise CPSLError(f"{path}: {name}/regression_labels outside [-3, 3] "
                         f"(min {labels.min():.3f}, max {labels.max():.3f})")
     feats, lens, cleaned, extreme = {}, {}, 0, 0
@@ -211,7 +211,9 @@ def load_mmsa(path: str | Path, require_splits=SPLITS, trust_pickle: bool = Fals
     missing = [s for s in require_splits if s not in raw]
     if missing:
         raise CPSLError(f"{path}: missing split(s) {', '.join(missing)} (has: {', '.join(map(str, raw))})")
-    splits = {s: _read_split(raw[s], s, path) for s in SPLITS if s in raw}
+    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+    bounded = meta.get("labels") != "unbounded"   # a regression benchmark's file says so (cpsl data synth)
+    splits = {s: _read_split(raw[s], s, path, bounded) for s in SPLITS if s in raw}
     mods = [m for m in MODALITIES if all(m in s.features for s in splits.values())]
     if not mods:
         raise CPSLError(f"{path}: needs at least one modality of {', '.join(MODALITIES)} in every split, found none")
@@ -219,7 +221,7 @@ def load_mmsa(path: str | Path, require_splits=SPLITS, trust_pickle: bool = Fals
         dims = {s.name: s.features[m].shape[2] for s in splits.values()}
         if len(set(dims.values())) != 1:
             raise CPSLError(f"{path}: {m} feature size differs between splits: {dims}")
-    return MMSAData(splits, tuple(mods), path)
+    return MMSAData(splits, tuple(mods), path, meta={"labels": "unbounded"} if not bounded else {})
 
 
 def require_splits(counts: dict, where: str, needed=("train", "valid"), minimum: int = 1) -> None:
@@ -249,6 +251,8 @@ def save_mmsa(data: MMSAData | dict, path: str | Path) -> None:
     """Write an MMSA pickle (a plain dict of dicts of numpy arrays, readable by MMSA)."""
     if isinstance(data, MMSAData):
         raw = {name: split_to_raw(s) for name, s in data.splits.items()}
+        if data.meta.get("labels") == "unbounded":      # MMSA reads only the splits' keys
+            raw["meta"] = {"labels": "unbounded"}
     else:
         raw = data
     Path(path).parent.mkdir(parents=True, exist_ok=True)

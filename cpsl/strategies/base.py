@@ -38,7 +38,8 @@ from ..cp.penalty import StepStats, bind_group_lrs
 from ..errors import CPSLError
 
 NEEDS = {
-    "unimodal_heads": "per-modality predictions ŷ_m and losses ℓ_m (model aux heads trained: loss.aux > 0)",
+    "unimodal_heads": "per-modality predictions ŷ_m and losses ℓ_m (model aux heads trained: loss.aux > 0, "
+                      "or a model whose unimodal predictions are its own branches: model.arch=linear)",
     "optimizer": "the optimizer's per-modality param groups with tensor learning rates",
     "extra_backward": "backward passes beyond the one of the objective",
     "per_sample": "per-sample access to the batch (masks modalities sample by sample)",
@@ -104,7 +105,7 @@ class BaseModulator:
     @classmethod
     def check(cls, cfg) -> None:
         """Raise CPSLError when this strategy cannot run with ``cfg``."""
-        if "unimodal_heads" in cls.needs and cfg.loss.aux <= 0:
+        if "unimodal_heads" in cls.needs and not has_unimodal_predictions(cfg):
             raise CPSLError(f"modulation {cls.name!r} needs the unimodal heads, which are switched off "
                             f"(loss.aux={cfg.loss.aux}); set loss.aux > 0")
 
@@ -147,6 +148,12 @@ class BaseModulator:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def has_unimodal_predictions(cfg) -> bool:
+    """The model gives meaningful per-modality predictions: trained aux heads (``loss.aux > 0``), or
+    the linear fusion networks, whose ``aux[m]`` is modality m's own contribution to the output."""
+    return cfg.loss.aux > 0 or cfg.model.arch == "linear"
 
 
 # ---------------------------------------------------------------------------- registry
@@ -216,7 +223,8 @@ def regression_scores(aux: dict, y: torch.Tensor, kind: str, names) -> torch.Ten
     out = []
     for m in names:
         d = aux[m].detach().double() - y.double()
-        err = d.abs() if kind == "l1" else d ** 2 if kind == "mse" else torch.where(d.abs() < 1, 0.5 * d ** 2, d.abs() - 0.5)
+        err = (d.abs() if kind == "l1" else d ** 2 if kind == "mse" else 0.5 * d ** 2 if kind == "half_mse"
+               else torch.where(d.abs() < 1, 0.5 * d ** 2, d.abs() - 0.5))
         out.append(torch.exp(-err).sum())
     return torch.stack(out)
 

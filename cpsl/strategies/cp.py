@@ -32,7 +32,7 @@ import torch
 from ..cp.arena import GradArena
 from ..cp.penalty import ConflictAwarePenalty
 from ..errors import CPSLError
-from .base import BaseModulator, Step, register
+from .base import BaseModulator, Step, has_unimodal_predictions, register
 
 UNPENALISED = 1.0 - 1e-6   # mean k over an epoch at or above this: the group was not penalised
 
@@ -61,7 +61,7 @@ class CPModulator(ConflictAwarePenalty, BaseModulator):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        if cfg.cp.stop == "plateau" and cfg.loss.aux <= 0:
+        if cfg.cp.stop == "plateau" and not has_unimodal_predictions(cfg):
             raise CPSLError(f"cp.stop=plateau reads the unimodal aux heads' validation losses, which are not "
                             f"trained (loss.aux={cfg.loss.aux}); set loss.aux > 0")
 
