@@ -28,7 +28,7 @@
 // of the gradients elsewhere: the chunk table follows the memory (back-to-back gradients are
 // merged into one run and re-chunked), and the CUDA kernel splits each chunk at its first
 // 16-byte boundary, so a copy at another alignment sums in another order (last-bit
-// differences, ~1e-13 relative). The CPU kernels do not depend on the alignment.
+// differences). The CPU kernels do not depend on the alignment.
 // The penalty stage runs in float64 and is the exact transcription of core.penalty_scalar.
 // A single call may mix fp32, fp16 and bf16 tensors (the dtype is per chunk).
 #pragma once

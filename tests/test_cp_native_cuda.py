@@ -240,6 +240,8 @@ def test_cuda_argument_errors():
     t, g = _raw([[h.data_ptr(), 64, 0, 0]], [[64, 0, 1]])
     with pytest.raises(ValueError, match="not memory of CUDA device 0"):
         C.cp_validate(t.data_ptr(), 1, g.data_ptr(), 1, 0, True)
+    with pytest.raises(RuntimeError, match="no CUDA graph capture is under way on cuda:0"):
+        native.capture_handle(0)
     fresh = [torch.randn(77, device="cuda")]
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="during CUDA graph capture"):

@@ -82,9 +82,8 @@ def test_release_graph_plans_frees_one_capture_only():
     assert native.release_graph_plans(h2) == 1 and not a.pinned and native.graph_handles() == []
     with pytest.raises(TypeError, match="GraphHandle"):
         native.release_graph_plans(None)
-    with pytest.raises(RuntimeError, match="no CUDA graph capture") if torch.cuda.is_available() else \
-            pytest.raises((RuntimeError, AssertionError)):
-        native.capture_handle()
+    with pytest.raises(RuntimeError, match="no CUDA device|no CUDA graph capture is under way"):
+        native.capture_handle()  # outside a capture (CPU here; the CUDA test checks it on a GPU)
 
 
 # ------------------------------------------------------------------ schedule on replay

@@ -7,7 +7,7 @@ On CUDA the stats pass is ONE kernel launch (last-block-done reduction, no host
 synchronisation, CUDA-graph capturable); on CPU it is one OpenMP region (``step_`` also
 fuses the scale pass into it). Results are deterministic for the same gradient memory:
 bit-identical run to run and independent of the number of CPU threads / CUDA blocks. A
-copy of the gradients elsewhere may differ in the last bits (~1e-13 relative): the chunk
+copy of the gradients elsewhere may differ in the last bits: the chunk
 table follows the memory (back-to-back gradients are merged), and on CUDA each chunk is
 split at its first 16-byte boundary, so a copy at another alignment sums in another order.
 
@@ -143,12 +143,13 @@ def capture_handle(device: torch.device | str | int | None = None) -> GraphHandl
     """The handle of the CUDA graph capture under way on ``device``'s current stream (default:
     the current CUDA device); call it inside the capture, and pass it to
     :func:`release_graph_plans` once that graph is destroyed."""
-    d = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    if isinstance(device, int):
-        d = torch.device("cuda", device)
-    if d.type == "cuda" and d.index is None:
+    C = _ext_or_raise()
+    if not torch.cuda.is_available():
+        raise RuntimeError("native.capture_handle: torch sees no CUDA device, so no graph capture is under way")
+    d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+    if d.index is None:
         d = torch.device("cuda", torch.cuda.current_device())
-    cid = plans.capture_id(_ext_or_raise(), d)
+    cid = plans.capture_id(C, d)
     if not cid:
         raise RuntimeError(f"native.capture_handle: no CUDA graph capture is under way on {d}'s current stream")
     return GraphHandle(d.index, cid)
