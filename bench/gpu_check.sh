@@ -216,6 +216,11 @@ export PYTHONPATH="$DEPS_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export BUILD_DEPS_STR="${BUILD_DEPS[*]}"
 
 log "cpsl GPU check '$MODE' in $ROOT -> $OUTDIR ($(date -u +%FT%TZ)), budget ${BUDGET_S}s"
+if [ "$MODE" = bench ] && [ ! -f "$PASSED_MARK" ] && [ "${FORCE_BENCH:-0}" != 1 ]; then
+  echo "error: no passing 'check' on this machine ($PASSED_MARK missing): run it first, or FORCE_BENCH=1" >&2
+  echo "FAILED  gate (no passing check on this machine)" >>"$SUMMARY"
+  exit 2
+fi
 step nvidia-smi 15 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,compute_mode --format=csv
 
 if [ "$MODE" = check ]; then
@@ -246,11 +251,6 @@ EOF
   source "$ROOT/bench/gpu_sanitizers.sh"
   sanitizers
 else
-  if [ ! -f "$PASSED_MARK" ] && [ "${FORCE_BENCH:-0}" != 1 ]; then
-    echo "error: no passing 'check' on this machine ($PASSED_MARK missing): run it first, or FORCE_BENCH=1" >&2
-    echo "FAILED  gate (no passing check on this machine)" >>"$SUMMARY"
-    exit 2
-  fi
   if ! ext_ok >>"$LOG" 2>&1; then
     step install 120 bash -c install_pkg
   fi

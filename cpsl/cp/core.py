@@ -106,19 +106,23 @@ def signal_state(n_groups: int, device=None) -> torch.Tensor:
     return torch.zeros(STATE_FIELDS * n_groups, dtype=torch.float64, device=device)
 
 
+def _check_vector(t: torch.Tensor, what: str, shape_desc: str, n: int, device) -> None:
+    """ValueError unless ``t`` is a contiguous float64 vector of ``n`` elements on ``device``."""
+    if t.dtype != torch.float64 or t.dim() != 1 or t.numel() != n:
+        raise ValueError(f"{what} must be a float64 vector {shape_desc} = {n}, got {t.dtype} of shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} is not contiguous")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{what} is on {t.device} but the gradients are on {device}")
+
+
 def check_state(state: torch.Tensor | None, n_groups: int, device, p: PenaltyParams) -> None:
     """ValueError naming the problem when ``state`` does not fit ``p`` / the gradients."""
     if not p.ema:
         return
     if state is None:
         raise ValueError("signal 'ema' needs a state tensor (cpsl.cp.core.signal_state(n_groups))")
-    if state.dtype != torch.float64 or state.dim() != 1 or state.numel() != STATE_FIELDS * n_groups:
-        raise ValueError(f"state must be a float64 vector of length 2*n_groups = {STATE_FIELDS * n_groups}, "
-                         f"got {state.dtype} of shape {tuple(state.shape)}")
-    if not state.is_contiguous():
-        raise ValueError("state is not contiguous")
-    if device is not None and state.device != torch.device(device):
-        raise ValueError(f"state is on {state.device} but the gradients are on {device}")
+    _check_vector(state, "state", "of length 2*n_groups", STATE_FIELDS * n_groups, device)
 
 
 CTL_FIELDS = 2  # penalty control block: schedule weight w, on/off
@@ -130,14 +134,9 @@ def penalty_control(w: float = 1.0, on: bool = True, device=None) -> torch.Tenso
 
 
 def check_control(ctl: torch.Tensor, device) -> None:
-    """ValueError naming the problem when ``ctl`` is not a control block on ``device``."""
-    if ctl.dtype != torch.float64 or ctl.dim() != 1 or ctl.numel() != CTL_FIELDS:
-        raise ValueError(f"w as a control block must be a float64 vector [w, on] of length {CTL_FIELDS}, "
-                         f"got {ctl.dtype} of shape {tuple(ctl.shape)}")
-    if not ctl.is_contiguous():
-        raise ValueError("the control block is not contiguous")
-    if device is not None and ctl.device != torch.device(device):
-        raise ValueError(f"the control block is on {ctl.device} but the gradients are on {device}")
+    """ValueError naming the problem when ``ctl`` (``w`` given as a tensor) is not a control block
+    on ``device``."""
+    _check_vector(ctl, "the control block", "[w, on] of length", CTL_FIELDS, device)
 
 
 def weight_value(w) -> float:
