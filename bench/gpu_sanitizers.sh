@@ -14,6 +14,10 @@ san_record() {  # san_record STATUS NAME NOTE: one summary line (ok / N/A / FAIL
   return 0
 }
 
+san_unsupported() {  # the tool's own words for a GPU it cannot instrument
+  grep -qiE "device (is )?not supported|unsupported (device|gpu)" <<<"$1"
+}
+
 san_find() {
   command -v compute-sanitizer 2>/dev/null && return
   [ -x /usr/local/cuda/bin/compute-sanitizer ] && echo /usr/local/cuda/bin/compute-sanitizer
@@ -74,15 +78,16 @@ sanitizers() {
   log "=== [sanitizer-probe] $san --tool memcheck ${filter[*]} (limit 45s)"
   out="$(san_probe "$san" "${filter[@]}")"
   rc=$?
-  if [ "$rc" -ne 0 ] && grep -qiE "unrecogni[sz]ed|unknown option|invalid (option|value)|kernel-name" <<<"$out"; then
+  if [ "$rc" -ne 0 ] && ! san_unsupported "$out"; then
+    # e.g. a tool that does not know the kernel filter: retry without it (every kernel instrumented)
     log "$out"
-    log "(the kernel filter is not understood by this compute-sanitizer: every kernel is instrumented)"
+    log "(the probe failed with the kernel filter; retrying without it)"
     filter=()
     out="$(san_probe "$san")"
     rc=$?
   fi
   log "$out"
-  if grep -qiE "device (is )?not supported|unsupported (device|gpu)" <<<"$out"; then
+  if san_unsupported "$out"; then
     for tool in "${tools[@]}"; do san_record N/A "$tool" "compute-sanitizer does not support this device"; done
     return 0
   fi
