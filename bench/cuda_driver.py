@@ -6,7 +6,8 @@
 Stats, scale and the fused step over fp32/fp16/bf16 chunks, a view that starts 4 bytes
 into its allocation (the alignment peel: a real view, not a copy), an empty and a missing
 gradient, a channels-last gradient, gradients in a GradArena (merged runs), a CUDA graph
-captured and replayed after ``clear_cache()`` and eviction, and a side stream. Every
+captured and replayed after ``clear_cache()`` and eviction (twice, with the schedule weight
+changed in its control block between the replays), and a side stream. Every
 result is checked against the float64 reference; exit 0 only when all agree. ``--device
 cpu`` runs the same checks (no graph) so that the driver itself is tested without a GPU.
 Run under memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that out-of-bounds accesses
@@ -23,7 +24,7 @@ import torch
 
 from cpsl.cp import native
 from cpsl.cp.arena import GradArena
-from cpsl.cp.core import CPStats, PenaltyParams
+from cpsl.cp.core import CPStats, PenaltyParams, penalty_control
 from cpsl.cp.reference import reference_stats
 from cpsl.cp.testing import assert_matches, expected_scaled
 
@@ -75,18 +76,24 @@ def check_graph(dev):
     with torch.cuda.stream(side):
         native.cp_step_(grads, gi, 3, P, 1.0)
     torch.cuda.current_stream().wait_stream(side)
+    ctl = penalty_control(1.0, True, dev)  # the schedule weight, read by the kernel on replay
+    native.cp_step_(grads, gi, 3, P, ctl)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = native.cp_step_(grads, gi, 3, P, 1.0)
+        out = native.cp_step_(grads, gi, 3, P, ctl)
+        handle = native.capture_handle()
     native.clear_cache()
     for i in range(native.MAX_PLANS + 2):  # evictions: the captured plan must survive
         native.cp_step_([torch.randn(1000 + i, device=dev)], [0], 1, P, 1.0)
-    pristine = [None if g is None else g.clone() for g in grads]
-    ref = reference_stats(pristine, gi, 3, P, 1.0)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_matches(out, ref, 3)
-    native.release_graph_plans()
+    for w in (1.0, 0.5):  # a schedule change between replays
+        ctl[0].fill_(w)
+        pristine = [None if g is None else g.clone() for g in grads]
+        ref = reference_stats(pristine, gi, 3, P, w)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(out, ref, 3)
+    del graph
+    native.release_graph_plans(handle)
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,8 @@ using uptr = std::uintptr_t;
 #endif
 
 // Bumped when the table layout or a function signature below changes.
-static constexpr int kCpAbi = 3;  // 3: trailing (state, ema, ema_beta) of the stats entry points
+static constexpr int kCpAbi = 4;  // 3: trailing (state, ema, ema_beta) of the stats entry points;
+                                  // 4: trailing ctl (penalty control block), cuda_capture_id
 
 static py::dict build_info() {
   py::dict d;
@@ -119,6 +120,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ROW_SIZE") = cpsl::kRowSize;
   m.attr("GROUP_INFO_SIZE") = cpsl::kGroupInfoSize;
   m.attr("MAX_GROUPS") = cpsl::kMaxGroups;
+  m.attr("CTL_SIZE") = cpsl::kCtlSize;
   py::dict codes;
   codes["float32"] = static_cast<int>(cpsl::kFloat32);
   codes["float16"] = static_cast<int>(cpsl::kFloat16);
@@ -154,20 +156,21 @@ PYBIND11_MODULE(_C, m) {
       "cp_stats_cpu",
       [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr stats, double tau,
          double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int n_threads, uptr state,
-         bool ema, double ema_beta) {
+         bool ema, double ema_beta, uptr ctl) {
         const int G = groups_arg(n_groups);
         cpsl::cp_stats_cpu(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
                            ptr_arg<const int64_t>(group_info, "group_info"), G,
                            ptr_arg<double>(partials, "partials", n_chunks > 0), ptr_arg<double>(stats, "stats"),
-                           ptr_arg<double>(state, "state", ema),
+                           ptr_arg<double>(state, "state", ema), ptr_arg<const double>(ctl, "ctl", false),
                            penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), n_threads);
       },
       py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
       py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"), py::arg("fixed"),
       py::arg("normalize"), py::arg("w"), py::arg("n_threads") = 0, py::arg("state") = 0, py::arg("ema") = false,
-      py::arg("ema_beta") = 0.9,
+      py::arg("ema_beta") = 0.9, py::arg("ctl") = 0,
       "stats[5G+1] <- CP statistics of the chunks (CPU, OpenMP); with ema, the signal state[2G] "
-      "(EMA | count) is read and updated in place (state may be 0 otherwise).", py::call_guard<py::gil_scoped_release>());
+      "(EMA | count) is read and updated in place (state may be 0 otherwise); ctl: 0 or the penalty control "
+      "block float64 [2] (w, on), read in place of w.", py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "cp_scale_cpu",
@@ -183,46 +186,61 @@ PYBIND11_MODULE(_C, m) {
       "cp_step_cpu",
       [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr stats, double tau,
          double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int n_threads, uptr state,
-         bool ema, double ema_beta) {
+         bool ema, double ema_beta, uptr ctl) {
         const int G = groups_arg(n_groups);
         cpsl::cp_step_cpu(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
                           ptr_arg<const int64_t>(group_info, "group_info"), G,
                           ptr_arg<double>(partials, "partials", n_chunks > 0), ptr_arg<double>(stats, "stats"),
-                          ptr_arg<double>(state, "state", ema),
+                          ptr_arg<double>(state, "state", ema), ptr_arg<const double>(ctl, "ctl", false),
                           penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), n_threads);
       },
       py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
       py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"), py::arg("fixed"),
       py::arg("normalize"), py::arg("w"), py::arg("n_threads") = 0, py::arg("state") = 0, py::arg("ema") = false,
-      py::arg("ema_beta") = 0.9,
+      py::arg("ema_beta") = 0.9, py::arg("ctl") = 0,
       "cp_stats_cpu then cp_scale_cpu in one OpenMP region.", py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "cp_stats_cuda",
       [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr counter, uptr stats,
          double tau, double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int device,
-         uptr stream, uptr state, bool ema, double ema_beta) {
+         uptr stream, uptr state, bool ema, double ema_beta, uptr ctl) {
         const int G = groups_arg(n_groups);
 #ifdef CPSL_WITH_CUDA
         cpsl::cp_stats_cuda(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
                             ptr_arg<const int64_t>(group_info, "group_info"), G,
                             ptr_arg<double>(partials, "partials", n_chunks > 0),
                             ptr_arg<unsigned int>(counter, "counter"), ptr_arg<double>(stats, "stats"),
-                            ptr_arg<double>(state, "state", ema),
+                            ptr_arg<double>(state, "state", ema), ptr_arg<const double>(ctl, "ctl", false),
                             penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), device, stream);
 #else
         (void)table; (void)n_chunks; (void)group_info; (void)G; (void)partials; (void)counter; (void)stats;
         (void)tau; (void)alpha; (void)k_min; (void)beta; (void)fixed; (void)normalize; (void)w; (void)device;
-        (void)stream; (void)state; (void)ema; (void)ema_beta;
+        (void)stream; (void)state; (void)ema; (void)ema_beta; (void)ctl;
         no_cuda();
 #endif
       },
       py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
       py::arg("counter"), py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"),
       py::arg("fixed"), py::arg("normalize"), py::arg("w"), py::arg("device"), py::arg("stream"),
-      py::arg("state") = 0, py::arg("ema") = false, py::arg("ema_beta") = 0.9,
+      py::arg("state") = 0, py::arg("ema") = false, py::arg("ema_beta") = 0.9, py::arg("ctl") = 0,
       "One launch on `stream`: every group's sum of squares and the penalty factors into stats (device pointers); "
-      "with ema, the signal state[2G] is updated in place on the device.");
+      "with ema, the signal state[2G] is updated in place on the device; ctl: 0 or the device penalty control "
+      "block float64 [2] (w, on), read by the kernel in place of w (a graph replay follows it).");
+
+  m.def(
+      "cuda_capture_id",
+      [](uptr stream) -> unsigned long long {
+#ifdef CPSL_WITH_CUDA
+        return cpsl::cuda_capture_id(stream);
+#else
+        (void)stream;
+        return 0ull;
+#endif
+      },
+      py::arg("stream"),
+      "A nonzero number unique to the CUDA stream capture `stream` (an integer handle) is part of; 0 when it "
+      "is not capturing (always 0 without CUDA).");
 
   m.def(
       "cp_scale_cuda",

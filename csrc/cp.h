@@ -16,10 +16,19 @@
 //                                   EMA e of r and the count t of active finite steps per
 //                                   group, read and updated in place by the penalty stage;
 //                                   the r field of stats then holds e / (1 - beta^t).
+//   ctl        float64 [2]          penalty control (may be null): (w, on). When given, the
+//                                   penalty stage reads the schedule weight from it, as
+//                                   on != 0 ? w : 0, at run time, instead of PenaltyArgs::w:
+//                                   a captured CUDA graph then follows later writes to it.
 //
 // Every chunk's sum of squares is accumulated in fp32 over short runs that are flushed to
 // float64, then reduced in a fixed order (per chunk, then chunks in table order per group),
-// so the result does not depend on the number of threads or blocks: bit-identical run to run.
+// so the result does not depend on the number of threads or blocks: bit-identical run to
+// run for the same chunk table, i.e. the same gradient memory. It is NOT promised for a copy
+// of the gradients elsewhere: the chunk table follows the memory (back-to-back gradients are
+// merged into one run and re-chunked), and the CUDA kernel splits each chunk at its first
+// 16-byte boundary, so a copy at another alignment sums in another order (last-bit
+// differences). The CPU kernels do not depend on the alignment.
 // The penalty stage runs in float64 and is the exact transcription of core.penalty_scalar.
 // A single call may mix fp32, fp16 and bf16 tensors (the dtype is per chunk).
 #pragma once
@@ -43,6 +52,7 @@ constexpr int kNFields = 5;        // stats fields before the guard slot
 enum DType : int64_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kNumDTypes = 3;
 constexpr int kMaxGroups = 1 << 16;
+constexpr int kCtlSize = 2;        // float64 per penalty control block: (w, on)
 
 struct PenaltyArgs {
   double tau, alpha, k_min, beta, w;
@@ -114,11 +124,19 @@ CPSL_HD uint16_t float_to_bf16(float f) {
 // ------------------------------------------------------------------ penalty stage
 CPSL_HD bool finite_d(double x) { return (x - x) == 0.0; }  // false for inf and nan
 
+// The schedule weight of a step: from the control block when there is one (read when the
+// kernel runs, so a graph replay sees the value written before it), else the argument.
+CPSL_HD double schedule_weight(const PenaltyArgs& pa, const double* ctl) {
+  return ctl ? (ctl[1] != 0.0 ? ctl[0] : 0.0) : pa.w;
+}
+
 // The transcription of core.penalty_scalar. `sumsq` may alias stats[0:G] (it is read
 // before stats[m] is written for the same m). float64 throughout. `state` ([2 G], see
 // above) is read and written only when pa.ema, and left unchanged by a guarded step.
+// `ctl` (null or [2], see above) overrides pa.w.
 CPSL_HD void penalty_stage(const double* sumsq, const int64_t* group_info, int G,
-                           const PenaltyArgs& pa, double* stats, double* state) {
+                           const PenaltyArgs& pa, double* stats, double* state, const double* ctl) {
+  const double w = schedule_weight(pa, ctl);
   int n_act = 0;
   bool guard = false;
   for (int m = 0; m < G; ++m) {
@@ -168,7 +186,7 @@ CPSL_HD void penalty_stage(const double* sumsq, const int64_t* group_info, int G
       }
     }
     stats[2 * G + m] = r;
-    stats[3 * G + m] = 1.0 + pa.w * (k - 1.0);
+    stats[3 * G + m] = 1.0 + w * (k - 1.0);
     stats[4 * G + m] = conflict ? 1.0 : 0.0;
   }
   stats[5 * G] = 0.0;
@@ -188,12 +206,14 @@ int64_t validate_table(const int64_t* table, int64_t n_chunks, const int64_t* gr
 
 // stats <- CP statistics; partials[n_chunks] is a workspace. n_threads <= 0: OpenMP default.
 void cp_stats_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                  double* partials, double* stats, double* state, const PenaltyArgs& pa, int n_threads);
+                  double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
+                  int n_threads);
 // grad <- (float)k[group] * grad for every chunk (chunks whose factor is exactly 1 are skipped).
 void cp_scale_cpu(const int64_t* table, int64_t n_chunks, int G, const double* stats, int n_threads);
 // Both, in one OpenMP region.
 void cp_step_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                 double* partials, double* stats, double* state, const PenaltyArgs& pa, int n_threads);
+                 double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
+                 int n_threads);
 
 // ------------------------------------------------------------------ CUDA path (cp_cuda.cu)
 #ifdef CPSL_WITH_CUDA
@@ -211,10 +231,15 @@ std::string cuda_usable(int device);
 // -3 managed memory, d >= 0 device memory of CUDA device d.
 int cuda_pointer_location(const void* p);
 
+// A nonzero number unique to the stream capture `stream` is part of (its capture id + 1), 0
+// when it is not capturing (or is the legacy default stream, which cannot capture). Throws on
+// a CUDA error.
+unsigned long long cuda_capture_id(std::uintptr_t stream);
+
 // All pointers are device pointers (table, group_info: device copies of validated tables).
 void cp_stats_cuda(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
                    double* partials, unsigned int* counter, double* stats, double* state,
-                   const PenaltyArgs& pa, int device, std::uintptr_t stream);
+                   const double* ctl, const PenaltyArgs& pa, int device, std::uintptr_t stream);
 void cp_scale_cuda(const int64_t* table, int64_t n_chunks, int G, const double* stats, int device,
                    std::uintptr_t stream);
 #endif

@@ -188,8 +188,8 @@ int resolve_threads(int n_threads, const int64_t* table, int64_t n_chunks) {
 
 // The whole CPU step. do_stats / do_scale select the passes.
 void run_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-             double* partials, double* stats, double* state, const PenaltyArgs* pa, int n_threads,
-             bool do_stats, bool do_scale) {
+             double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs* pa,
+             int n_threads, bool do_stats, bool do_scale) {
   const SumsqFn fsum = sumsq_fn();
   const ScaleFn fscale = scale_fn();
   const int nt = resolve_threads(n_threads, table, n_chunks);
@@ -224,7 +224,7 @@ void run_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, 
           for (int64_t c = b; c < e && c < n_chunks; ++c) s += partials[c];
           stats[m] = s;
         }
-        penalty_stage(stats, group_info, G, *pa, stats, state);
+        penalty_stage(stats, group_info, G, *pa, stats, state, ctl);
       }  // implicit barrier: every thread sees the factors
     }
     if (do_scale) {
@@ -313,23 +313,25 @@ int64_t validate_table(const int64_t* table, int64_t n_chunks, const int64_t* gr
 }
 
 void cp_stats_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                  double* partials, double* stats, double* state, const PenaltyArgs& pa, int n_threads) {
+                  double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
+                  int n_threads) {
   check_common(table, n_chunks, G);
   if (pa.ema && state == nullptr) bad("state is a null pointer (signal ema needs it)");
-  run_cpu(table, n_chunks, group_info, G, partials, stats, state, &pa, n_threads, true, false);
+  run_cpu(table, n_chunks, group_info, G, partials, stats, state, ctl, &pa, n_threads, true, false);
 }
 
 void cp_scale_cpu(const int64_t* table, int64_t n_chunks, int G, const double* stats, int n_threads) {
   check_common(table, n_chunks, G);
-  run_cpu(table, n_chunks, nullptr, G, nullptr, const_cast<double*>(stats), nullptr, nullptr, n_threads, false,
-          true);
+  run_cpu(table, n_chunks, nullptr, G, nullptr, const_cast<double*>(stats), nullptr, nullptr, nullptr, n_threads,
+          false, true);
 }
 
 void cp_step_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                 double* partials, double* stats, double* state, const PenaltyArgs& pa, int n_threads) {
+                 double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
+                 int n_threads) {
   check_common(table, n_chunks, G);
   if (pa.ema && state == nullptr) bad("state is a null pointer (signal ema needs it)");
-  run_cpu(table, n_chunks, group_info, G, partials, stats, state, &pa, n_threads, true, true);
+  run_cpu(table, n_chunks, group_info, G, partials, stats, state, ctl, &pa, n_threads, true, true);
 }
 
 }  // namespace cpsl

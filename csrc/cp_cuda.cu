@@ -8,7 +8,10 @@
 // float64 penalty stage (the same code as the CPU path; with signal ema it also updates the
 // state buffer in place) and writes the stats buffer, then
 // resets the counter to zero: no host synchronisation, CUDA-graph capturable, and the
-// result does not depend on the grid size (bit-identical run to run).
+// result does not depend on the grid size (bit-identical run to run on the same gradient
+// memory; a copy at another 16-byte alignment is split differently by the alignment peel
+// below and may differ in the last bits). The schedule weight comes from the control block
+// `ctl` when given (read by the last block at run time: a graph replay follows it).
 // cp_scale: grad *= (float)k[group], grid-stride over chunks; chunks whose factor is
 // exactly 1 are skipped (the factor is read on the device).
 // 16-byte vector loads/stores on every chunk: a scalar head peels the elements before the
@@ -208,7 +211,8 @@ __device__ __forceinline__ void thread_scale(void* x, int64_t n, float k) {
 __global__ void __launch_bounds__(kBlock)
     cp_stats_kernel(const int64_t* __restrict__ table, int64_t n_chunks, const int64_t* __restrict__ group_info,
                     int G, double* __restrict__ partials, unsigned int* __restrict__ counter,
-                    double* __restrict__ stats, double* __restrict__ state, PenaltyArgs pa) {
+                    double* __restrict__ stats, double* __restrict__ state, const double* __restrict__ ctl,
+                    PenaltyArgs pa) {
   __shared__ double smem[kWarps];
   __shared__ bool is_last;
   for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
@@ -240,7 +244,7 @@ __global__ void __launch_bounds__(kBlock)
     if (threadIdx.x == 0) stats[m] = s;
   }
   if (threadIdx.x == 0) {
-    penalty_stage(stats, group_info, G, pa, stats, state);
+    penalty_stage(stats, group_info, G, pa, stats, state, ctl);
     *counter = 0u;  // ready for the next launch / graph replay
   }
 }
@@ -288,9 +292,18 @@ int grid_for(Kernel kernel, int64_t n_chunks, int device) {
 
 }  // namespace
 
+unsigned long long cuda_capture_id(std::uintptr_t stream) {
+  if (stream == 0) return 0;  // the legacy default stream cannot capture
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  check_cuda(cudaStreamGetCaptureInfo(reinterpret_cast<cudaStream_t>(stream), &status, &id),
+             "cudaStreamGetCaptureInfo");
+  return status == cudaStreamCaptureStatusNone ? 0ull : id + 1;  // never 0 while capturing
+}
+
 void cp_stats_cuda(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G, double* partials,
-                   unsigned int* counter, double* stats, double* state, const PenaltyArgs& pa, int device,
-                   std::uintptr_t stream) {
+                   unsigned int* counter, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
+                   int device, std::uintptr_t stream) {
   check_args(table, n_chunks, G, device);
   if (group_info == nullptr) bad("group_info is a null pointer");
   if (n_chunks > 0 && partials == nullptr) bad("partials is a null pointer");
@@ -300,7 +313,8 @@ void cp_stats_cuda(const int64_t* table, int64_t n_chunks, const int64_t* group_
   DeviceGuard guard(device);
   const int grid = grid_for(cp_stats_kernel, n_chunks, device);
   cp_stats_kernel<<<grid, kBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(table, n_chunks, group_info, G,
-                                                                               partials, counter, stats, state, pa);
+                                                                               partials, counter, stats, state, ctl,
+                                                                               pa);
   check_cuda(cudaGetLastError(), "cp_stats kernel launch");
 }
 

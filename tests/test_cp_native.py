@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cpsl.cp import native
-from cpsl.cp.core import CPStats, PenaltyParams, get_backend, stats_size
+from cpsl.cp.core import CPStats, PenaltyParams, get_backend, penalty_control, stats_size
 from cpsl.cp.reference import reference_stats
 from cpsl.cp.testing import assert_matches, clone, expected_scaled, make_grads, stats_with_k
 
@@ -404,6 +404,8 @@ def _op_args():
 @pytest.mark.parametrize("name", ["cp_stats", "cp_step_"])
 def test_opcheck_stats_ops(name):
     torch.library.opcheck(getattr(torch.ops.cpsl, name).default, _op_args())
+    # w as a control block (core.penalty_control), read by the kernel: the optional trailing ctl
+    torch.library.opcheck(getattr(torch.ops.cpsl, name).default, _op_args() + (penalty_control(0.5),))
 
 
 def test_opcheck_scale_op():
@@ -421,8 +423,10 @@ def test_ops_match_eager_functions():
 def test_torch_compile_fullgraph_cp_step():
     gi = [0, 1, 1, 2]
 
+    ctl = penalty_control(1.0)
+
     def cp_step(grads):
-        stats = native.cp_stats(grads, gi, 3, P, 1.0)
+        stats = native.cp_stats(grads, gi, 3, P, ctl)  # the control block goes through the op as a tensor
         native.cp_scale_(grads, gi, stats, 3)
         return stats
 

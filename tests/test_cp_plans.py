@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cpsl.config import CPConfig
-from cpsl.cp import native
+from cpsl.cp import native, plans
 from cpsl.cp.arena import ALIGN_BYTES, GradArena
 from cpsl.cp.core import CPStats, PenaltyParams, get_backend
 from cpsl.cp.penalty import ConflictAwarePenalty, resolve_backend
@@ -40,19 +40,19 @@ def test_cache_is_lru():
 
 
 def test_graph_pinned_plans_survive_clear_cache_and_eviction():
-    """A plan a CUDA graph captured (pinned by Plan.on_stream during capture; marked by
-    hand here, the capture itself is tested in test_cp_native_cuda.py) keeps its buffers."""
-    native.release_graph_plans()
+    """A plan a CUDA graph captured (pinned by Plan.on_stream under the capture's handle;
+    pinned by hand here, the capture itself is tested in test_cp_native_cuda.py) keeps its buffers."""
     native.clear_cache()
     grads, plan = _plan(0)
-    plan.pinned = True
+    h = native.GraphHandle(0, 101)
+    plans.pin(plan, h)
     ptrs = (plan.table.data_ptr(), plan.partials.data_ptr())
     native.clear_cache()
     for i in range(native.MAX_PLANS + 2):
         _plan(i + 1)
     assert native._plan_for(grads, [0], 1) is plan
     assert (plan.table.data_ptr(), plan.partials.data_ptr()) == ptrs
-    assert native.release_graph_plans() == 1 and not plan.pinned
+    assert native.release_graph_plans(h) == 1 and not plan.pinned
     assert native.plan_builds(torch.device("cpu")) + native.plan_builds("cuda") == native.plan_builds()
     native._builds["cuda:1"] = native._builds.get("cuda:1", 0) + 2  # what two builds on a second GPU record
     try:
@@ -62,6 +62,86 @@ def test_graph_pinned_plans_survive_clear_cache_and_eviction():
     before = native.plan_builds()
     assert native._plan_for(grads, [0], 1) is not plan
     assert native.plan_builds() == before + 1
+
+
+def test_release_graph_plans_frees_one_capture_only():
+    """Two graphs: releasing one unpins its plans but keeps a plan the other still replays."""
+    native.clear_cache()
+    (ga, a), (gb, b) = _plan(200), _plan(201)
+    h1, h2 = native.GraphHandle(0, 7), native.GraphHandle(0, 8)
+    plans.pin(a, h1)
+    plans.pin(b, h1)
+    plans.pin(a, h2)  # graph 2 uses a too
+    native.clear_cache()
+    assert native.graph_handles() == [h1, h2]
+    assert native.release_graph_plans(h1) == 2
+    assert a.pinned and not b.pinned and native.graph_handles() == [h2]
+    assert native._plan_for(ga, [0], 1) is a  # still served from the pins: graph 2 holds its pointers
+    assert native._plan_for(gb, [0], 1) is not b  # graph 1's own plan was let go
+    assert native.release_graph_plans(h1) == 0  # releasing twice is harmless
+    assert native.release_graph_plans(h2) == 1 and not a.pinned and native.graph_handles() == []
+    with pytest.raises(TypeError, match="GraphHandle"):
+        native.release_graph_plans(None)
+    with pytest.raises(RuntimeError, match="no CUDA device|no CUDA graph capture is under way"):
+        native.capture_handle()  # outside a capture (CPU here; the CUDA test checks it on a GPU)
+
+
+# ------------------------------------------------------------------ schedule on replay
+def _replayable_cp(ramp_epochs=4):
+    torch.manual_seed(3)
+    groups = {"t": [torch.nn.Parameter(torch.randn(50, 8))], "a": [torch.nn.Parameter(torch.randn(300))],
+              "v": [torch.nn.Parameter(torch.randn(7, 7))]}
+    for (name, ps), s in zip(groups.items(), (6.0, 1.0, 0.5)):
+        for p in ps:
+            p.grad = torch.randn(p.shape) * s
+    cfg = CPConfig(backend="native", mode="grad", tau=0.9, start_epoch=0, ramp_epochs=ramp_epochs)
+    return ConflictAwarePenalty(groups, cfg)
+
+
+def test_replayed_launch_follows_the_schedule_written_between_replays(monkeypatch):
+    """What a CUDA graph replay does, on CPU: cp.compute's stats launch is recorded and issued
+    again with the SAME arguments after set_epoch moves the ramp and after the stop rule
+    switches the penalty off. The kernel reads w from the control block when it runs, so the
+    re-issued launch follows both; a w passed by value (the bug: a graph kept its capture-time
+    weight) would repeat epoch 0's k."""
+    C = native._load()
+    launches = []
+    real = C.cp_stats_cpu
+
+    def record(*args, **kw):
+        launches.append((args, kw))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(C, "cp_stats_cpu", record)
+    cp = _replayable_cp()
+    grads = [p.grad for p in cp.params]
+    stats, w = cp.compute(0)  # the "capture": epoch 0 of a 4-epoch ramp, w = 1/4
+    assert w == 0.25 and len(launches) == 1
+    assert_matches(stats, reference_stats(grads, cp.group_index, 3, cp.p, 0.25), 3)
+    assert float(CPStats.unpack(stats, 3).k.min()) < 1.0
+    args, kw = launches[0]
+    for epoch, want in ((2, 0.75), (3, 1.0), (9, 1.0)):
+        assert cp.set_epoch(epoch) == want
+        real(*args, **kw)  # the "replay": same pointers, same by-value arguments
+        assert_matches(stats, reference_stats(grads, cp.group_index, 3, cp.p, want), 3)
+    cp.stopped = True  # the plateau rule switches CP off between replays
+    real(*args, **kw)
+    assert torch.equal(CPStats.unpack(stats, 3).k, torch.ones(3, dtype=torch.float64))
+    assert float(CPStats.unpack(stats, 3).conflict.sum()) >= 1  # statistics still computed
+    assert cp.weight == 0.0 and cp.control.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "native"])
+def test_control_block_equals_the_float_weight(backend):
+    """Every backend computes the same function with w as a float or as a control block."""
+    from cpsl.cp.core import penalty_control
+    grads = make_grads([400, 3000, 50], [0, 1, 2], scales=[8.0, 1.0, 0.3], seed=11)
+    be = get_backend(backend)
+    for w, on in ((0.4, True), (1.0, True), (0.7, False)):
+        by_value = be.compute(grads, [0, 1, 2], 3, P, w if on else 0.0)
+        assert torch.equal(be.compute(grads, [0, 1, 2], 3, P, penalty_control(w, on)), by_value)
+    with pytest.raises(ValueError, match="control block"):
+        be.compute(grads, [0, 1, 2], 3, P, torch.zeros(3, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ aliasing

@@ -33,6 +33,12 @@ Conflict signal (``cp.signal``, :class:`PenaltyParams` ``ema``):
   at zeros (:func:`signal_state`).
 * A stopped penalty (``cp.stop = plateau``) is a schedule weight ``w = 0`` (``k = 1``); the
   statistics and the signal state are still updated.
+
+Schedule weight: every backend takes ``w`` as a float, or as a *control block*, a float64
+tensor ``[w, on]`` on the gradients' device (:func:`penalty_control`) whose effective weight is
+``w`` when ``on != 0`` and 0 otherwise. The block is read when the step runs (the native
+kernel reads it on the device), so a captured CUDA graph follows values written into it
+between replays; a float is baked into the capture.
 """
 from __future__ import annotations
 
@@ -100,19 +106,45 @@ def signal_state(n_groups: int, device=None) -> torch.Tensor:
     return torch.zeros(STATE_FIELDS * n_groups, dtype=torch.float64, device=device)
 
 
+def _check_vector(t: torch.Tensor, what: str, shape_desc: str, n: int, device) -> None:
+    """ValueError unless ``t`` is a contiguous float64 vector of ``n`` elements on ``device``."""
+    if t.dtype != torch.float64 or t.dim() != 1 or t.numel() != n:
+        raise ValueError(f"{what} must be a float64 vector {shape_desc} = {n}, got {t.dtype} of shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} is not contiguous")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{what} is on {t.device} but the gradients are on {device}")
+
+
 def check_state(state: torch.Tensor | None, n_groups: int, device, p: PenaltyParams) -> None:
     """ValueError naming the problem when ``state`` does not fit ``p`` / the gradients."""
     if not p.ema:
         return
     if state is None:
         raise ValueError("signal 'ema' needs a state tensor (cpsl.cp.core.signal_state(n_groups))")
-    if state.dtype != torch.float64 or state.dim() != 1 or state.numel() != STATE_FIELDS * n_groups:
-        raise ValueError(f"state must be a float64 vector of length 2*n_groups = {STATE_FIELDS * n_groups}, "
-                         f"got {state.dtype} of shape {tuple(state.shape)}")
-    if not state.is_contiguous():
-        raise ValueError("state is not contiguous")
-    if device is not None and state.device != torch.device(device):
-        raise ValueError(f"state is on {state.device} but the gradients are on {device}")
+    _check_vector(state, "state", "of length 2*n_groups", STATE_FIELDS * n_groups, device)
+
+
+CTL_FIELDS = 2  # penalty control block: schedule weight w, on/off
+
+
+def penalty_control(w: float = 1.0, on: bool = True, device=None) -> torch.Tensor:
+    """A control block ``[w, on]`` (float64) for the backends' ``w`` argument (see above)."""
+    return torch.tensor([float(w), 1.0 if on else 0.0], dtype=torch.float64, device=device)
+
+
+def check_control(ctl: torch.Tensor, device) -> None:
+    """ValueError naming the problem when ``ctl`` (``w`` given as a tensor) is not a control block
+    on ``device``."""
+    _check_vector(ctl, "the control block", "[w, on] of length", CTL_FIELDS, device)
+
+
+def weight_value(w) -> float:
+    """The effective schedule weight as a Python float (reads a control block: a host sync)."""
+    if isinstance(w, torch.Tensor):
+        wv, on = w.tolist()
+        return float(wv) if on != 0.0 else 0.0
+    return float(w)
 
 
 def penalty_scalar(sumsq: Sequence[float], numel: Sequence[int], active: Sequence[bool],
@@ -158,8 +190,12 @@ def penalty_scalar(sumsq: Sequence[float], numel: Sequence[int], active: Sequenc
 def penalty_tensor(sumsq: torch.Tensor, numel: torch.Tensor, active: torch.Tensor,
                    p: PenaltyParams, w: float, state: torch.Tensor | None = None) -> torch.Tensor:
     """The penalty stage with device tensor ops only (no host sync); float64 in and out.
-    With ``p.ema``, ``state`` (float64 ``[e (G) | t (G)]``) is updated in place."""
+    With ``p.ema``, ``state`` (float64 ``[e (G) | t (G)]``) is updated in place; ``w`` may be a
+    control block, read with tensor ops."""
     g = sumsq.numel()
+    if isinstance(w, torch.Tensor):
+        check_control(w, sumsq.device)
+        w = torch.where(w[1] != 0, w[0], torch.zeros_like(w[0]))
     sumsq = torch.where(active, sumsq, torch.zeros_like(sumsq))
     finite = torch.isfinite(sumsq) | ~active
     guard = ~finite.all()

@@ -8,6 +8,11 @@
 With ``cp.signal=ema`` the instance owns the signal state (``self.state``, float64 ``[2G]`` on the
 device, updated in place by the backend); ``self.stopped`` (set by the ``plateau`` stop rule of
 :mod:`cpsl.strategies.cp`) makes every later step's schedule weight 0, i.e. ``k = 1``.
+The schedule weight and the on/off switch live in a device control block (``self.control``,
+``core.penalty_control``) that the backend reads when the step runs: ``step(epoch)`` (or
+``set_epoch(epoch)``) and ``stopped = True`` write it, outside a CUDA graph capture. A graph
+that captured ``cp.step`` therefore follows the schedule on replay when ``cp.set_epoch(epoch)``
+(and the stop rule) run between replays; changing the weight *inside* a capture raises.
 Mode ``grad`` scales the gradients of penalised groups; mode ``update`` (the default with
 Adam/AdamW) scales the learning rate of the group's optimizer param group instead, kept as a
 device tensor, because an adaptive optimizer divides a constant gradient factor away.
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core import CPStats, PenaltyParams, get_backend, signal_state
+from .core import CPStats, PenaltyParams, get_backend, penalty_control, signal_state
 
 
 def schedule_weight(epoch: int, start_epoch: int, ramp_epochs: int, end_epoch: int) -> float:
@@ -137,7 +142,49 @@ class ConflictAwarePenalty:
                 raise ValueError("CP mode 'update' needs the optimizer (per-group learning rates)")
             self._bind_optimizer(optimizer)
         self.state = signal_state(len(self.names), dev) if self.p.ema else None
-        self.stopped = False   # the stop rule switched the penalty off (sticky)
+        self._w, self._stopped = 0.0, False     # schedule weight of the current epoch; stop rule (sticky)
+        # (w, on), read by the backend where the gradients live (the parameters' device)
+        self.control = penalty_control(0.0, self.mode != "measure", self.params[0].device if self.params else dev)
+        self._written = (0.0, self.mode != "measure")
+
+    # ------------------------------------------------------------------ schedule (control block)
+    @property
+    def stopped(self) -> bool:
+        """The stop rule switched the penalty off (every later step has weight 0)."""
+        return self._stopped
+
+    @stopped.setter
+    def stopped(self, value: bool) -> None:
+        self._stopped = bool(value)
+        self._write_control()
+
+    @property
+    def weight(self) -> float:
+        """The effective schedule weight of the current epoch (0 when stopped or measuring)."""
+        return self._w if self._written[1] else 0.0
+
+    def set_epoch(self, epoch: int) -> float:
+        """Write ``epoch``'s schedule weight into the control block (call it between CUDA graph
+        replays; ``step`` calls it); returns the effective weight."""
+        self._w = schedule_weight(epoch, self.cfg.start_epoch, self.cfg.ramp_epochs, self.cfg.end_epoch)
+        self._write_control()
+        return self.weight
+
+    def _write_control(self) -> None:
+        want = (self._w, not self._stopped and self.mode != "measure")
+        if want == self._written:
+            return
+        dev = self.control.device
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                capturing = torch.cuda.is_current_stream_capturing()
+            if capturing:
+                raise RuntimeError(f"CP schedule changed to w={want[0]}, on={want[1]} during a CUDA graph capture: "
+                                   "the graph would replay the write; call cp.set_epoch(epoch) before capturing "
+                                   "and between replays")
+        self.control[0].fill_(want[0])
+        self.control[1].fill_(1.0 if want[1] else 0.0)
+        self._written = want
 
     # ------------------------------------------------------------------ update mode plumbing
     def _bind_optimizer(self, opt) -> None:
@@ -148,10 +195,9 @@ class ConflictAwarePenalty:
 
     # ------------------------------------------------------------------ the step
     def compute(self, epoch: int) -> tuple[torch.Tensor, float]:
-        w = schedule_weight(epoch, self.cfg.start_epoch, self.cfg.ramp_epochs, self.cfg.end_epoch)
-        if self.mode == "measure" or self.stopped:
-            w = 0.0
-        return self.backend.compute(self._grads(), self.group_index, len(self.names), self.p, w, self.state), w
+        w = self.set_epoch(epoch)
+        return self.backend.compute(self._grads(), self.group_index, len(self.names), self.p, self.control,
+                                    self.state), w
 
     def step(self, epoch: int, terms: dict | None = None) -> StepStats:
         stats, w = self.compute(epoch)
