@@ -48,7 +48,11 @@ VARIANTS = {
     "cp_ema": ("linear_late", {"train.modulation": "cp", "cp.signal": "ema"}),
     "cp_path": ("linear_late", {"train.modulation": "cp", "cp.scope": "path"}),
     "cp_fixed": ("linear_late", {"train.modulation": "cp", "cp.penalty": "fixed", "cp.beta": 0.1}),
+    # the method's own architecture (AME + gated fusion + heads, the teacher preset: AdamW, SL, selection on valid)
+    "cpsl_none": ("teacher", {"train.modulation": "none"}),
+    "cpsl_cp": ("teacher", {"train.modulation": "cp"}),
 }
+REFERENCE = {"cpsl_cp": "cpsl_none"}   # the variant each one is paired with (default: none)
 SWEEP_N = (35, 70, 140, 350, 1000)
 SWEEP_RATIO = (1.0, 2.0, 3.0, 6.0)
 
@@ -96,7 +100,7 @@ def make_config(variant: str, sets=(), epochs: int | None = None):
     from cpsl.config import apply_overrides, build_config
     preset, over = VARIANTS[variant] if variant in VARIANTS else ("linear_late", {"train.modulation": variant})
     cfg = build_config(preset, None, [f"{k}={v}" for k, v in over.items()])
-    if VARIANTS.get(variant, ("", {}))[0] != "linear_early":
+    if preset == "linear_late":
         apply_overrides(cfg, list(sets))
     if epochs:
         cfg.train.epochs = epochs
@@ -123,25 +127,47 @@ def run_one(args) -> dict:
             pred, aux, y = predict(model, data[split], 4096, "cpu")
             res[f"{split}_mse"] = float(np.mean((pred - y) ** 2))
             res[f"{split}_aux_rms"] = {m: float(np.sqrt(np.mean(a ** 2))) for m, a in aux.items()}
-    curve = trace.curve()
+    curve = trace.curve() if cfg.model.arch == "linear" else {}   # one step per epoch: full batch
     return {"cell": cell, "variant": variant, "seed": seed, **res, "wall_s": time.perf_counter() - t0,
             "half_epoch": {m: half_epoch(c) for m, c in curve.items()},
             "curve": {m: c[::10] for m, c in curve.items()}}
 
 
-def run_grid(tasks: list, jobs: int, log=print) -> list[dict]:
-    out = []
+def run_grid(tasks: list, jobs: int, cache: Path | None = None, log=print) -> list[dict]:
+    """Every task (``jobs`` processes); with ``cache``, each finished run is kept as one JSON file
+    there and reused by a rerun of the same command (a stopped benchmark resumes)."""
+    out, todo = [], []
+    for t in tasks:
+        f = cache / _key(t) if cache else None
+        if f is not None and f.is_file():
+            out.append(json.loads(f.read_text()))
+        else:
+            todo.append(t)
+    if out:
+        log(f"reusing {len(out)} finished runs from {cache}")
+
+    def done(t, r):
+        out.append(r)
+        if cache:
+            (cache / _key(t)).write_text(json.dumps(r))
+        log(_line(r))
     if jobs <= 1:
-        for t in tasks:
-            out.append(run_one(t))
-            log(_line(out[-1]))
+        for t in todo:
+            done(t, run_one(t))
         return out
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futs = [ex.submit(run_one, t) for t in tasks]
+        futs = {ex.submit(run_one, t): t for t in todo}
         for f in as_completed(futs):
-            out.append(f.result())
-            log(_line(out[-1]))
+            done(futs[f], f.result())
     return out
+
+
+def _key(task) -> str:
+    """A file name for one run: cell, variant, seed and a digest of its knobs, --set and epochs."""
+    import hashlib
+    cell, knobs, variant, seed, sets, epochs = task
+    h = hashlib.sha1(json.dumps([sorted(knobs.items()), list(sets), epochs], default=str).encode()).hexdigest()[:10]
+    return f"{cell}_{variant}_s{seed}_{h}.json"
 
 
 def _line(r: dict) -> str:
@@ -165,13 +191,16 @@ def summarize(rows: list[dict], key: str = "test_mse") -> dict:
             seeds = sorted(by_seed)
             vals = [by_seed[s][key] for s in seeds]
             e = {"n": len(seeds), **mean_std([{"v": x} for x in vals])["v"]}
-            common = [s for s in seeds if s in none]
-            if v != "none" and len(common) >= 2:
+            ref_name = REFERENCE.get(v, "none")
+            ref = by_var.get(ref_name, {})
+            common = [s for s in seeds if s in ref]
+            if v != ref_name and len(common) >= 2:
+                e["reference"] = ref_name
                 e["delta_vs_none"] = paired_difference([by_seed[s][key] for s in common],
-                                                       [none[s][key] for s in common])
-                e["wins_vs_none"] = sum(by_seed[s][key] < none[s][key] for s in common)
+                                                       [ref[s][key] for s in common])
+                e["wins_vs_none"] = sum(by_seed[s][key] < ref[s][key] for s in common)
             both = [s for s in seeds if s in none and s in early]
-            if v not in ("none", "early") and both:
+            if v not in ("none", "early") and ref_name == "none" and both:
                 gap = sum(none[s][key] - early[s][key] for s in both)
                 e["deficit_closed"] = (sum(none[s][key] - by_seed[s][key] for s in both) / gap) if gap else None
             halves = [by_seed[s]["half_epoch"] for s in seeds]
@@ -200,12 +229,17 @@ def markdown(summary: dict, meta: dict) -> str:
         lines += [f"## {cell}: " + ", ".join(f"{k}={v}" for k, v in knobs.items()), ""]
         if "_deficit" in rec:
             lines += [f"Deficit late (none) − early: {format_delta(rec['_deficit'])}", ""]
-        lines += ["| variant | test MSE | Δ vs none | wins | deficit closed | t½ per branch (epochs) |",
+        pred = meta.get("predicted_half_epoch", {}).get(cell)
+        if pred:
+            lines += ["Theory's t½ per branch (two-layer linear, population covariances): "
+                      + ", ".join(f"{m} {t:.0f}" for m, t in pred.items() if t is not None) + " epochs", ""]
+        lines += ["| variant | test MSE | Δ vs reference | wins | deficit closed | t½ per branch (epochs) |",
                   "|---|---|---|---|---|---|"]
         for v, e in rec.items():
             if v.startswith("_"):
                 continue
-            d = format_delta(e["delta_vs_none"]) if "delta_vs_none" in e else ""
+            d = (format_delta(e["delta_vs_none"]) + (f" (vs {e['reference']})" if e["reference"] != "none" else "")
+                 if "delta_vs_none" in e else "")
             w = f"{e['wins_vs_none']}/{e['n']}" if "wins_vs_none" in e else ""
             c = f"{100 * e['deficit_closed']:.0f} %" if e.get("deficit_closed") is not None else ""
             h = ", ".join(f"{m} {t:.0f}" for m, t in e["half_epoch"].items() if t is not None)
@@ -260,7 +294,8 @@ def main(argv=None) -> int:
                 tasks += [(f"sweep_n{n}_r{ratio:g}", knobs, v, s, (), a.epochs)
                           for v in ("none", "early") for s in parse_seeds(a.sweep_seeds)]
     t0 = time.perf_counter()
-    rows = run_grid(tasks, a.jobs)
+    (out / "runs").mkdir(exist_ok=True)
+    rows = run_grid(tasks, a.jobs, cache=out / "runs")
     wall = time.perf_counter() - t0
     from benchkit.machine import base_info
     machine = base_info("cpu", 1)

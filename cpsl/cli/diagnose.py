@@ -31,8 +31,6 @@ def diagnose(data_path, preset, config, sets, seeds, epochs, device, quiet, out,
     seed = int(cfg.train.seeds[0])
     if out is not None:
         o = Path(out)
-        if o.exists() and not o.is_dir():
-            raise CPSLError(f"--out {out} exists and is not a folder")
         if (o / "diagnose.json").exists() and not overwrite:
             raise CPSLError(f"{o / 'diagnose.json'} exists; pass --overwrite to replace it")
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
