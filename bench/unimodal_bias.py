@@ -46,8 +46,10 @@ VARIANTS = {
     "cp": ("linear_late", {"train.modulation": "cp"}),
     **{p: ("linear_late", {"train.modulation": p}) for p in PEERS},
     "cp_ema": ("linear_late", {"train.modulation": "cp", "cp.signal": "ema"}),
-    "cp_path": ("linear_late", {"train.modulation": "cp", "cp.scope": "path"}),
     "cp_fixed": ("linear_late", {"train.modulation": "cp", "cp.penalty": "fixed", "cp.beta": 0.1}),
+    "cp_plateau": ("linear_late", {"train.modulation": "cp", "cp.stop": "plateau"}),
+    "cp_alpha1": ("linear_late", {"train.modulation": "cp", "cp.alpha": 1.0}),
+    "cp_alpha2": ("linear_late", {"train.modulation": "cp", "cp.alpha": 2.0}),
     # the method's own architecture (AME + gated fusion + heads, the teacher preset: AdamW, SL, selection on valid)
     "cpsl_none": ("teacher", {"train.modulation": "none"}),
     "cpsl_cp": ("teacher", {"train.modulation": "cp"}),
@@ -140,7 +142,7 @@ def run_grid(tasks: list, jobs: int, cache: Path | None = None, log=print) -> li
     for t in tasks:
         f = cache / _key(t) if cache else None
         if f is not None and f.is_file():
-            out.append(json.loads(f.read_text()))
+            out.append({**json.loads(f.read_text()), "variant": t[2]})
         else:
             todo.append(t)
     if out:
@@ -163,11 +165,13 @@ def run_grid(tasks: list, jobs: int, cache: Path | None = None, log=print) -> li
 
 
 def _key(task) -> str:
-    """A file name for one run: cell, variant, seed and a digest of its knobs, --set and epochs."""
+    """A file name for one run: cell, seed, and a digest of the cell's knobs and the run's whole
+    resolved config (two variant names with the same config share their runs)."""
     import hashlib
     cell, knobs, variant, seed, sets, epochs = task
-    h = hashlib.sha1(json.dumps([sorted(knobs.items()), list(sets), epochs], default=str).encode()).hexdigest()[:10]
-    return f"{cell}_{variant}_s{seed}_{h}.json"
+    cfg = make_config(variant, sets, epochs).to_dict()
+    h = hashlib.sha1(json.dumps([sorted(knobs.items()), cfg], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{cell}_s{seed}_{h}.json"
 
 
 def _line(r: dict) -> str:
@@ -218,7 +222,9 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def markdown(summary: dict, meta: dict) -> str:
+def markdown(summary: dict, meta: dict, valid: dict | None = None) -> str:
+    """The README table; ``valid``: the same summary on valid MSE (what choices are made on)."""
+    valid = valid or {}
     from cpsl.compare import format_delta
     lines = [f"# Unimodal-bias benchmark ({meta['date']}, {meta['machine']})", "",
              f"Command: `{meta['command']}`  ", f"Seeds {meta['seeds']}; metric: test MSE of the final weights "
@@ -233,8 +239,8 @@ def markdown(summary: dict, meta: dict) -> str:
         if pred:
             lines += ["Theory's t½ per branch (two-layer linear, population covariances): "
                       + ", ".join(f"{m} {t:.0f}" for m, t in pred.items() if t is not None) + " epochs", ""]
-        lines += ["| variant | test MSE | Δ vs reference | wins | deficit closed | t½ per branch (epochs) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| variant | test MSE | Δ vs reference | wins | deficit closed | valid MSE (closed) | t½ per branch (epochs) |",
+                  "|---|---|---|---|---|---|---|"]
         for v, e in rec.items():
             if v.startswith("_"):
                 continue
@@ -243,7 +249,9 @@ def markdown(summary: dict, meta: dict) -> str:
             w = f"{e['wins_vs_none']}/{e['n']}" if "wins_vs_none" in e else ""
             c = f"{100 * e['deficit_closed']:.0f} %" if e.get("deficit_closed") is not None else ""
             h = ", ".join(f"{m} {t:.0f}" for m, t in e["half_epoch"].items() if t is not None)
-            lines.append(f"| {v} | {e['mean']:.4f} ± {e['std']:.4f} | {d} | {w} | {c} | {h} |")
+            va = valid.get(cell, {}).get(v, {})
+            vc = f" ({100 * va['deficit_closed']:.0f} %)" if va.get("deficit_closed") is not None else ""
+            lines.append(f"| {v} | {e['mean']:.4f} ± {e['std']:.4f} | {d} | {w} | {c} | {va.get('mean', float('nan')):.4f}{vc} | {h} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -306,8 +314,11 @@ def main(argv=None) -> int:
             "wall_s": wall, "jobs": a.jobs, "sets": a.sets,
             "predicted_half_epoch": {c: predicted_half_epoch(k, make_config("none", a.sets)) for c, k in cells.items()}}
     summary = summarize(rows)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
-    (out / "README.md").write_text(markdown({c: v for c, v in summary.items() if not c.startswith("sweep")}, meta))
+    slim = [{k: v for k, v in r.items() if k != "curve" or r["seed"] == seeds[0]} for r in rows]   # curves: first seed
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary,
+                                                  "summary_valid": summarize(rows, "valid_mse"), "runs": slim}, indent=1))
+    (out / "README.md").write_text(markdown({c: v for c, v in summary.items() if not c.startswith("sweep")}, meta,
+                                            summarize(rows, "valid_mse")))
     if a.sweep:
         plot_sweep(rows, out / "deficit_heatmap.png")
     plot_curves(rows, out / "branch_curves.png")
