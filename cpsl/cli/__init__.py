@@ -36,15 +36,17 @@ def main():
     """cpsl: balanced multimodal sentiment analysis (CP + SL), from training to the edge.
 
     \b
-    Main job:   cpsl train --data synth --out runs/synth
+    Train:      cpsl train --data synth --out runs/synth --seeds 1
     Evaluate:   cpsl eval --ckpt runs/synth/seed1/best.pt --data synth --split test
-    Data:       cpsl data synth --out s.pkl ; cpsl data info s.pkl
+    Export:     cpsl export --ckpt runs/synth/seed1/best.pt --out dist
+    Predict:    cpsl predict --model dist/model.onnx --text "a wonderful film"
+    Config:     cpsl config show [--preset student]
     """
 
 
-from . import data, distill, export, info, train, transfer  # noqa: E402 - the command modules attach to `main`
+from . import config_cmd, data, distill, export, info, predict, train, transfer  # noqa: E402 - the command modules attach to `main`
 
-for _mod in (info, data, train, transfer, distill, export):
+for _mod in (info, data, config_cmd, train, transfer, distill, export, predict):
     for _cmd in _mod.COMMANDS:
         main.add_command(_cmd)
 

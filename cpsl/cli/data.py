@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..data.synthetic import SynthSpec
-from .data_build import build_bclstm, build_mosei, build_mosi
+from .data_build import build_bclstm, build_mosei, build_mosi, toy_text
 from .options import trust_pickle_option
 
 _SPEC = SynthSpec()
@@ -76,4 +76,5 @@ def data_info(path, as_json, trust_pickle):
 data.add_command(build_mosi)
 data.add_command(build_mosei)
 data.add_command(build_bclstm)
+data.add_command(toy_text)
 COMMANDS = [data]

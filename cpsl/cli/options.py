@@ -146,3 +146,24 @@ def device_check(device: str) -> None:
     import torch
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CPSLError(f"device {device!r} requested but torch sees no CUDA GPU")
+
+
+def deprecated_alias(old: str, new: str, dest: str, **kw):
+    """A hidden old option name kept for scripts: parsed into ``dest`` and announced by one note on stderr."""
+    def note(ctx, param, value):
+        if value not in (None, (), False):
+            click.echo(f"note: {old} is deprecated, use {new}", err=True)
+        return value
+    kw.setdefault("default", None)
+    return click.option(old, dest, hidden=True, callback=note, **kw)
+
+
+def pick(new_value, old_value, new: str, old: str):
+    """The value of an option or its deprecated alias (both given: a usage error)."""
+    if new_value not in (None, ()) and old_value not in (None, ()):
+        raise click.UsageError(f"{new} and {old} are the same option: give one")
+    return old_value if new_value in (None, ()) else new_value
+
+
+threads_option = click.option("--threads", type=click.IntRange(0, 1024), default=None,
+                              help="torch CPU threads (0 or unset: torch's default).")
