@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from .. import __version__
 from ..errors import CPSLError
 
 
@@ -31,7 +32,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="cpsl")
+@click.version_option(version=__version__, prog_name="cpsl")
 def main():
     """cpsl: balanced multimodal sentiment analysis (CP + SL), from training to the edge.
 

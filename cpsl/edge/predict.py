@@ -13,10 +13,8 @@ import numpy as np
 
 try:                                   # inside the cpsl package (cpsl.edge)
     from . import frontend as fe
-    from .runner import UsageError, open_backend, run_checked
 except ImportError:                    # a plain file copied beside runner.py and frontend.py
     import frontend as fe
-    from runner import UsageError, open_backend, run_checked
 
 
 def parse_predict_args(argv):
@@ -38,7 +36,9 @@ def parse_predict_args(argv):
     return ap.parse_args(argv)
 
 
-def main(argv) -> int:
+def main(argv, rt) -> int:
+    """``rt``: the runner module (its backends and UsageError), passed in so this file does not import it."""
+    UsageError, open_backend, run_checked = rt.UsageError, rt.open_backend, rt.run_checked
     args = parse_predict_args(argv)
     try:
         if args.batch_size < 1:
@@ -68,7 +68,7 @@ def main(argv) -> int:
             preds.append(np.asarray(run_checked(backend, feeds, f"texts {s}..{s + len(feeds['input_ids']) - 1}"),
                                     np.float32).reshape(-1))
         preds = np.concatenate(preds)
-    except (UsageError, fe.InputError) as e:
+    except (UsageError, fe.InputError) as e:  # noqa: F821 - bound from rt above
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:

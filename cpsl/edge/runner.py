@@ -382,7 +382,7 @@ def main(argv=None) -> int:
             print(f"error: predict needs frontend.py and predict.py beside runner.py (copy export/*.py): {e}",
                   file=sys.stderr)
             return 2
-        return predict.main(argv[1:])
+        return predict.main(argv[1:], sys.modules[__name__])
     args = parse_args(argv)
     try:
         if not args.check and not args.bench:
