@@ -108,19 +108,23 @@ trust_pickle_option = click.option(
 
 
 def run_options(preset="teacher", seeds=None):
-    """--data --preset --config --set --seeds --epochs --device --quiet: the options of every run command."""
+    """--data --preset --config --set --seeds --epochs --device --threads --quiet: the options of every run
+    command (--threads is config train.num_threads)."""
     def deco(fn):
         for opt in reversed((data_option, click.option("--preset", default=preset, show_default=True,
                                                       type=click.Choice(list(PRESETS)), help="Config preset."),
                              config_file_option, set_option, seeds_option(seeds),
                              config_option("train.epochs", "--epochs"), config_option("train.device", "--device"),
+                             click.option("--threads", type=click.IntRange(0, 1024), default=None,
+                                          show_default="train.num_threads=0",
+                                          help="torch CPU threads per process (0: torch's default)."),
                              quiet_option)):
             fn = opt(fn)
         return fn
     return deco
 
 
-def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet=False, **cfg_paths):
+def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet=False, threads=None, **cfg_paths):
     """The run config: preset ← config file ← --set ← the dedicated options (``cfg_paths``:
     ``{"train.modulation": value, ...}``; None = unset)."""
     from ..config import apply_overrides, build_config
@@ -130,7 +134,7 @@ def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet
             cfg.train.seeds = [int(s) for s in str(seeds).split(",") if s.strip()]
         except ValueError:
             raise CPSLError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    values = {"train.epochs": epochs, "train.device": device, **cfg_paths}
+    values = {"train.epochs": epochs, "train.device": device, "train.num_threads": threads, **cfg_paths}
     for path, v in values.items():
         if v is not None:
             section, key = path.split(".")

@@ -48,7 +48,7 @@ def predict(ckpt, artifact, texts, audio_features, vision_features, max_len, dev
         if threads:
             torch.set_num_threads(threads)
         model, cfg, _ = load_model(ckpt, device)
-        feats = {m: inference.read_features(p, m, model.dims.get(m, 0)) for m, p in paths.items()}
+        feats = _features(paths, model.dims)
         preds = inference.predict_checkpoint(model, cfg, list(texts), feats, max_len=max_len)
         info = {"ckpt": str(ckpt), "backend": "pytorch", "device": device}
     else:
@@ -57,7 +57,7 @@ def predict(ckpt, artifact, texts, audio_features, vision_features, max_len, dev
             dims = load_manifest(Path(artifact))["dims"] if Path(artifact).is_file() else {}
         except InputError as e:
             raise CPSLError(str(e)) from None
-        feats = {m: inference.read_features(p, m, dims.get(m, 0)) for m, p in paths.items()}
+        feats = _features(paths, dims)
         preds, info = inference.predict_artifact(artifact, list(texts), feats, threads=threads or 0)
         info = {"model": str(artifact), **info}
     result = {**info, "scale": "sentiment in [-3, 3], negative to positive",
@@ -67,6 +67,14 @@ def predict(ckpt, artifact, texts, audio_features, vision_features, max_len, dev
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text + "\n")
+
+
+def _features(paths: dict, dims: dict) -> dict:
+    from ..inference import read_features
+    for m in paths:
+        if m not in dims:
+            raise CPSLError(f"--{m}-features: the model does not read {m} (it reads {', '.join(dims)})")
+    return {m: read_features(p, m, dims[m]) for m, p in paths.items()}
 
 
 COMMANDS = [predict]

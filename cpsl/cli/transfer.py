@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..transfer import TransferSettings
-from .options import setting_option, trust_pickle_option
+from .options import deprecated_alias, pick, setting_option, threads_option, trust_pickle_option
 
 
 @click.command("pretrain-text")
@@ -28,26 +28,32 @@ from .options import setting_option, trust_pickle_option
 @setting_option(TransferSettings, "dropout")
 @setting_option(TransferSettings, "loss")
 @setting_option(TransferSettings, "clip")
-@setting_option(TransferSettings, "seed")
+@setting_option(TransferSettings, "seed", "--seeds", help="The seed (one: a transfer is one run).")
+@deprecated_alias("--seed", "--seeds", "seed_old", type=int)
 @click.option("--max-steps", default=0, show_default=True, type=int,
               help="Stop after this many optimisation steps in all (0: run every epoch); --resume continues.")
-@click.option("--num-threads", default=0, show_default=True, type=int, help="torch CPU threads (0: torch's default).")
+@threads_option
+@deprecated_alias("--num-threads", "--threads", "num_threads", type=int)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its train_state.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace a transfer already in --out (default: refuse).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @trust_pickle_option
-def pretrain_text(data_path, out, max_steps, num_threads, resume, overwrite, quiet, trust_pickle, **kw):
+def pretrain_text(data_path, out, max_steps, threads, num_threads, seed_old, resume, overwrite, quiet, trust_pickle,
+                  **kw):
     """Fine-tune the text encoder + a regression head on a text split; keep the best valid epoch as an HF folder."""
     import torch
 
     from ..data.mmsa import load_mmsa
     from ..transfer import check_out, pretrain_text as run
 
+    num_threads = pick(threads, num_threads, "--threads", "--num-threads") or 0
+    if seed_old is not None:
+        kw["seed"] = seed_old
     settings = TransferSettings(**kw)
     settings.check()
     check_out(Path(out), resume, overwrite, remove=False)              # refuse before loading anything
     if num_threads < 0:
-        raise click.UsageError("--num-threads must be >= 0")
+        raise click.UsageError("--threads must be >= 0")
     if num_threads:
         torch.set_num_threads(num_threads)
     data = load_mmsa(data_path, trust_pickle=trust_pickle)
