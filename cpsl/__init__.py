@@ -2,9 +2,9 @@
 
 The Python API mirrors the ``cpsl`` command line (docs/api.md):
 
-    config(preset, file, sets, **keys) -> Config      the run configuration (cpsl config show)
+    configure(preset, file, sets, **keys) -> Config   the run configuration (cpsl config show)
     toy_text(out) -> Path                              cpsl data toy-text (a built-in toy text set)
-    train(cfg, data, out) -> Run                       cpsl train
+    fit(cfg, data, out) -> Run                         cpsl train
     load(ckpt) -> Model                                a best.pt; Model.predict(texts), Model.evaluate(data)
     evaluate(ckpt, data, split) -> dict                cpsl eval
     export(ckpt, out, precision, data) -> Manifest     cpsl export --out
@@ -15,7 +15,8 @@ function needs it. The torch-free device runner is :mod:`cpsl.edge` (console scr
 """
 __version__ = "0.2.0"
 
-__all__ = ["__version__", "CPSLError", "Model", "Run", "config", "evaluate", "export", "load", "predict", "toy_text", "train"]
+__all__ = ["__version__", "CPSLError", "Model", "Run", "configure", "evaluate", "export", "fit", "load", "predict",
+           "toy_text"]
 
 
 def __getattr__(name: str):

@@ -1,8 +1,9 @@
-"""The Python API: the CLI's main tasks as functions (``import cpsl``).
+"""The Python API: the CLI's main tasks as functions (``import cpsl``). The names avoid the
+package's module names (``cpsl.config``, ``cpsl.train`` are modules): ``configure``, ``fit``.
 
     import cpsl
-    cfg = cpsl.config("student", epochs=3, **{"model.text_encoder": "minilm"})
-    run = cpsl.train(cfg, data="reviews.pkl", out="runs/api")      # -> Run (results, checkpoints)
+    cfg = cpsl.configure("student", epochs=3, **{"model.text_encoder": "minilm"})
+    run = cpsl.fit(cfg, data="reviews.pkl", out="runs/api")      # -> Run (results, checkpoints)
     model = run.load()                                              # -> Model (best.pt of the first seed)
     model.evaluate("reviews.pkl", split="test")["MAE"]
     model.predict(["a wonderful film", "a dull plot"])              # -> numpy array, sentiment in [-3, 3]
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DataLike = "str | Path | MMSAData"
 
 
-def config(preset: str = "teacher", file: str | Path | None = None, sets: Sequence[str] = (),
+def configure(preset: str = "teacher", file: str | Path | None = None, sets: Sequence[str] = (),
            **keys: Any) -> "Config":
     """The run config: ``preset`` ← ``file`` (YAML/JSON) ← ``sets`` (``"section.key=value"``) ← ``keys``.
 
@@ -94,14 +95,14 @@ class Run:
         return load(self.ckpt(seed), device)
 
 
-def train(cfg: "Config | None" = None, data: "DataLike" = "synth", out: str | Path = "runs/api",
+def fit(cfg: "Config | None" = None, data: "DataLike" = "synth", out: str | Path = "runs/api",
           overwrite: bool = False, resume: bool = False, log=None) -> Run:
-    """Train ``cfg`` (default: :func:`config` ()) on ``data`` ("synth", an MMSA .pkl or an MMSAData);
+    """Train ``cfg`` (default: :func:`configure` ()) on ``data`` ("synth", an MMSA .pkl or an MMSAData);
     writes ``out`` exactly as ``cpsl train`` does and returns the :class:`Run`."""
     from . import strategies
     from .runs import check_out
     from .train import run as run_training
-    cfg = cfg if cfg is not None else config()
+    cfg = cfg if cfg is not None else configure()
     strategies.check(cfg)
     check_out(str(out), resume=resume, overwrite=overwrite)
     d = _data(data, cfg)
@@ -173,4 +174,4 @@ def evaluate(ckpt: str | Path, data: "DataLike", split: str = "test") -> dict[st
     return load(ckpt).evaluate(data, split)
 
 
-__all__: list[str] = ["config", "toy_text", "train", "Run", "load", "Model", "evaluate", "export", "predict"]
+__all__: list[str] = ["configure", "toy_text", "fit", "Run", "load", "Model", "evaluate", "export", "predict"]
