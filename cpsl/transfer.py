@@ -364,6 +364,12 @@ valid {st.loss} loss {b['valid_loss']:.4f}.
 (loads offline: `transformers.AutoModel.from_pretrained(THIS_FOLDER, local_files_only=True)`).
 `head.safetensors` holds the regression head (`weight` (1, {run.model.hidden}), `bias` (1,)).
 
+## Intended use and limits
+A starting point for fine-tuning sentiment models on transcribed English speech like the training
+data (opinion videos). The metrics above are on the **valid** split of that data, which also chose the
+epoch, so they are optimistic and not comparable with published test-split numbers. Scores are a
+regression in [-3, 3], not calibrated probabilities; not for decisions about people.
+
 ## Command
 `{command or '(library call)'}`
 
