@@ -78,6 +78,14 @@ def test_config_show_prints_every_key_with_help_and_marks_changed_defaults():
     assert len(rows) == len(lines) and all(r["help"] for r in rows)
 
 
+def test_a_packaged_config_is_found_by_name():
+    r = CliRunner().invoke(main, ["config", "show", "--config", "mosi_best"])
+    assert r.exit_code == 0, r.output
+    assert "train.modulation = 'none'" in r.output and "[default 'cp']" in r.output
+    r = CliRunner().invoke(main, ["config", "show", "--config", "no_such_config"])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
 def test_toy_text_rows_are_deterministic_and_in_range():
     from cpsl.data.toytext import rows
     a, b = rows(0), rows(0)

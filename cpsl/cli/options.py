@@ -88,8 +88,18 @@ def settings_from(cls, values: dict):
 # ---------------------------------------------------------------------------- run options
 data_option = click.option("--data", "data_path", default=_default(_field(type(Config().data), "path")),
                            show_default=True, help="MMSA .pkl file, or 'synth' for the embedded synthetic data.")
-config_file_option = click.option("--config", type=click.Path(),
-                                  help="YAML/JSON config file (sections data, model, loss, cp, train).")
+def packaged_config(value):
+    """``--config NAME``: a file path, or the name of a config shipped in cpsl/configs (e.g. mosi_best)."""
+    from pathlib import Path
+    if value is None or Path(value).exists():
+        return value
+    shipped = Path(__file__).resolve().parents[1] / "configs" / f"{Path(value).stem}.yaml"
+    return str(shipped) if shipped.is_file() and Path(value).parent == Path(".") else value
+
+
+config_file_option = click.option("--config", type=click.Path(), callback=lambda ctx, p, v: packaged_config(v),
+                                  help="YAML/JSON config file (sections data, model, loss, cp, train), or the name "
+                                       "of a packaged config (mosi_best, mosei_transfer).")
 set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override a config value (any key of the config; unknown keys are errors).")
 
