@@ -125,6 +125,17 @@ def test_deprecated_aliases_still_parse_and_say_so():
     assert pick(None, 3, "--threads", "--num-threads") == 3 and pick(2, None, "--threads", "--num-threads") == 2
 
 
+@pytest.mark.parametrize("cmd", [["pretrain-text", "--data", "x.pkl", "--out", "o"],
+                                 ["distill-text", "--teacher", "t.pt", "--data", "x.pkl", "--layers", "1", "--out", "o"],
+                                 ["eval", "--ckpt", "t.pt"], ["predict", "--ckpt", "t.pt", "--text", "x"]])
+def test_every_model_command_takes_device(cmd, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    r = CliRunner().invoke(main, cmd + ["--device", "cuda"])
+    assert r.exit_code == 2 and "no CUDA GPU" in r.output and r.output.count("error:") == 1, r.output
+
+
 def _python_block(md: Path) -> str:
     return re.search(r"```python\n(.*?)```", md.read_text(), re.S).group(1)
 
