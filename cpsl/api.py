@@ -80,7 +80,8 @@ class Run:
 
     @property
     def seeds(self) -> list[int]:
-        return [int(p.name[4:]) for p in sorted(self.out.glob("seed*")) if (p / "best.pt").is_file()]
+        return sorted(int(p.name[4:]) for p in self.out.glob("seed*")
+                      if p.name[4:].isdigit() and (p / "best.pt").is_file())
 
     def ckpt(self, seed: int | None = None) -> Path:
         """``OUT/seed<seed>/best.pt`` (default: the first seed)."""
@@ -106,8 +107,7 @@ def fit(cfg: "Config | None" = None, data: "DataLike" = "synth", out: str | Path
     strategies.check(cfg)
     check_out(str(out), resume=resume, overwrite=overwrite)
     d = _data(data, cfg)
-    if not hasattr(data, "splits"):
-        cfg.data.path = str(data)
+    cfg.data.path = str(data) if not hasattr(data, "splits") else (d.path or "(in memory)")   # recorded in the run
     res = run_training(cfg, d, str(out), resume=resume, log=log or (lambda *a, **k: None), overwrite=overwrite)
     return Run(Path(out), res)
 
