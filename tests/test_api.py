@@ -104,13 +104,32 @@ def test_predict_refuses_bad_input_with_one_line(tmp_path):
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "not found" in r.output
 
 
-def test_predict_refuses_a_checkpoint_without_a_text_encoder(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "r"
     r = CliRunner().invoke(main, ["train", "--data", "synth", "--preset", "student", "--epochs", "1", "--seeds", "1",
-                                  "--quiet", "--out", str(tmp_path / "r"), "--set", "data.synth={\"n_train\": 64, "
+                                  "--quiet", "--out", str(out), "--set", "data.synth={\"n_train\": 64, "
                                   "\"n_valid\": 32, \"n_test\": 32}", "--threads", "1"])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["predict", "--ckpt", str(tmp_path / "r" / "seed1" / "best.pt"), "--text", "hi"])
+    return out
+
+
+def test_predict_refuses_a_checkpoint_without_a_text_encoder(tiny_run):
+    r = CliRunner().invoke(main, ["predict", "--ckpt", str(tiny_run / "seed1" / "best.pt"), "--text", "hi"])
     assert r.exit_code == 2 and "cannot score raw text" in r.output
+
+
+def test_eval_out_is_a_folder_refused_unless_overwrite_and_data_defaults_to_the_checkpoints(tiny_run, tmp_path):
+    ck = str(tiny_run / "seed1" / "best.pt")
+    r = CliRunner().invoke(main, ["eval", "--ckpt", ck, "--out", str(tmp_path / "e"), "--split", "valid"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "e" / "eval.json").read_text())
+    want = json.loads((tiny_run / "results.json").read_text())["per_seed"][0]["valid"]["MAE"]
+    assert res["data"] == "synth" and res["metrics"]["MAE"] == pytest.approx(want, abs=1e-6)
+    assert len((tmp_path / "e" / "predictions.csv").read_text().splitlines()) == 33
+    r = CliRunner().invoke(main, ["eval", "--ckpt", ck, "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert CliRunner().invoke(main, ["eval", "--ckpt", ck, "--out", str(tmp_path / "e"), "--overwrite"]).exit_code == 0
 
 
 def test_deprecated_aliases_still_parse_and_say_so():

@@ -90,7 +90,7 @@ def eval_cmd(ckpt, data_path, split, out, overwrite, mask_modality, device, cont
     device_check(device)
     if split not in ("train", "valid", "test"):
         raise CPSLError(f"unknown split {split!r} (choose train, valid or test)")
-    csv_out = _eval_outputs(out, overwrite)
+    csv_out, json_out = _eval_outputs(out, overwrite)
     model, cfg, _ = load_model(ckpt, device)
     data_path = data_path or cfg.data.path
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
@@ -121,8 +121,6 @@ def eval_cmd(ckpt, data_path, split, out, overwrite, mask_modality, device, cont
             for i in range(len(s)):
                 wr.writerow([s.ids[i], repr(float(s.labels[i])), repr(float(ev["pred"][i]))]
                             + [repr(float(ev["aux_pred"][m][i])) for m in model.modalities])
-        json_out = csv_out.with_name("eval.json") if csv_out.name == "predictions.csv" and not str(out).endswith(
-            ".csv") else Path(str(csv_out) + ".json")
         json_out.write_text(json.dumps(result, indent=2))
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -136,21 +134,21 @@ def eval_cmd(ckpt, data_path, split, out, overwrite, mask_modality, device, cont
         for m, v in c["shapley"].items():
             click.echo(f"  {m:8s} {v:+.4f}")
     if csv_out:
-        click.echo(f"wrote {csv_out}")
+        click.echo(f"wrote {csv_out} and {json_out}")
 
 
-def _eval_outputs(out, overwrite: bool) -> Path | None:
-    """``--out DIR`` -> DIR/predictions.csv (refused when present unless --overwrite); ``--out FILE.csv``
-    -> that file (the old form, with a note)."""
+def _eval_outputs(out, overwrite: bool) -> tuple[Path | None, Path | None]:
+    """``(predictions csv, result json)``: ``--out DIR`` -> DIR/predictions.csv, DIR/eval.json (refused when
+    present unless --overwrite); ``--out FILE.csv`` -> FILE.csv, FILE.csv.json (the old form, with a note)."""
     if not out:
-        return None
+        return None, None
     if str(out).endswith(".csv"):
         click.echo("note: --out FILE.csv is deprecated, use --out DIR (DIR/predictions.csv, DIR/eval.json)", err=True)
-        return Path(out)
+        return Path(out), Path(f"{out}.json")
     p = Path(out) / "predictions.csv"
     if p.exists() and not overwrite:
         raise CPSLError(f"{p} exists: pass --overwrite to replace it (or choose another --out)")
-    return p
+    return p, p.with_name("eval.json")
 
 
 @click.command()
