@@ -59,7 +59,7 @@ class ExportSettings:
 
     def check(self, onnx_path: Path) -> None:
         if onnx_path.suffix != ".onnx":
-            raise CPSLError(f"--onnx must end in .onnx, got {onnx_path.name}")
+            raise CPSLError(f"the artefact name must end in .onnx, got {onnx_path.name}")
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise CPSLError("--calib-batches and --calib-batch-size must be >= 1")
         if self.max_batch < 1:
@@ -175,5 +175,7 @@ def _finish(model, ck, ckpt, s, prec, inp, ref, graphs, paths, say, warn, tok) -
                for p in (paths.onnx, paths.golden, paths.script, paths.plan, paths.tokenizer)
                if p.is_file() and (p != paths.tokenizer or tok)}
     paths.manifest.write_text(json.dumps(m.to_dict(), indent=2))
+    from .card import write_card
+    write_card(m.to_dict(), paths.onnx)                            # README.md / <stem>.README.md: the model card
     return m
 
