@@ -251,9 +251,12 @@ class _State:
             self.guard.skipped = int(ck.get("skipped_steps", 0))
             self.modulator_state = ck.get("modulator") or {}
             self.amp.load_state_dict(ck.get("amp_scaler"))
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, IndexError, AttributeError) as e:
             raise CPSLError(f"{path} cannot be resumed from ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:100] if str(e) else ''})") from None
+        if self.start_epoch > self.cfg.train.epochs:
+            raise CPSLError(f"cannot resume from {path}: it is after epoch {ck['epoch']}, past train.epochs="
+                            f"{self.cfg.train.epochs}; pass --epochs {self.start_epoch + 1} or more to continue it")
         log(f"seed {self.seed}: resuming after epoch {ck['epoch']}")
 
     def checkpoint_extra(self, modulator) -> dict:
