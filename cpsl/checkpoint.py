@@ -131,11 +131,11 @@ def _upgrade_rng(ck: dict, path) -> None:
                         "only (cpsl-ckpt-1 files: the NumPy RNG state alone); refusing to load it")
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict, read without executing code; :class:`CPSLError` (one line) otherwise."""
+def load_plain(path: str | Path, what: str = "cpsl checkpoint"):
+    """``torch.load`` of a file cpsl wrote, after :func:`_scan_zip`, admitting tensors and plain data only."""
     p = Path(path)
     if not p.is_file():
-        raise CPSLError(f"checkpoint not found: {path}" if not p.exists() else f"checkpoint {path} is not a file")
+        raise CPSLError(f"{what} not found: {path}" if not p.exists() else f"{what} {path} is not a file")
     _scan_zip(p, path)
     try:
         with torch.serialization.safe_globals(torch_safe_globals()):
@@ -146,8 +146,14 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CPSLError(f"{path} holds objects other than tensors and plain data ({what.splitlines()[0][:160] if what else 'refused'}); "
                         "refusing to load it (it could run code)") from None
     except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        raise CPSLError(f"{path} is not a readable cpsl checkpoint ({type(e).__name__})") from None
+        raise CPSLError(f"{path} is not a readable {what} ({type(e).__name__})") from None
     check_tree(ck, str(path), (torch.Tensor, torch.Size, torch.device, torch.dtype))
+    return ck
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict, read without executing code; :class:`CPSLError` (one line) otherwise."""
+    ck = load_plain(path)
     fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
     if not isinstance(fmt, str) or fmt not in READABLE_FORMATS:
         raise CPSLError(f"{path} is not a cpsl checkpoint (format {str(fmt)[:40]})")

@@ -463,7 +463,7 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     ``out`` holding a run is refused unless ``resume`` (same run: checked) or ``overwrite``.
     ``extra_loss_factory(seed) -> nn.Module`` adds a loss term per seed (see :func:`train_seed`)."""
     from .data.mmsa import require_splits
-    from .runs import data_fingerprint, prepare_out
+    from .runs import data_fingerprint, prepare_out, release_out
     strategies.check(cfg)
     require_splits({n: len(sp) for n, sp in data.splits.items()}, data.path or "the data")
     check_lengths(cfg.model, data, data.modalities, "config")
@@ -471,7 +471,15 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     ctx = distributed.setup(cfg, fingerprint, len(data["train"]), strategies.get(cfg.train.modulation).needs)
     if not ctx.is_main:                                # under torchrun rank 0 speaks and writes
         log = _silent
-    out = ctx.on_main(prepare_out, out, resume=resume, overwrite=overwrite) or Path(out)
+    out = ctx.on_main(prepare_out, out, resume=resume, overwrite=overwrite, seeds=cfg.train.seeds) or Path(out)
+    try:
+        return _run_seeds(cfg, data, out, ctx, resume, log, extra_loss_factory, fingerprint)
+    finally:
+        release_out(out)
+
+
+def _run_seeds(cfg, data, out: Path, ctx, resume, log, extra_loss_factory, fingerprint) -> dict:
+    """:func:`run` once ``out`` is prepared and locked."""
     for w in data.warnings():
         log(f"warning: {data.path or 'the data'}: {w}")
     if cfg.train.num_threads:
