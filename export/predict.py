@@ -49,6 +49,11 @@ def main(argv) -> int:
             ids, texts, feats = fe.read_batch_csv(args.csv, man)
         else:
             ids, texts = [str(k) for k in range(len(args.text))], list(args.text)
+            for t in texts:
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UsageError("--text is not valid UTF-8 text") from None
             feats = {}
             for m in others:
                 if m != "audio" or not args.audio_features:
@@ -64,16 +69,22 @@ def main(argv) -> int:
             preds.append(np.asarray(run_checked(backend, feeds, f"texts {s}..{s + len(feeds['input_ids']) - 1}"),
                                     np.float32).reshape(-1))
         preds = np.concatenate(preds)
+        for o in (args.out, args.json):
+            if o and Path(o).is_dir():
+                raise UsageError(f"{o} is a folder; give a file name")
+        if args.out:
+            fe.write_predictions(args.out, ids, texts, preds)
+            print(f"wrote {args.out}: {len(preds)} predictions ({backend.name} {backend.device})")
+        else:
+            for t, p in zip(texts, preds):
+                print(f"{float(p):+.6f}\t{t}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": str(model), "backend": backend.name, "predictions": [
+                {"id": i, "text": t, "sentiment": float(p)} for i, t, p in zip(ids, texts, preds)]}, indent=2))
     except (UsageError, fe.InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        fe.write_predictions(args.out, ids, texts, preds)
-        print(f"wrote {args.out}: {len(preds)} predictions ({backend.name} {backend.device})")
-    else:
-        for t, p in zip(texts, preds):
-            print(f"{float(p):+.6f}\t{t}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model), "backend": backend.name, "predictions": [
-            {"id": i, "text": t, "sentiment": float(p)} for i, t, p in zip(ids, texts, preds)]}, indent=2))
+    except OSError as e:                       # an unwritable output (/dev/full, a read-only folder)
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 2
     return 0
