@@ -11,8 +11,12 @@ import re
 from dataclasses import fields
 
 from .errors import CPSLError
+from .limits import gib, limit
 
 INF = math.inf
+MAX_SEED = 2**32 - 1            # what every generator (Python, NumPy, torch) takes
+MAX_WIDTH = 1 << 16             # model.d, head_hidden: beyond any model this package builds
+MAX_LAYERS = 256
 
 
 def _int(lo=-INF, hi=INF, odd=False):
@@ -36,11 +40,12 @@ def _float(lo=-INF, hi=INF, lo_open=False, hi_open=False):
 
 
 def _range(what, lo, hi, lo_open=False, hi_open=False) -> str:
+    lo_s, hi_s = (str(x) if isinstance(x, int) else f"{x:g}" for x in (lo, hi))
     if hi == INF:
-        return f"{what} {'>' if lo_open else '>='} {lo:g}"
+        return f"{what} {'>' if lo_open else '>='} {lo_s}"
     if lo == -INF:
-        return f"{what} {'<' if hi_open else '<='} {hi:g}"
-    return f"{what} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"{what} {'<' if hi_open else '<='} {hi_s}"
+    return f"{what} in {'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
 
 
 def _type(t, name):
@@ -50,8 +55,8 @@ def _type(t, name):
 def _seeds(v):
     if not isinstance(v, list) or not v:
         return "a non-empty list of integers (e.g. 1,2,3)"
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
-        return "a list of integers >= 0 (e.g. 1,2,3)"
+    if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in v):
+        return f"a list of integers in [0, {MAX_SEED}] (e.g. 1,2,3)"
     if len(set(v)) != len(v):
         return "a list of distinct seeds"
     return None
@@ -68,11 +73,13 @@ _NONNEG = _float(0.0)
 
 RULES = {
     "data": {"path": _STR, "batch_size": _int(1), "eval_batch_size": _int(1), "bucket": _int(0),
-             "synth_seed": _int(0), "synth": _DICT},
-    "model": {"d": _int(1), "heads": _int(1), "dropout": _float(0.0, 1.0, hi_open=True),
-              "text_layers": _int(0), "audio_layers": _int(0), "vision_layers": _int(0),
+             "synth_seed": _int(0, MAX_SEED), "synth": _DICT},
+    "model": {"d": _int(1, MAX_WIDTH), "heads": _int(1, MAX_WIDTH), "dropout": _float(0.0, 1.0, hi_open=True),
+              "text_layers": _int(0, MAX_LAYERS), "audio_layers": _int(0, MAX_LAYERS),
+              "vision_layers": _int(0, MAX_LAYERS),
               "text_kernel": _int(1, odd=True), "audio_kernel": _int(1, odd=True), "vision_kernel": _int(1, odd=True),
-              "norm_momentum": _float(0.0, 1.0), "max_len": _int(1), "ame": _BOOL, "head_hidden": _int(0),
+              "norm_momentum": _float(0.0, 1.0), "max_len": _int(1, 1 << 24), "ame": _BOOL,
+              "head_hidden": _int(0, MAX_WIDTH),
               "text_encoder": _STR, "finetune_text": _BOOL},
     "loss": {"aux": _NONNEG, "rec": _NONNEG, "sl": _NONNEG, "div": _NONNEG, "sl_out": _NONNEG,
              "warmup_epochs": _int(0), "eps": _float(0.0, lo_open=True)},
@@ -89,7 +96,7 @@ RULES = {
     "moddrop": {"p": _float(0.0, 1.0), "p_dominant": _float(0.0, 1.0), "ema": _float(0.0, 1.0, hi_open=True)},
     "train": {"epochs": _int(1), "patience": _int(1), "lr": _float(0.0, lo_open=True), "text_lr": _NONNEG,
               "weight_decay": _NONNEG, "clip": _NONNEG, "seeds": _seeds, "device": _device,
-              "num_threads": _int(0), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL,
+              "num_threads": _int(0, 1024), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL,
               "warmup_epochs": _NONNEG, "lr_horizon": _float(0.0, lo_open=True), "lr_min": _float(0.0, 1.0),
               "ema": _float(0.0, 1.0, hi_open=True)},
 }
@@ -112,6 +119,7 @@ def check(cfg, choices: dict) -> None:
             if why:
                 raise CPSLError(f"config key {key} must be {why}, got {v!r}")
     m = cfg.model
+    _memory(m)
     if m.d % m.heads:
         raise CPSLError(f"config: model.d ({m.d}) must be divisible by model.heads ({m.heads})")
     if cfg.train.lr_schedule == "cosine" and cfg.train.lr_horizon <= cfg.train.warmup_epochs:
@@ -122,3 +130,13 @@ def check(cfg, choices: dict) -> None:
                         "use bf16 or off on the CPU")
     if cfg.cp.end_epoch < cfg.cp.start_epoch:
         raise CPSLError(f"config key cp.end_epoch ({cfg.cp.end_epoch}) must be >= cp.start_epoch ({cfg.cp.start_epoch})")
+
+
+def _memory(m) -> None:
+    """Refuse a model whose largest table (positional encoding ``max_len x d``, a ``4d x d`` projection)
+    exceeds ``CPSL_MAX_ARRAY_BYTES``, before anything is allocated."""
+    cap = limit("CPSL_MAX_ARRAY_BYTES")
+    for what, n in (("model.max_len x model.d", m.max_len * m.d), ("4 x model.d^2", 4 * m.d * m.d)):
+        if 4 * n > cap:
+            raise CPSLError(f"config: {what} needs a {gib(4 * n)} table, beyond the limit CPSL_MAX_ARRAY_BYTES="
+                            f"{gib(cap)} (set the environment variable to allow more)")

@@ -10,7 +10,7 @@ variable                       default      what it bounds
 ``CPSL_MAX_PICKLE_DEPTH``      64           nesting of containers in a data file/checkpoint
 ``CPSL_MAX_PICKLE_ITEMS``      50,000,000   items of the containers, shared references counted
                                             each time they are used (what ``np.asarray`` builds)
-``CPSL_MAX_ARRAY_BYTES``       16 GiB       one array (a file's, or one a config makes: the
+``CPSL_MAX_ARRAY_BYTES``       8 GiB        one array (a file's, or one a config makes: the
                                             synthetic data, a batch, the model's tables)
 =============================  ===========  ===============================================
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-DEFAULTS = {"CPSL_MAX_PICKLE_DEPTH": 64, "CPSL_MAX_PICKLE_ITEMS": 50_000_000, "CPSL_MAX_ARRAY_BYTES": 16 << 30}
+DEFAULTS = {"CPSL_MAX_PICKLE_DEPTH": 64, "CPSL_MAX_PICKLE_ITEMS": 50_000_000, "CPSL_MAX_ARRAY_BYTES": 8 << 30}
 
 
 def limit(name: str) -> int:

@@ -218,6 +218,8 @@ def load_mmsa(path: str | Path, require_splits=SPLITS, trust_pickle: bool = Fals
         raise CPSLError(f"data file not found: {path}")
     if p.is_dir():
         raise CPSLError(f"data path is a folder, expected an MMSA .pkl file: {path}")
+    if not p.is_file():                         # a FIFO, socket or device: reading it could block forever
+        raise CPSLError(f"data path is not a regular file (a pipe or device?): {path}")
     try:
         with open(p, "rb") as f:
             raw = safe_load(f, path, trust=trust_pickle)
