@@ -33,7 +33,7 @@ from .data.batch import iterate
 from .data.mmsa import MMSAData, Split
 from .errors import CPSLError
 from .losses import task_loss, total_loss
-from .metrics import METRIC_KEYS, mean_std, mmsa_metrics
+from .metrics import METRIC_KEYS, mean_std, mmsa_metrics, undefined_metrics
 from .model import CPSLModel
 from .tblog import ScalarLog
 
@@ -107,7 +107,7 @@ def evaluate(model, split, cfg: Config, device, mask_modality=None) -> dict:
     res["loss"] = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), cfg.loss.task))
     aux_loss = {m: float(task_loss(torch.from_numpy(p), torch.from_numpy(y), cfg.loss.task)) for m, p in aux.items()}
     return {"metrics": res, "aux": {m: mmsa_metrics(p, y) for m, p in aux.items()}, "aux_loss": aux_loss,
-            "pred": pred, "aux_pred": aux}
+            "pred": pred, "aux_pred": aux, "undefined": undefined_metrics(pred, y)}
 
 
 def contributions(model: CPSLModel, split: Split, cfg: Config, device, metric: str = "MAE") -> dict:
@@ -445,6 +445,10 @@ def _final(st: _State, modulator, plan_builds0: int, log=print) -> dict:
             ev = evaluate(best, st.data[split], st.cfg, st.device)
             res[split] = {k: ev["metrics"][k] for k in METRIC_KEYS}
             res[f"{split}_aux"] = ev["aux"]
+            if ev["undefined"]:
+                res[f"{split}_undefined"] = ev["undefined"]
+                log(f"warning: seed {st.seed}: on {split}, " + "; ".join(f"{k} is undefined: {v}"
+                                                                          for k, v in ev["undefined"].items()))
     try:
         from .plots import plot_balance, plot_curves
         if not st.dist.is_main:
@@ -538,6 +542,9 @@ def aggregate(cfg: Config, data: MMSAData, per_seed: list[dict], fingerprint: st
     if all(j is not None for j in jit):
         results["jitter"] = mean_std([{"valid_MAE": j} for j in jit])["valid_MAE"]
     for split in ("valid", "test"):
+        why = {r["seed"]: r[f"{split}_undefined"] for r in per_seed if f"{split}_undefined" in r}
+        if why:                                        # NaN in the table below, and here why
+            results[f"{split}_undefined"] = why
         if all(split in r for r in per_seed):
             results[split] = mean_std([r[split] for r in per_seed])
             results[f"{split}_aux"] = {m: mean_std([r[f"{split}_aux"][m] for r in per_seed])

@@ -100,6 +100,9 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
     rows.update({f"{m} head": v for m, v in ev["aux"].items()})
     result = {"ckpt": str(ckpt), "data": data_path, "split": split, "mask_modality": mask_modality,
               "metrics": ev["metrics"], "aux": ev["aux"]}
+    if ev["undefined"]:                        # NaN in the metrics, and here why
+        result["undefined"] = ev["undefined"]
+        click.echo("warning: " + "; ".join(f"{k} is undefined: {v}" for k, v in ev["undefined"].items()), err=True)
     if mask_modality:
         full = evaluate(model, s, cfg, device)
         result["unmasked"] = full["metrics"]

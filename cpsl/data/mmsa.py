@@ -95,7 +95,14 @@ class MMSAData:
         return self.splits[name]
 
 
+def _not_numeric(a) -> bool:
+    """An array of objects, strings or records: refused rather than converted (``None`` would become NaN or 'None')."""
+    return isinstance(a, np.ndarray) and a.dtype.kind not in "biuf"
+
+
 def _as_3d(a, key: str, split: str, path: str) -> np.ndarray:
+    if _not_numeric(a):
+        raise CPSLError(f"{path}: {split}/{key} is not a numeric array (dtype {a.dtype})")
     try:
         arr = np.asarray(a, dtype=np.float32)
     except (TypeError, ValueError):
@@ -110,6 +117,8 @@ def _as_3d(a, key: str, split: str, path: str) -> np.ndarray:
 
 
 def _numeric(a, dtype, what: str, path: str) -> np.ndarray:
+    if _not_numeric(a):
+        raise CPSLError(f"{path}: {what} is not a numeric array (dtype {a.dtype})")
     try:
         return np.asarray(a).astype(dtype)
     except (TypeError, ValueError):
