@@ -63,7 +63,7 @@ def load_golden(path: str):
             feeds = {n: z[f"batch{i}_{n}"] for n in meta["inputs"]}
             batches.append((feeds, z[f"batch{i}_expected"], z[f"batch{i}_reference"]))
             if any(a.dtype.kind not in "fiub" for a in (*feeds.values(), *batches[-1][1:])):
-                raise UsageError(f"{path}: batch {i} holds a non-numeric array")
+                raise UsageError(f"{path}: batch {i}: an array is not a numeric array")
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - zip/npz/JSON/key errors: not a golden file

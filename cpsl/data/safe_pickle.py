@@ -228,7 +228,7 @@ class SafeArray(np.ndarray):
             raise UnsafePickleError("numpy array with a non-bool order flag")
         if dt.kind == "O":
             if not isinstance(data, list) or len(data) != n or not all(isinstance(x, _PLAIN_ITEMS) for x in data):
-                raise UnsafePickleError("numpy object array that is not a list of str/bytes/numbers (forged pointers)")
+                raise UnsafePickleError("a numpy object array holding something other than str/bytes/numbers")
         elif not isinstance(data, (bytes, bytearray)) or len(data) != n * dt.itemsize:
             raise UnsafePickleError(f"numpy array {shape} {dt} whose data is not exactly its {n * dt.itemsize} bytes")
         super().__setstate__((1, shape, dt, fortran, data))
