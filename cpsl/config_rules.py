@@ -133,10 +133,14 @@ def check(cfg, choices: dict) -> None:
 
 
 def _memory(m) -> None:
-    """Refuse a model whose largest table (positional encoding ``max_len x d``, a ``4d x d`` projection)
-    exceeds ``CPSL_MAX_ARRAY_BYTES``, before anything is allocated."""
+    """Refuse a model whose weights and optimizer state (about 16 bytes a parameter: weight, gradient, two
+    Adam moments; per modality (layers + 2) x 12 d^2 parameters and a max_len x d positional table) exceed
+    ``CPSL_MAX_ARRAY_BYTES``, before anything is allocated."""
     cap = limit("CPSL_MAX_ARRAY_BYTES")
-    for what, n in (("model.max_len x model.d", m.max_len * m.d), ("4 x model.d^2", 4 * m.d * m.d)):
-        if 4 * n > cap:
-            raise CPSLError(f"config: {what} needs a {gib(4 * n)} table, beyond the limit CPSL_MAX_ARRAY_BYTES="
-                            f"{gib(cap)} (set the environment variable to allow more)")
+    d, hh = m.d, max(m.head_hidden, m.d)
+    params = sum(12 * d * d * (n + 2) + m.max_len * d for n in (m.text_layers, m.audio_layers, m.vision_layers))
+    need = 16 * (params + 4 * d * hh)
+    if need > cap:
+        raise CPSLError(f"config: model.d={m.d}, its layers and model.max_len={m.max_len} need about {gib(need)} for "
+                        f"the weights and optimizer state, beyond the limit CPSL_MAX_ARRAY_BYTES={gib(cap)} "
+                        "(set the environment variable to allow more)")

@@ -70,8 +70,8 @@ def main(argv) -> int:
                                     np.float32).reshape(-1))
         preds = np.concatenate(preds)
         for o in (args.out, args.json):
-            if o and Path(o).is_dir():
-                raise UsageError(f"{o} is a folder; give a file name")
+            if o and Path(o).exists() and not Path(o).is_file():
+                raise UsageError(f"{o} is a folder, pipe or device; give a regular file name")
         if args.out:
             fe.write_predictions(args.out, ids, texts, preds)
             print(f"wrote {args.out}: {len(preds)} predictions ({backend.name} {backend.device})")

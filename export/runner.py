@@ -447,8 +447,8 @@ def main(argv=None) -> int:
             raise UsageError("--iters must be in [1, 1000000] and --warmup in [0, 1000000]")
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise UsageError(f"--json: folder {Path(args.json).parent} does not exist")
-        if args.json and Path(args.json).is_dir():
-            raise UsageError(f"--json {args.json} is a folder; give a file name")
+        if args.json and Path(args.json).exists() and not Path(args.json).is_file():
+            raise UsageError(f"--json {args.json} is a folder, pipe or device; give a regular file name")
         backend = open_backend(args.model, args.threads, args.provider)
         result = {"model": str(args.model), "backend": backend.name, "runtime_version": backend.version,
                   "device": backend.device, "host": platform.node(), "machine": platform.machine(),

@@ -142,7 +142,7 @@ def test_golden_meta_of_the_wrong_kind_is_refused(artefacts, tmp_path, change, n
 @pytest.mark.parametrize("args,needle", [
     (["--check", "fp32.golden.npz", "--atol", "inf"], "atol"),
     (["--check", "fp32.golden.npz", "--json", "."], "is a folder"),
-    (["--check", "fp32.golden.npz", "--json", "/dev/full"], "error:"),
+    (["--check", "fp32.golden.npz", "--json", "/dev/full"], "pipe or device"),
     (["--bench", "--batch", "100000000", "--iters", "1"], "CPSL_MAX_ARRAY_BYTES"),
     (["--bench", "--batch", "1", "--len", "1000000000", "--iters", "1"], "CPSL_MAX_ARRAY_BYTES"),
     (["--bench", "--iters", "1000000000000"], "--iters"),

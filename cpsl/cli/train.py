@@ -112,6 +112,8 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
         from ..train import contributions as shapley
         result["contributions"] = shapley(model, s, cfg, device)
     if out:
+        from ..fileutil import check_output_file
+        check_output_file(out)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as f:
             wr = csv.writer(f)

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..config import MODALITIES
 from ..errors import CPSLError
+from ..fileutil import check_output_file
 from .safe_pickle import safe_load
 
 SPLITS = ("train", "valid", "test")
@@ -281,6 +282,7 @@ def save_mmsa(data: MMSAData | dict, path: str | Path) -> None:
         raw = {name: split_to_raw(s) for name, s in data.splits.items()}
     else:
         raw = data
+    check_output_file(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump(raw, f, protocol=4)
