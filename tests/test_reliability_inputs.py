@@ -10,14 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: find helpers_cli
-from helpers_cli import cli, one_error_line, tiny_dataset, write_pickle  # noqa: E402
-
-torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["--preset", "student", "--quiet", "--set", "train.num_threads=1"]
+from helpers_cli import TRAIN_ARGS as TRAIN  # noqa: E402
+from helpers_cli import cli, one_error_line, tiny_dataset, train_tiny, write_pickle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +23,7 @@ def pkl(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, pkl):
-    root = tmp_path_factory.mktemp("ck29")
-    res = cli("train", "--data", pkl, "--out", root / "run", "--epochs", "1", *TRAIN)
-    assert res.exit_code == 0, res.output
-    return root / "run" / "seed1" / "best.pt"
+    return train_tiny(tmp_path_factory.mktemp("ck29") / "run", pkl)
 
 
 def _tree(root: Path) -> dict:
@@ -102,7 +95,7 @@ def test_two_concurrent_trains_one_refused(pkl, tmp_path):
     """Two real processes started together on one --out: one runs, the other is refused (by the lock while
     the first runs, or as a folder holding a run once it has finished); never two runs mixed in one folder."""
     import os
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "cpsl", "train", "--data", str(pkl), "--out", str(tmp_path / "run"), "--epochs", "2",
            *TRAIN]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
