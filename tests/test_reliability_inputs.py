@@ -176,3 +176,14 @@ def test_resume_past_the_epochs_says_so(pkl, tmp_path):
     assert cli("train", "--data", pkl, "--out", out, "--epochs", "3", *TRAIN).exit_code == 0
     one_error_line(cli("train", "--data", pkl, "--out", out, "--epochs", "1", "--resume", *TRAIN),
                    "past train.epochs=1")
+
+
+def test_pipe_outputs_refused_not_blocking(ckpt, pkl, tmp_path, fifo):
+    """export and compare used to block forever writing into a FIFO given as their output."""
+    pytest.importorskip("onnxruntime")
+    import os
+    onnx = tmp_path / "m.onnx"
+    os.mkfifo(onnx)
+    one_error_line(cli("export", "--ckpt", ckpt, "--onnx", onnx, "--data", pkl, "--quiet"), "a pipe or device")
+    run = ckpt.parent.parent
+    one_error_line(cli("compare", f"a={run}", f"b={run}", "--out", fifo), "a pipe or device")

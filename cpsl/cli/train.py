@@ -207,7 +207,10 @@ def compare(runs, split, out):
     md = markdown(res)
     click.echo(md, nl=False)
     if out:
+        from ..fileutil import check_output_file
         p = Path(out)
+        check_output_file(p)
+        check_output_file(p.with_suffix(".json"))
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(md)
         p.with_suffix(".json").write_text(json.dumps(res, indent=2))
