@@ -39,6 +39,11 @@ def main(argv) -> int:
     try:
         if args.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
+        for t in args.text or ():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:                 # undecodable bytes in argv arrive as surrogates
+                raise UsageError("--text is not valid UTF-8 text") from None
         model = Path(args.model)
         if not model.is_file():
             raise UsageError(f"model file not found: {args.model}")
@@ -49,11 +54,6 @@ def main(argv) -> int:
             ids, texts, feats = fe.read_batch_csv(args.csv, man)
         else:
             ids, texts = [str(k) for k in range(len(args.text))], list(args.text)
-            for t in texts:
-                try:
-                    t.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise UsageError("--text is not valid UTF-8 text") from None
             feats = {}
             for m in others:
                 if m != "audio" or not args.audio_features:

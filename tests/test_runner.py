@@ -161,3 +161,33 @@ def test_malformed_manifest_profile_is_one_line(artefacts, tmp_path):
     (tmp_path / "m.manifest.json").write_text(json.dumps(man))
     r = runner(artefacts, tmp_path / "m.onnx", "--bench", "--iters", "1", "--threads", "1")
     assert r.returncode == 2 and "engine_profile" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _predict(root: Path, *args):
+    env = {"PYTHONPATH": str(root / "notorch"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+           "LC_ALL": "C.UTF-8"}
+    return subprocess.run([sys.executable, str(RUNNER), "predict", *args], capture_output=True, env=env, cwd=root,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("tok,needle", [
+    ({"file": "../outside.json", "max_length": 16}, "only from a plain file beside the model"),
+    ({"file": "/etc/hostname", "max_length": 16}, "only from a plain file beside the model"),
+    ({"file": "t.json", "max_length": "16"}, "max_length"),
+    ("t.json", "'tokenizer' must"),
+])
+def test_predict_reads_a_tokenizer_only_beside_the_model(artefacts, tmp_path, tok, needle):
+    import shutil
+    shutil.copy(artefacts / "fp32.onnx", tmp_path / "m.onnx")
+    (tmp_path.parent / "outside.json").write_text("{}")
+    man = {"graph": "tokens", "tokenizer": tok, "modalities": ["text"], "dims": {"text": 8}}
+    (tmp_path / "m.manifest.json").write_text(json.dumps(man))
+    r = _predict(artefacts, "--model", str(tmp_path / "m.onnx"), "--text", "good")
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], r.stderr
+
+
+def test_predict_refuses_non_utf8_text(artefacts):
+    r = _predict(artefacts, "--model", "fp32.onnx", "--text", b"caf\xe9 \xff")
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "not valid UTF-8" in err[0], r.stderr
