@@ -7,9 +7,9 @@ file with a payload (an object that ``__reduce__``s to ``os.system``) is refused
 before anything runs. Before torch reads it, the pickle inside is scanned like an MMSA file
 (nesting depth, item count; :mod:`.data.safe_pickle`), and NumPy names resolve only to that
 module's validating stand-ins. A ``cpsl-ckpt-2`` checkpoint holds no NumPy object at all (one that
-does is refused); ``cpsl-ckpt-1`` files of earlier versions may hold the NumPy RNG state (a
-checked uint32 array), which is converted to plain data on reading and is the only NumPy object
-admitted. Models whose weights are not all finite are
+does is refused); ``cpsl-ckpt-1`` files of earlier versions hold the NumPy RNG state (a checked
+uint32 array) and possibly NumPy scalars, all checked by the stand-ins and converted to plain data
+on reading. Models whose weights are not all finite are
 refused by :func:`load_model` (evaluating or exporting them gives meaningless numbers).
 """
 from __future__ import annotations
@@ -114,9 +114,20 @@ def _numpy_at(obj, where: str = "") -> str | None:
     return None
 
 
+def _to_plain(o):
+    """NumPy scalars and arrays (already checked by the loader's stand-ins) as Python numbers and lists."""
+    if isinstance(o, (np.ndarray, np.generic)):
+        return o.tolist()
+    if isinstance(o, dict):
+        return type(o)((k, _to_plain(v)) for k, v in o.items())
+    if isinstance(o, (list, tuple)):
+        return type(o)(_to_plain(v) for v in o)
+    return o
+
+
 def _upgrade_rng(ck: dict, path) -> None:
-    """cpsl-ckpt-1 kept ``np.random.get_state()`` (a NumPy array) in ``rng/numpy``: made plain data here, and the
-    only NumPy object such a file may hold."""
+    """cpsl-ckpt-1 kept ``np.random.get_state()`` (a NumPy array) in ``rng/numpy``: made plain data here. Its
+    other NumPy values (scalars in the history) become Python numbers; a newer checkpoint holds none."""
     st = ck.get("rng")
     npst = st.get("numpy") if isinstance(st, dict) else None
     if isinstance(npst, tuple) and len(npst) == 5 and isinstance(npst[1], np.ndarray):
@@ -125,10 +136,13 @@ def _upgrade_rng(ck: dict, path) -> None:
             raise CPSLError(f"{path}: the checkpoint's NumPy RNG state is not 624 integers")
         st["numpy"] = {"kind": str(npst[0]), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": npst[2],
                        "has_gauss": npst[3], "gauss": npst[4]}
+    if ck.get("format") == "cpsl-ckpt-1":          # numbers in its history etc. may be NumPy scalars: made plain
+        for k in list(ck):
+            ck[k] = _to_plain(ck[k])
     where = _numpy_at(ck)
     if where is not None:
         raise CPSLError(f"{path} holds a NumPy object at {where}; a cpsl checkpoint holds tensors and plain data "
-                        "only (cpsl-ckpt-1 files: the NumPy RNG state alone); refusing to load it")
+                        "only; refusing to load it")
 
 
 def load_plain(path: str | Path, what: str = "cpsl checkpoint"):

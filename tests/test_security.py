@@ -153,8 +153,12 @@ def test_old_format_checkpoint_loads_safely(tmp_path):
           "model": m.state_dict(), "optimizer": None, "epoch": 0,
           "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
     torch.save(ck, tmp_path / "old.pt")
+    ck["history"] = [{"epoch": 0, "valid": {"MAE": np.float64(0.5)}, "balance": np.array([0.25, 0.75])}]
+    torch.save(ck, tmp_path / "old.pt")
     model, _, ck2 = load_model(tmp_path / "old.pt")
     set_rng_state(ck2["rng"])
+    assert ck2["history"][0]["valid"]["MAE"] == 0.5 and type(ck2["history"][0]["valid"]["MAE"]) is float
+    assert ck2["history"][0]["balance"] == [0.25, 0.75] and torch.is_tensor(ck2["rng"]["numpy"]["keys"])
     for k, v in m.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
 
