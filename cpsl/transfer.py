@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,8 +128,8 @@ def check_out(out: Path, resume: bool, overwrite: bool, remove: bool = True) -> 
         raise CPSLError(f"--out {out} already holds a transfer ({', '.join(found[:3])}); pass --resume to "
                         "continue it or --overwrite to replace it")
     if found and overwrite and remove:
-        for f in list(out.iterdir()):
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        for f in found:                            # only what a transfer writes, never the rest of the folder
+            (out / f).unlink()
     return found
 
 
@@ -199,25 +198,28 @@ class _Run:
         tmp.replace(path)
 
     def load_state(self, path: Path) -> None:
-        import torch
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a broken or foreign file is the user's input
-            raise CPSLError(f"{path} is not a readable transfer state ({type(e).__name__})") from None
+        from .checkpoint import load_plain
+        ck = load_plain(path, "transfer state")
         if not isinstance(ck, dict) or ck.get("format") != "cpsl-transfer-1":
             raise CPSLError(f"{path} is not a transfer state written by cpsl pretrain-text")
-        old, new = ck["identity"], self.identity
+        old, new = ck.get("identity"), self.identity
+        if not isinstance(old, dict) or not isinstance(old.get("settings"), dict) or "data" not in old:
+            raise CPSLError(f"{path}: the transfer state has no valid 'identity' entry")
         was = {**asdict(TransferSettings()), **old["settings"]}           # a key it predates ran as its default
         diffs = [f"{k} ({was.get(k)!r} -> {v!r})" for k, v in new["settings"].items() if was.get(k) != v]
         if old["data"] != new["data"]:
             diffs.insert(0, "the data (content fingerprint differs)")
         if diffs:
             raise CPSLError(f"cannot resume from {path}: it was written with another {'; '.join(diffs[:4])}")
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.step, self.best, self.history = int(ck["step"]), ck["best"], list(ck["history"])
-        self.loss_sum, self.loss_n = float(ck["loss_sum"]), int(ck["loss_n"])
-        torch.set_rng_state(ck["torch_rng"])
+        import torch
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.step, self.best, self.history = int(ck["step"]), ck["best"], list(ck["history"])
+            self.loss_sum, self.loss_n = float(ck["loss_sum"]), int(ck["loss_n"])
+            torch.set_rng_state(ck["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, IndexError, AttributeError) as e:
+            raise CPSLError(f"{path} cannot be resumed from ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _train_steps(run: _Run, epoch: int, stop: int, bar) -> float:

@@ -20,8 +20,13 @@ class _Group(click.Group):
         except CPSLError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-            click.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
+        except OSError as e:         # a missing/unreadable input, an unwritable output (/dev/full, too long a name)
+            name = str(e.filename or "")
+            where = f": {name[:120]}{'...' if len(name) > 120 else ''}" if name else " (writing an output)"
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory (lower the data or model sizes, or the batch size)", err=True)
             sys.exit(2)
         except click.UsageError as e:  # a subcommand's bad option: one line too (not click's usage block)
             if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):

@@ -105,6 +105,9 @@ def eval_cmd(ckpt, data_path, split, out, overwrite, mask_modality, device, cont
     rows.update({f"{m} head": v for m, v in ev["aux"].items()})
     result = {"ckpt": str(ckpt), "data": data_path, "split": split, "mask_modality": mask_modality,
               "metrics": ev["metrics"], "aux": ev["aux"]}
+    if ev["undefined"]:                        # NaN in the metrics, and here why
+        result["undefined"] = ev["undefined"]
+        click.echo("warning: " + "; ".join(f"{k} is undefined: {v}" for k, v in ev["undefined"].items()), err=True)
     if mask_modality:
         full = evaluate(model, s, cfg, device)
         result["unmasked"] = full["metrics"]
@@ -114,6 +117,8 @@ def eval_cmd(ckpt, data_path, split, out, overwrite, mask_modality, device, cont
         from ..train import contributions as shapley
         result["contributions"] = shapley(model, s, cfg, device)
     if csv_out:
+        from ..fileutil import check_output_file
+        check_output_file(csv_out)
         csv_out.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_out, "w", newline="") as f:
             wr = csv.writer(f)
@@ -221,7 +226,10 @@ def compare(runs, split, out):
     md = markdown(res)
     click.echo(md, nl=False)
     if out:
+        from ..fileutil import check_output_file
         p = Path(out)
+        check_output_file(p)
+        check_output_file(p.with_suffix(".json"))
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(md)
         p.with_suffix(".json").write_text(json.dumps(res, indent=2))

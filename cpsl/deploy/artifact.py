@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CPSLError
-from ..fileutil import sha256_file
+from ..fileutil import check_output_file, sha256_file
 from . import precisions
 
 MANIFEST_FORMAT = "cpsl-onnx-manifest-1"
@@ -134,6 +134,8 @@ def export_artifact(ckpt: str | Path, onnx_path: str | Path, settings: ExportSet
     say = log or (lambda *a: None)
     paths = _Paths.beside(Path(onnx_path))
     s.check(paths.onnx)
+    for p in (paths.onnx, paths.manifest, paths.golden, paths.script, paths.plan, paths.tokenizer):
+        check_output_file(p)                       # a FIFO would block the export, a device cannot hold it
     prec = precisions.get(s.precision)
     try:
         import onnx  # noqa: F401

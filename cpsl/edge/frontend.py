@@ -31,9 +31,18 @@ def load_manifest(model: Path) -> dict:
         man = json.loads(p.read_text())
     except ValueError as e:
         raise InputError(f"{p} is not JSON ({e})") from None
-    if man.get("graph") != "tokens" or not man.get("tokenizer"):
+    if not isinstance(man, dict) or man.get("graph") != "tokens" or not man.get("tokenizer"):
         raise InputError(f"{model.name} reads text features, not token ids: predict needs an end-to-end export "
                          "(cpsl export --e2e on a checkpoint with a text encoder)")
+    mods, dims, tok = man.get("modalities"), man.get("dims"), man["tokenizer"]
+    if not isinstance(mods, list) or not all(isinstance(m, str) for m in mods) or not isinstance(dims, dict) or any(
+            isinstance(dims.get(m), bool) or not isinstance(dims.get(m), int) or not 1 <= dims[m] <= 1 << 20
+            for m in mods if m != "text"):
+        raise InputError(f"{p}: 'modalities' must be a list of names and 'dims' their feature sizes (integers >= 1)")
+    ml = tok.get("max_length") if isinstance(tok, dict) else None
+    if not isinstance(tok, dict) or not isinstance(tok.get("file"), str) or isinstance(ml, bool) \
+            or not isinstance(ml, int) or not 2 <= ml <= 1 << 16:
+        raise InputError(f"{p}: 'tokenizer' must name its file and a max_length in [2, 65536]")
     return man
 
 
@@ -44,6 +53,9 @@ def load_tokenizer(model: Path, man: dict):
         raise InputError("predict needs the tokenizers library: pip install tokenizers") from None
     t = man["tokenizer"]
     path = model.parent / t["file"]
+    if Path(t["file"]).name != t["file"] or path.is_symlink():
+        raise InputError(f"the manifest names the tokenizer {t['file']!r}: predict reads a tokenizer only from a "
+                         "plain file beside the model")
     if not path.is_file():
         raise InputError(f"tokenizer file {path} not found (cpsl export writes it beside the model)")
     try:

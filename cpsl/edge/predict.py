@@ -43,6 +43,11 @@ def main(argv, rt) -> int:
     try:
         if args.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
+        for t in args.text or ():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:                 # undecodable bytes in argv arrive as surrogates
+                raise UsageError("--text is not valid UTF-8 text") from None
         model = Path(args.model)
         if not model.is_file():
             raise UsageError(f"model file not found: {args.model}")
@@ -68,16 +73,22 @@ def main(argv, rt) -> int:
             preds.append(np.asarray(run_checked(backend, feeds, f"texts {s}..{s + len(feeds['input_ids']) - 1}"),
                                     np.float32).reshape(-1))
         preds = np.concatenate(preds)
+        for o in (args.out, args.json):
+            if o and Path(o).exists() and not Path(o).is_file():
+                raise UsageError(f"{o} is a folder, pipe or device; give a regular file name")
+        if args.out:
+            fe.write_predictions(args.out, ids, texts, preds)
+            print(f"wrote {args.out}: {len(preds)} predictions ({backend.name} {backend.device})")
+        else:
+            for t, p in zip(texts, preds):
+                print(f"{float(p):+.6f}\t{t}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": str(model), "backend": backend.name, "predictions": [
+                {"id": i, "text": t, "sentiment": float(p)} for i, t, p in zip(ids, texts, preds)]}, indent=2))
     except (UsageError, fe.InputError) as e:  # noqa: F821 - bound from rt above
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        fe.write_predictions(args.out, ids, texts, preds)
-        print(f"wrote {args.out}: {len(preds)} predictions ({backend.name} {backend.device})")
-    else:
-        for t, p in zip(texts, preds):
-            print(f"{float(p):+.6f}\t{t}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model), "backend": backend.name, "predictions": [
-            {"id": i, "text": t, "sentiment": float(p)} for i, t, p in zip(ids, texts, preds)]}, indent=2))
+    except OSError as e:                       # an unwritable output (/dev/full, a read-only folder)
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 2
     return 0

@@ -16,7 +16,9 @@ and the exported ``model.tokenizer.json``; it lives in predict.py and frontend.p
 beside this file, and imports neither torch nor transformers.
 
 Exit codes: 0 ok, 1 golden mismatch, 2 bad input (missing file, unknown extension, missing
-runtime, inputs that do not fit the model), 3 ``--assert-no-torch`` failed.
+runtime, inputs that do not fit the model, a golden file with no batches or a non-finite
+tolerance, an unwritable output), 3 ``--assert-no-torch`` failed. ``--bench`` refuses inputs
+beyond ``CPSL_MAX_ARRAY_BYTES`` bytes (default 4 GiB; set the variable to allow more).
 
 TensorRT buffers are plain device allocations made through ``libcudart`` with ctypes (no
 pycuda / cuda-python needed). The TensorRT path is written against the TensorRT 10.x Python
@@ -29,6 +31,7 @@ import argparse
 import ctypes
 import glob
 import json
+import os
 import platform
 import sys
 import time
@@ -54,16 +57,37 @@ def load_golden(path: str):
     try:
         z = np.load(p, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
-        inputs = list(meta["inputs"])
+        _check_meta(meta, path)
         batches = []
-        for i in range(int(meta["n_batches"])):
-            feeds = {n: z[f"batch{i}_{n}"] for n in inputs}
+        for i in range(meta["n_batches"]):
+            feeds = {n: z[f"batch{i}_{n}"] for n in meta["inputs"]}
             batches.append((feeds, z[f"batch{i}_expected"], z[f"batch{i}_reference"]))
+            if any(a.dtype.kind not in "fiub" for a in (*feeds.values(), *batches[-1][1:])):
+                raise UsageError(f"{path}: batch {i}: an array is not a numeric array")
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - zip/npz/JSON/key errors: not a golden file
-        raise UsageError(f"{path} is not a cpsl golden file ({type(e).__name__}: {e})") from None
+        raise UsageError(f"{path} is not a cpsl golden file ({type(e).__name__}: {str(e)[:120]})") from None
     return meta, batches
+
+
+def _check_meta(meta, path) -> None:
+    """The golden file's meta: input names, >= 1 batch, finite tolerances (a check of nothing proves nothing)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("inputs"), list) or not meta["inputs"] or not all(
+            isinstance(n, str) and n for n in meta["inputs"]):
+        raise UsageError(f"{path}: meta 'inputs' must be a non-empty list of input names")
+    nb = meta.get("n_batches")
+    if isinstance(nb, bool) or not isinstance(nb, int) or not 1 <= nb <= 10_000:
+        raise UsageError(f"{path}: meta 'n_batches' must be an integer in [1, 10000], got {str(nb)[:20]}")
+    tol = meta.get("tolerance", {})
+    for k in ("atol", "rtol"):
+        _tolerance(tol.get(k, 0.0) if isinstance(tol, dict) else None, f"{path}: meta tolerance {k}")
+
+
+def _tolerance(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or not 0 <= v < 1e3:
+        raise UsageError(f"{what} must be a finite number in [0, 1000), got {str(v)[:20]}")
+    return float(v)
 
 
 def find_manifest(model: Path) -> dict | None:
@@ -232,8 +256,8 @@ def open_backend(model: str, threads: int = 0, provider: str = "cpu"):
 def check(backend, golden: str, atol: float | None, rtol: float | None) -> tuple[bool, dict]:
     meta, batches = load_golden(golden)
     tol = meta.get("tolerance", {})
-    atol = float(tol.get("atol", 1e-4)) if atol is None else atol
-    rtol = float(tol.get("rtol", 0.0)) if rtol is None else rtol
+    atol = _tolerance(tol.get("atol", 1e-4) if atol is None else atol, "atol")
+    rtol = _tolerance(tol.get("rtol", 0.0) if rtol is None else rtol, "rtol")
     missing = [n for n in backend.inputs if n not in meta["inputs"]]
     if missing:
         raise UsageError(f"{golden} has no inputs {missing} that the model needs (was it written for another model?)")
@@ -305,7 +329,21 @@ def parse_lengths(text: str, mods: list[str]) -> dict:
     return out
 
 
+def max_bytes() -> int:
+    """``CPSL_MAX_ARRAY_BYTES`` (default 4 GiB here): the inputs one --bench batch may allocate."""
+    v = os.environ.get("CPSL_MAX_ARRAY_BYTES", "")
+    return int(v) if v.isdigit() and int(v) > 0 else 4 << 30
+
+
 def bench_inputs(backend, batch: int, lens: dict, rng) -> dict:
+    need = 0
+    for n, shape in backend.inputs.items():
+        m = n[:-5] if n.endswith("_mask") else n
+        d = shape[2] if len(shape) > 2 and shape[2] else 1
+        need += batch * int(lens.get("seq" if n in TOKEN_INPUTS else m, 32)) * d * 8
+    if need > max_bytes():
+        raise UsageError(f"--batch {batch} with lengths {lens or 32} needs {need / 2**30:.3g} GiB of inputs, beyond "
+                         f"the limit CPSL_MAX_ARRAY_BYTES={max_bytes() / 2**30:.3g} GiB (raise it to allow more)")
     feeds = {}
     for n, shape in backend.inputs.items():
         m = n[:-5] if n.endswith("_mask") else n
@@ -346,6 +384,19 @@ def bench(backend, batches: list[int], iters: int, warmup: int, lens: dict) -> l
 
 def _mods(backend) -> list[str]:
     return [("seq" if n == "input_ids" else n) for n in backend.inputs if not n.endswith("_mask")]
+
+
+def manifest_lengths(man: dict, model: str) -> dict:
+    """The bench lengths of the manifest's ``engine_profile`` (its opt shapes); UsageError when malformed."""
+    try:
+        prof = man["engine_profile"]
+        names = [m for m in man.get("modalities", []) if m in prof] + (["input_ids"] if "input_ids" in prof else [])
+        lens = {("seq" if m == "input_ids" else m): prof[m]["opt"][1] for m in names}
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise UsageError(f"the manifest beside {model} has a malformed engine_profile") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 20 for v in lens.values()):
+        raise UsageError(f"the manifest beside {model}: engine_profile lengths must be integers in [1, 2**20]")
+    return lens
 
 
 def parse_args(argv):
@@ -395,10 +446,12 @@ def main(argv=None) -> int:
                 raise ValueError
         except ValueError:
             raise UsageError(f"--batch must be positive integers like 1,32, got {args.batch!r}") from None
-        if args.iters < 1 or args.warmup < 0:
-            raise UsageError("--iters must be >= 1 and --warmup >= 0")
+        if not 1 <= args.iters <= 10**6 or not 0 <= args.warmup <= 10**6:
+            raise UsageError("--iters must be in [1, 1000000] and --warmup in [0, 1000000]")
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise UsageError(f"--json: folder {Path(args.json).parent} does not exist")
+        if args.json and Path(args.json).exists() and not Path(args.json).is_file():
+            raise UsageError(f"--json {args.json} is a folder, pipe or device; give a regular file name")
         backend = open_backend(args.model, args.threads, args.provider)
         result = {"model": str(args.model), "backend": backend.name, "runtime_version": backend.version,
                   "device": backend.device, "host": platform.node(), "machine": platform.machine(),
@@ -420,10 +473,7 @@ def main(argv=None) -> int:
             lens = {}
             man = find_manifest(Path(args.model))
             if man and "engine_profile" in man:
-                prof = man["engine_profile"]
-                lens = {m: int(prof[m]["opt"][1]) for m in man.get("modalities", []) if m in prof}
-                if "input_ids" in prof:
-                    lens["seq"] = int(prof["input_ids"]["opt"][1])
+                lens = manifest_lengths(man, args.model)
             lens.update(backend.opt_lengths())
             if args.length:
                 lens.update(parse_lengths(args.length, _mods(backend)))
@@ -437,6 +487,9 @@ def main(argv=None) -> int:
             print(f"wrote {args.json}")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                       # an unreadable input or unwritable output (/dev/full, read-only)
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
     if args.assert_no_torch and "torch" in sys.modules:
         print("error: torch was imported by the runner", file=sys.stderr)
