@@ -87,9 +87,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--modulation", default="cp")
     ap.add_argument("--port", type=int, default=29533)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="default: the scratch folder runs/bench/distributed_DEVICE")
+    ap.add_argument("--overwrite", action="store_true", help="allow replacing committed results under bench/results")
     a = ap.parse_args()
-    out = Path(a.out or ROOT / "bench" / "results" / f"distributed_{a.device}")
+    from benchkit.outdir import output_dir
+    out = output_dir(a.out, f"distributed_{a.device}", a.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     info = base_info(a.device, 1)
     variants = [("1p x 1t", 1, 1), (f"1p x {a.nproc}t", 1, a.nproc), (f"{a.nproc}p x 1t", a.nproc, 1)]

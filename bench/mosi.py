@@ -1,7 +1,7 @@
 """Real-data experiments: CMU-MOSI (standard folds, valid split) with MiniLM text + openSMILE
 audio, and the tri-modal bc-LSTM feature set on its own split.
 
-    python bench/mosi.py [--data-dir ../shared/data] [--seeds 1,2,3] [--out bench/results/mosi]
+    python bench/mosi.py [--data-dir DATA] [--seeds 1,2,3] [--out DIR (default: runs/bench/mosi)]
                          [--variants frozen_none,frozen_cpsl,ft_none,ft_cpsl] [--epochs N] [--bclstm]
     python bench/mosi.py --recipe best --data-dir DIR --out OUT [--seeds 1,2,3] [--encoder PATH]
                          [--kfold K [--kfold-baseline]] [--threads N]      (bench/mosi_recipe.py)
@@ -110,7 +110,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--bclstm", action="store_true", help="Also run the bc-LSTM set (frozen variants only).")
     ap.add_argument("--work", default="/tmp/cpsl_mosi", help="Pickles and run folders (outside the repo).")
-    ap.add_argument("--out", help="report folder (default bench/results/mosi); with --recipe: the run folder (required)")
+    ap.add_argument("--out", help="report folder (default: the scratch folder runs/bench/mosi; a bench/results folder "
+                    "with files needs --overwrite); with --recipe: the run folder (required)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="Extra --set for every run.")
     sys.path.insert(0, str(ROOT / "bench"))
     import mosi_recipe
@@ -140,7 +141,8 @@ def main(argv=None):
         if a.kfold_only and not a.kfold:
             ap.error("--kfold-only needs --kfold K")
         return mosi_recipe.run_recipe(a)
-    a.out = a.out or str(ROOT / "bench" / "results" / "mosi")
+    from benchkit.outdir import output_dir
+    a.out = str(output_dir(a.out, "mosi", a.overwrite))
     data = Path(a.data_dir)
     if not (data / "mosi" / "labels.csv").is_file():
         raise SystemExit(f"the data pack is not at {data} (pass --data-dir or set CPSL_DATA_DIR)")

@@ -112,7 +112,7 @@ def transfer(mosei: Path, cache: Path, source: str, settings: dict, threads: int
         return enc
     resume = (enc / "train_state.pt").is_file()
     print(f"[transfer] {'resuming' if resume else 'running'} pretrain-text -> {enc}", flush=True)
-    args = ["pretrain-text", "--data", mosei, "--out", enc, "--text-encoder", source, "--num-threads", threads]
+    args = ["pretrain-text", "--data", mosei, "--out", enc, "--text-encoder", source, "--threads", threads]
     for k, v in settings.items():
         args += [f"--{k.replace('_', '-')}", v]
     args += ["--resume"] if resume else (["--overwrite"] if enc.exists() else [])

@@ -84,7 +84,9 @@ def parse_args(argv):
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cuda: train there and add the CUDA rows (CPU rows are always measured)")
     ap.add_argument("--data", default="synth", help="'synth' (or synth:SEED) or an MMSA .pkl")
-    ap.add_argument("--out", help="where bench.json, bench.md, pareto.png go (default: bench/results/DEVICE_quick|full)")
+    ap.add_argument("--out", help="where bench.json, bench.md, pareto.png go (default: the scratch folder "
+                    "runs/bench/DEVICE_quick|full; a bench/results folder with files needs --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="allow replacing committed results under bench/results")
     ap.add_argument("--work", help="heavy artefacts (checkpoints, .onnx); default: a temporary folder removed at the end")
     ap.add_argument("--ckpt", help="teacher best.pt to use instead of training one")
     ap.add_argument("--student-ckpt", help="student best.pt to use instead of distilling one")
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
-    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"{a.device}_{mode}"
+    from benchkit.outdir import output_dir
+    out = output_dir(a.out, f"{'e2e' if a.e2e else a.device}_{mode}", a.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     keep_work = a.work is not None
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="cpsl-bench-"))
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     try:
         if a.e2e:
             from benchkit.e2e import run_e2e
-            return run_e2e(a, Path(a.out) if a.out else REPO / "bench" / "results" / f"e2e_{mode}", work, P.say)
+            return run_e2e(a, out, work, P.say)
         return run_all(Run(a, mode, skip, threads, out, work, log_file, P))
     except CPSLError as e:
         print(f"error: {e}", file=sys.stderr)

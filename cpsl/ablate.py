@@ -79,7 +79,7 @@ def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1,
         check_lengths(c.model, data, data.modalities, f"variant {n}")
     require_splits({k: len(sp) for k, sp in data.splits.items()}, data.path or "the data")
     for n in names:
-        prepare_out(out / _dirname(n), overwrite=overwrite)
+        prepare_out(out / _dirname(n), overwrite=overwrite, seeds=base.train.seeds)
         cfgs[n].save(out / _dirname(n) / "config.json")
     fingerprint = data_fingerprint(data)
     tasks = [(n, int(s)) for n in names for s in base.train.seeds]

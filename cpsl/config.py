@@ -269,7 +269,8 @@ def preset(name: str) -> Config:
 def load_mapping(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CPSLError(f"config file not found: {path}")
+        raise CPSLError(f"config file not found: {path}" if not path.exists() else
+                        f"config file {path} is not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

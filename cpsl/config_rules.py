@@ -11,8 +11,12 @@ import re
 from dataclasses import fields
 
 from .errors import CPSLError
+from .limits import gib, limit
 
 INF = math.inf
+MAX_SEED = 2**32 - 1            # what every generator (Python, NumPy, torch) takes
+MAX_WIDTH = 1 << 16             # model.d, head_hidden: beyond any model this package builds
+MAX_LAYERS = 256
 
 
 def _int(lo=-INF, hi=INF, odd=False):
@@ -36,11 +40,12 @@ def _float(lo=-INF, hi=INF, lo_open=False, hi_open=False):
 
 
 def _range(what, lo, hi, lo_open=False, hi_open=False) -> str:
+    lo_s, hi_s = (str(x) if isinstance(x, int) else f"{x:g}" for x in (lo, hi))
     if hi == INF:
-        return f"{what} {'>' if lo_open else '>='} {lo:g}"
+        return f"{what} {'>' if lo_open else '>='} {lo_s}"
     if lo == -INF:
-        return f"{what} {'<' if hi_open else '<='} {hi:g}"
-    return f"{what} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"{what} {'<' if hi_open else '<='} {hi_s}"
+    return f"{what} in {'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
 
 
 def _type(t, name):
@@ -50,8 +55,8 @@ def _type(t, name):
 def _seeds(v):
     if not isinstance(v, list) or not v:
         return "a non-empty list of integers (e.g. 1,2,3)"
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
-        return "a list of integers >= 0 (e.g. 1,2,3)"
+    if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in v):
+        return f"a list of integers in [0, {MAX_SEED}] (e.g. 1,2,3)"
     if len(set(v)) != len(v):
         return "a list of distinct seeds"
     return None
@@ -68,13 +73,15 @@ _NONNEG = _float(0.0)
 
 RULES = {
     "data": {"path": _STR, "batch_size": _int(0), "eval_batch_size": _int(1), "bucket": _int(0),
-             "synth_seed": _int(0), "synth": _DICT},
-    "model": {"d": _int(1), "heads": _int(1), "dropout": _float(0.0, 1.0, hi_open=True),
-              "text_layers": _int(0), "audio_layers": _int(0), "vision_layers": _int(0),
+             "synth_seed": _int(0, MAX_SEED), "synth": _DICT},
+    "model": {"d": _int(1, MAX_WIDTH), "heads": _int(1, MAX_WIDTH), "dropout": _float(0.0, 1.0, hi_open=True),
+              "text_layers": _int(0, MAX_LAYERS), "audio_layers": _int(0, MAX_LAYERS),
+              "vision_layers": _int(0, MAX_LAYERS),
               "text_kernel": _int(1, odd=True), "audio_kernel": _int(1, odd=True), "vision_kernel": _int(1, odd=True),
-              "norm_momentum": _float(0.0, 1.0), "max_len": _int(1), "ame": _BOOL, "head_hidden": _int(0),
-              "text_encoder": _STR, "finetune_text": _BOOL, "linear_width": _int(1, 65536),
-              "linear_depth": _int(1, 64), "fusion_layer": _int(0, 64), "init_std": _float(0.0, lo_open=True)},
+              "norm_momentum": _float(0.0, 1.0), "max_len": _int(1, 1 << 24), "ame": _BOOL,
+              "head_hidden": _int(0, MAX_WIDTH),
+              "text_encoder": _STR, "finetune_text": _BOOL, "linear_width": _int(1, MAX_WIDTH),
+              "linear_depth": _int(1, MAX_LAYERS), "fusion_layer": _int(0, MAX_LAYERS), "init_std": _float(0.0, lo_open=True)},
     "loss": {"aux": _NONNEG, "rec": _NONNEG, "sl": _NONNEG, "div": _NONNEG, "sl_out": _NONNEG,
              "warmup_epochs": _int(0), "eps": _float(0.0, lo_open=True)},
     "cp": {"tau": _float(0.0, lo_open=True), "alpha": _NONNEG, "k_min": _float(0.0, 1.0), "beta": _float(0.0, 1.0),
@@ -90,7 +97,7 @@ RULES = {
     "moddrop": {"p": _float(0.0, 1.0), "p_dominant": _float(0.0, 1.0), "ema": _float(0.0, 1.0, hi_open=True)},
     "train": {"epochs": _int(1), "patience": _int(1), "lr": _float(0.0, lo_open=True), "text_lr": _NONNEG,
               "weight_decay": _NONNEG, "clip": _NONNEG, "seeds": _seeds, "device": _device,
-              "num_threads": _int(0), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL,
+              "num_threads": _int(0, 1024), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL,
               "warmup_epochs": _NONNEG, "lr_horizon": _float(0.0, lo_open=True), "lr_min": _float(0.0, 1.0),
               "ema": _float(0.0, 1.0, hi_open=True), "eval_every": _int(1)},
 }
@@ -113,6 +120,7 @@ def check(cfg, choices: dict) -> None:
             if why:
                 raise CPSLError(f"config key {key} must be {why}, got {v!r}")
     m = cfg.model
+    _memory(m)
     if m.d % m.heads:
         raise CPSLError(f"config: model.d ({m.d}) must be divisible by model.heads ({m.heads})")
     if cfg.train.lr_schedule == "cosine" and cfg.train.lr_horizon <= cfg.train.warmup_epochs:
@@ -133,3 +141,17 @@ def check(cfg, choices: dict) -> None:
             raise CPSLError("config: model.arch=linear reads feature vectors; model.text_encoder must be empty")
     if cfg.cp.end_epoch < cfg.cp.start_epoch:
         raise CPSLError(f"config key cp.end_epoch ({cfg.cp.end_epoch}) must be >= cp.start_epoch ({cfg.cp.start_epoch})")
+
+
+def _memory(m) -> None:
+    """Refuse a model whose weights and optimizer state (about 16 bytes a parameter: weight, gradient, two
+    Adam moments; per modality (layers + 2) x 12 d^2 parameters and a max_len x d positional table) exceed
+    ``CPSL_MAX_ARRAY_BYTES``, before anything is allocated."""
+    cap = limit("CPSL_MAX_ARRAY_BYTES")
+    d, hh = m.d, max(m.head_hidden, m.d)
+    params = sum(12 * d * d * (n + 2) + m.max_len * d for n in (m.text_layers, m.audio_layers, m.vision_layers))
+    need = 16 * (params + 4 * d * hh)
+    if need > cap:
+        raise CPSLError(f"config: model.d={m.d}, its layers and model.max_len={m.max_len} need about {gib(need)} for "
+                        f"the weights and optimizer state, beyond the limit CPSL_MAX_ARRAY_BYTES={gib(cap)} "
+                        "(set the environment variable to allow more)")

@@ -12,3 +12,17 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_output_file(path: str | Path) -> None:
+    """Raise ``OSError`` (one line at the CLI) when ``path`` exists and is not a regular file: writing a FIFO
+    would block until someone reads it, a device (``/dev/full``) or a folder cannot hold the output."""
+    import errno
+    import stat
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "a pipe or device, not a regular file"
+        raise OSError(errno.EINVAL, f"output is {what}", str(path))

@@ -57,6 +57,22 @@ def mmsa_metrics(pred, label, rounded: bool = False) -> dict[str, float]:
     return out
 
 
+def undefined_metrics(pred, label) -> dict[str, str]:
+    """``{metric: why}`` for each metric :func:`mmsa_metrics` reports as NaN on these values (empty when none)."""
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    true = np.asarray(label, dtype=np.float64).reshape(-1)
+    out = {}
+    if true.size < 2:
+        out["Corr"] = f"Pearson r needs at least 2 samples (the split has {true.size})"
+    elif np.std(true) == 0:
+        out["Corr"] = f"the labels are constant ({true[0]:g} for all {true.size} samples)"
+    elif np.std(pred) == 0:
+        out["Corr"] = f"the predictions are constant ({pred[0]:g} for all {pred.size} samples)"
+    if not (true != 0).any():
+        out["Non0_acc_2"] = out["Non0_F1_score"] = "every label is 0 (these metrics use the non-zero labels only)"
+    return out
+
+
 def format_table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> str:
     """A plain-text table: one row per entry (e.g. split or variant), one column per metric."""
     name_w = max([len("") + 4] + [len(r) for r in rows])

@@ -1,7 +1,11 @@
 """Run folders are never silently mixed.
 
 * :func:`prepare_out`: ``--out`` holding a run is refused unless ``resume`` (continue it) or
-  ``overwrite`` (its artefacts are removed first, so no seed of the old run survives).
+  ``overwrite`` (its artefacts are removed first, so no seed of the old run survives). A run is
+  recognised by ``OUT/cpsl-run.json`` (format ``cpsl-run-1``), which cpsl writes before anything
+  else and which lists every file and folder the run may write; ``--overwrite`` deletes only
+  those, and refuses by name anything else it finds in them (or run-like names with no manifest).
+  ``OUT/.cpsl-lock`` (``flock``) refuses a second process writing the same folder.
 * :func:`run_identity` / :func:`resume_differences`: every checkpoint records what makes a run
   the same run (a fingerprint of the data's content, the model, loss and strategy sections,
   the optimizer settings and the batch size); ``--resume`` compares them with the current
@@ -9,8 +13,10 @@
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import shutil
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -77,40 +83,167 @@ def resume_differences(ck: dict, cfg: Config, fingerprint: str) -> list[str]:
     return diffs
 
 
+MANIFEST, MANIFEST_FORMAT, LOCK = "cpsl-run.json", "cpsl-run-1", ".cpsl-lock"
+_LOCKS: dict[str, int] = {}          # resolved --out -> the open lock file of this process
+
+
+def _seed_dirs(out: Path) -> list[Path]:
+    return sorted(d for d in out.glob("seed*") if d.name[4:].isdigit() and (d.is_dir() or d.is_symlink()))
+
+
 def holds_run(out: Path) -> list[str]:
-    """Names of run artefacts in ``out`` (empty when it holds no run)."""
+    """Names of run artefacts in ``out`` (empty when it holds no run): the manifest, and what a run writes."""
     if not out.is_dir():
         return []
-    found = [f for f in RUN_FILES if (out / f).is_file()]
-    for d in sorted(out.glob("seed*")):
-        if d.is_dir():
-            found += [f"{d.name}/{f}" for f in SEED_FILES if (d / f).is_file()]
+    found = [f for f in (MANIFEST, *RUN_FILES) if (out / f).exists() or (out / f).is_symlink()]
+    for d in _seed_dirs(out):
+        found += [f"{d.name}/{f}" for f in SEED_FILES if (d / f).exists()] or [f"{d.name}/"]
+    return found
+
+
+def read_manifest(out: Path) -> dict | None:
+    """``OUT/cpsl-run.json`` when cpsl wrote it (format, and files/folders as plain relative names); else None."""
+    p = out / MANIFEST
+    if not p.is_file() or p.is_symlink():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (ValueError, OSError, UnicodeDecodeError):
+        return None
+    ok = isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT and all(
+        isinstance(m.get(k), list) and all(isinstance(x, str) and _plain_rel(x) for x in m[k])
+        for k in ("files", "folders"))
+    return m if ok else None
+
+
+def _plain_rel(x: str) -> bool:
+    parts = Path(x).parts
+    return bool(parts) and not Path(x).is_absolute() and ".." not in parts and len(parts) <= 3
+
+
+def _owned(out: Path, seeds) -> dict:
+    """What a run of ``seeds`` writes in ``out``: files and the folders cpsl creates for them."""
+    folders = [f"seed{int(s)}" for s in seeds]
+    files = [*RUN_FILES, LOCK] + [f"{d}/{f}" for d in folders for f in SEED_FILES]
+    return {"format": MANIFEST_FORMAT, "files": files, "folders": folders + [f"{d}/tb" for d in folders]}
+
+
+def _unowned(out: Path, man: dict) -> list[str]:
+    """Entries inside the manifest's folders that it does not list (TensorBoard event files count as listed)."""
+    files, folders, found = set(man["files"]), set(man["folders"]), []
+    for d in man["folders"]:
+        p = out / d
+        if p.is_symlink():
+            found.append(f"{d} (a symbolic link)")
+        elif p.is_dir():
+            found += [f"{d}/{e.name}" for e in p.iterdir() if f"{d}/{e.name}" not in files | folders
+                      and not (d.endswith("/tb") and e.name.startswith("events.out.tfevents.") and e.is_file())]
     return found
 
 
 def check_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> list[str]:
-    """Raise unless ``out`` may be used; returns the run artefacts it holds. Changes nothing."""
+    """Raise unless ``out`` may be used; returns the run artefacts it holds. Changes nothing.
+
+    A folder holding run-like names but no manifest (a user's own ``config.json``, a ``seed1/``) is
+    never replaced or deleted; ``--resume`` alone may continue a run written before manifests."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
         raise CPSLError(f"--out {out} exists and is not a folder")
     if resume and overwrite:
         raise CPSLError("--resume and --overwrite exclude each other")
     found = holds_run(out)
-    if found and not resume and not overwrite:
-        raise CPSLError(f"--out {out} already holds a run ({', '.join(found[:3])}"
-                        f"{', ...' if len(found) > 3 else ''}); pass --resume to continue it or "
+    if not found:
+        return found
+    listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    man = read_manifest(out)
+    legacy = resume and any((d / "last.pt").is_file() for d in _seed_dirs(out))
+    if man is None and not legacy:
+        raise CPSLError(f"--out {out} holds {listed} but no {MANIFEST} written by cpsl, so cpsl did not write "
+                        "them; it neither replaces nor deletes them: move them or choose another --out")
+    if not resume and not overwrite:
+        raise CPSLError(f"--out {out} already holds a run ({listed}); pass --resume to continue it or "
                         "--overwrite to replace it")
+    if overwrite:
+        stray = _unowned(out, man) + [f for f in man["files"] if (out / f).is_symlink()]
+        stray += [f"{d.name}/" for d in _seed_dirs(out) if d.name not in man["folders"]]
+        if stray:
+            raise CPSLError(f"--out {out}: --overwrite deletes only what its {MANIFEST} lists, and these are not "
+                            f"listed: {', '.join(stray[:4])}{' ...' if len(stray) > 4 else ''}; move them first")
     return found
 
 
-def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """:func:`check_out`, then (``overwrite``) remove the old run's artefacts; create the folder."""
+def lock_out(out: Path) -> None:
+    """Hold ``OUT/.cpsl-lock`` (``flock``, released when the process ends or :func:`release_out`): a second
+    process writing the same run is refused at once, with no window between the check and the lock."""
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    try:
+        fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise CPSLError(f"--out {out}: cannot create its lock file {LOCK} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CPSLError(f"--out {out} is in use by another cpsl process (lock {out / LOCK}); wait for it to "
+                        "finish or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
+
+
+def release_out(out: Path) -> None:
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_listed(out: Path, man: dict) -> None:
+    for f in man["files"]:
+        p = out / f
+        if f != LOCK and (p.is_file() or p.is_symlink()):
+            p.unlink()
+    for d in sorted(man["folders"], key=lambda x: -len(Path(x).parts)):
+        p = out / d
+        if p.is_dir() and not p.is_symlink():
+            for e in p.glob("events.out.tfevents.*"):
+                e.unlink()
+            if not any(p.iterdir()):
+                p.rmdir()
+
+
+def _write_manifest(out: Path, man: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(man, indent=1))
+    tmp.replace(out / MANIFEST)
+
+
+def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False, seeds=()) -> Path:
+    """Lock ``out``, :func:`check_out` it, (``overwrite``) remove what the old run's manifest lists, and
+    write the manifest of the run about to start (``seeds``: the seed folders it will write)."""
     out = Path(out)
-    if check_out(out, resume, overwrite) and not resume:
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
-        for d in out.glob("seed*"):
-            if d.is_dir() and any((d / f).exists() for f in SEED_FILES):
-                shutil.rmtree(d)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, resume, overwrite)                  # before creating anything
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CPSLError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    lock_out(out)
+    try:
+        check_out(out, resume, overwrite)              # again, now that no one else can change it
+        old = read_manifest(out)
+        if old is not None and overwrite:
+            _remove_listed(out, old)
+            old = None
+        man = _owned(out, seeds)
+        if old is not None:
+            man = {k: sorted(set(old[k]) | set(man[k])) if k != "format" else v for k, v in man.items()}
+        links = [f for f in man["files"] + man["folders"] if (out / f).is_symlink()]
+        if links:
+            raise CPSLError(f"--out {out}: {links[0]} is a symbolic link; cpsl writes a run only into files "
+                            "and folders it creates")
+        _write_manifest(out, man)
+    except BaseException:
+        release_out(out)
+        raise
     return out

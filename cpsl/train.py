@@ -33,7 +33,7 @@ from .data.batch import iterate
 from .data.mmsa import MMSAData, Split
 from .errors import CPSLError
 from .losses import task_loss, total_loss
-from .metrics import METRIC_KEYS, mean_std, mmsa_metrics
+from .metrics import METRIC_KEYS, mean_std, mmsa_metrics, undefined_metrics
 from .model import CPSLModel
 from .tblog import ScalarLog
 
@@ -115,7 +115,7 @@ def evaluate(model, split, cfg: Config, device, mask_modality=None) -> dict:
     res["loss"] = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), cfg.loss.task))
     aux_loss = {m: float(task_loss(torch.from_numpy(p), torch.from_numpy(y), cfg.loss.task)) for m, p in aux.items()}
     return {"metrics": res, "aux": {m: mmsa_metrics(p, y) for m, p in aux.items()}, "aux_loss": aux_loss,
-            "pred": pred, "aux_pred": aux}
+            "pred": pred, "aux_pred": aux, "undefined": undefined_metrics(pred, y)}
 
 
 def contributions(model: CPSLModel, split: Split, cfg: Config, device, metric: str = "MAE") -> dict:
@@ -260,9 +260,12 @@ class _State:
             self.guard.skipped = int(ck.get("skipped_steps", 0))
             self.modulator_state = ck.get("modulator") or {}
             self.amp.load_state_dict(ck.get("amp_scaler"))
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, IndexError, AttributeError) as e:
             raise CPSLError(f"{path} cannot be resumed from ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:100] if str(e) else ''})") from None
+        if self.start_epoch > self.cfg.train.epochs:
+            raise CPSLError(f"cannot resume from {path}: it is after epoch {ck['epoch']}, past train.epochs="
+                            f"{self.cfg.train.epochs}; pass --epochs {self.start_epoch + 1} or more to continue it")
         log(f"seed {self.seed}: resuming after epoch {ck['epoch']}")
 
     def checkpoint_extra(self, modulator) -> dict:
@@ -458,6 +461,10 @@ def _final(st: _State, modulator, plan_builds0: int, log=print) -> dict:
             ev = evaluate(best, st.data[split], st.cfg, st.device)
             res[split] = {k: ev["metrics"][k] for k in METRIC_KEYS}
             res[f"{split}_aux"] = ev["aux"]
+            if ev["undefined"]:
+                res[f"{split}_undefined"] = ev["undefined"]
+                log(f"warning: seed {st.seed}: on {split}, " + "; ".join(f"{k} is undefined: {v}"
+                                                                          for k, v in ev["undefined"].items()))
     try:
         from .plots import plot_balance, plot_curves
         if not st.dist.is_main:
@@ -476,7 +483,7 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     ``out`` holding a run is refused unless ``resume`` (same run: checked) or ``overwrite``.
     ``extra_loss_factory(seed) -> nn.Module`` adds a loss term per seed (see :func:`train_seed`)."""
     from .data.mmsa import require_splits
-    from .runs import data_fingerprint, prepare_out
+    from .runs import data_fingerprint, prepare_out, release_out
     strategies.check(cfg)
     require_splits({n: len(sp) for n, sp in data.splits.items()}, data.path or "the data")
     check_lengths(cfg.model, data, data.modalities, "config")
@@ -484,7 +491,15 @@ def run(cfg: Config, data: MMSAData, out: str | Path, resume: bool = False, log=
     ctx = distributed.setup(cfg, fingerprint, len(data["train"]), strategies.get(cfg.train.modulation).needs)
     if not ctx.is_main:                                # under torchrun rank 0 speaks and writes
         log = _silent
-    out = ctx.on_main(prepare_out, out, resume=resume, overwrite=overwrite) or Path(out)
+    out = ctx.on_main(prepare_out, out, resume=resume, overwrite=overwrite, seeds=cfg.train.seeds) or Path(out)
+    try:
+        return _run_seeds(cfg, data, out, ctx, resume, log, extra_loss_factory, fingerprint)
+    finally:
+        release_out(out)
+
+
+def _run_seeds(cfg, data, out: Path, ctx, resume, log, extra_loss_factory, fingerprint) -> dict:
+    """:func:`run` once ``out`` is prepared and locked."""
     for w in data.warnings():
         log(f"warning: {data.path or 'the data'}: {w}")
     if cfg.train.num_threads:
@@ -543,6 +558,9 @@ def aggregate(cfg: Config, data: MMSAData, per_seed: list[dict], fingerprint: st
     if all(j is not None for j in jit):
         results["jitter"] = mean_std([{"valid_MAE": j} for j in jit])["valid_MAE"]
     for split in ("valid", "test"):
+        why = {r["seed"]: r[f"{split}_undefined"] for r in per_seed if f"{split}_undefined" in r}
+        if why:                                        # NaN in the table below, and here why
+            results[f"{split}_undefined"] = why
         if all(split in r for r in per_seed):
             results[split] = mean_std([r[split] for r in per_seed])
             results[f"{split}_aux"] = {m: mean_std([r[f"{split}_aux"][m] for r in per_seed])

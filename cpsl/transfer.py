@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,8 +128,8 @@ def check_out(out: Path, resume: bool, overwrite: bool, remove: bool = True) -> 
         raise CPSLError(f"--out {out} already holds a transfer ({', '.join(found[:3])}); pass --resume to "
                         "continue it or --overwrite to replace it")
     if found and overwrite and remove:
-        for f in list(out.iterdir()):
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        for f in found:                            # only what a transfer writes, never the rest of the folder
+            (out / f).unlink()
     return found
 
 
@@ -147,11 +146,12 @@ def _batches(split, rows, batch_size):
 def predict(model, split, batch_size: int = 128) -> np.ndarray:
     import torch
     model.eval()
+    dev = next(model.parameters()).device
     order = np.argsort(split.text_bert[:, 1].sum(1), kind="stable")           # similar lengths together
     out = np.zeros(len(split), dtype=np.float32)
     with torch.no_grad():
         for k, (tb, _) in enumerate(_batches(split, order, batch_size)):
-            out[order[k * batch_size:(k + 1) * batch_size]] = model(tb).float().numpy()
+            out[order[k * batch_size:(k + 1) * batch_size]] = model(tb.to(dev)).float().cpu().numpy()
     return out
 
 
@@ -164,11 +164,11 @@ def _lr_factor(step: int, total: int, warmup_steps: int) -> float:
 class _Run:
     """Model, optimizer and position of one transfer run (what ``train_state.pt`` holds)."""
 
-    def __init__(self, data, st: TransferSettings):
+    def __init__(self, data, st: TransferSettings, device: str = "cpu"):
         import torch
         torch.manual_seed(st.seed)
-        self.st, self.data = st, data
-        self.model = _regressor(st.text_encoder, st.dropout)
+        self.st, self.data, self.device = st, data, torch.device(device)
+        self.model = _regressor(st.text_encoder, st.dropout).to(self.device)
         head = list(self.model.head.parameters())
         self.opt = torch.optim.AdamW([{"params": list(self.model.encoder.parameters()), "lr": st.lr, "base": st.lr},
                                       {"params": head, "lr": st.head_lr, "base": st.head_lr}],
@@ -198,25 +198,28 @@ class _Run:
         tmp.replace(path)
 
     def load_state(self, path: Path) -> None:
-        import torch
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a broken or foreign file is the user's input
-            raise CPSLError(f"{path} is not a readable transfer state ({type(e).__name__})") from None
+        from .checkpoint import load_plain
+        ck = load_plain(path, "transfer state")
         if not isinstance(ck, dict) or ck.get("format") != "cpsl-transfer-1":
             raise CPSLError(f"{path} is not a transfer state written by cpsl pretrain-text")
-        old, new = ck["identity"], self.identity
+        old, new = ck.get("identity"), self.identity
+        if not isinstance(old, dict) or not isinstance(old.get("settings"), dict) or "data" not in old:
+            raise CPSLError(f"{path}: the transfer state has no valid 'identity' entry")
         was = {**asdict(TransferSettings()), **old["settings"]}           # a key it predates ran as its default
         diffs = [f"{k} ({was.get(k)!r} -> {v!r})" for k, v in new["settings"].items() if was.get(k) != v]
         if old["data"] != new["data"]:
             diffs.insert(0, "the data (content fingerprint differs)")
         if diffs:
             raise CPSLError(f"cannot resume from {path}: it was written with another {'; '.join(diffs[:4])}")
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.step, self.best, self.history = int(ck["step"]), ck["best"], list(ck["history"])
-        self.loss_sum, self.loss_n = float(ck["loss_sum"]), int(ck["loss_n"])
-        torch.set_rng_state(ck["torch_rng"])
+        import torch
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.step, self.best, self.history = int(ck["step"]), ck["best"], list(ck["history"])
+            self.loss_sum, self.loss_n = float(ck["loss_sum"]), int(ck["loss_n"])
+            torch.set_rng_state(ck["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, IndexError, AttributeError) as e:
+            raise CPSLError(f"{path} cannot be resumed from ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _train_steps(run: _Run, epoch: int, stop: int, bar) -> float:
@@ -234,6 +237,7 @@ def _train_steps(run: _Run, epoch: int, stop: int, bar) -> float:
         f = _lr_factor(run.step, run.total, run.warmup_steps)
         for g in run.opt.param_groups:
             g["lr"] = g["base"] * f
+        tb, y = tb.to(run.device), y.to(run.device)
         loss = task_loss(run.model(tb), y, st.loss)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,11 +274,14 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, t0: float, out: Path, c
 
 
 def pretrain_text(data, out, settings: TransferSettings | None = None, max_steps: int = 0, resume: bool = False,
-                  overwrite: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
+                  overwrite: bool = False, progress: bool = True, command: str = "", log=print,
+                  device: str = "cpu") -> dict:
     """Fine-tune ``settings.text_encoder`` with a regression head on ``data`` (an ``MMSAData`` with
     ``text_bert``); write the best epoch's encoder as a Hugging Face folder in ``out``. ``max_steps``
     > 0 stops after that many optimisation steps in all (the run can be resumed). Returns
-    ``transfer.json``'s content (``complete`` False when stopped early)."""
+    ``transfer.json``'s content (``complete`` False when stopped early). ``device``: where the model
+    trains (a resume continues bit-identically on CPU; on CUDA dropout draws from the CUDA RNG,
+    which the state file does not hold)."""
     st = settings or TransferSettings()
     st.check()
     if max_steps < 0:
@@ -283,7 +290,7 @@ def pretrain_text(data, out, settings: TransferSettings | None = None, max_steps
     out = Path(out)
     check_out(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(data, st)
+    run = _Run(data, st, device)
     if resume:
         if (out / STATE).is_file():
             run.load_state(out / STATE)
@@ -333,7 +340,7 @@ def save_folder(run: _Run, out: Path, data, command: str) -> None:
     with quiet_hf_progress():                          # a one-shard write: no bar between the epoch lines
         run.model.encoder.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(run.st.text_encoder).save_pretrained(str(out))
-    save_file({k: v.detach().contiguous() for k, v in run.model.head.state_dict().items()},
+    save_file({k: v.detach().cpu().contiguous() for k, v in run.model.head.state_dict().items()},
               str(out / "head.safetensors"))
     (out / "README.md").write_text(card(run, data, command))
 
@@ -363,6 +370,12 @@ valid {st.loss} loss {b['valid_loss']:.4f}.
 `cpsl train --data mosi.pkl --set model.text_encoder=THIS_FOLDER --set model.finetune_text=true`
 (loads offline: `transformers.AutoModel.from_pretrained(THIS_FOLDER, local_files_only=True)`).
 `head.safetensors` holds the regression head (`weight` (1, {run.model.hidden}), `bias` (1,)).
+
+## Intended use and limits
+A starting point for fine-tuning sentiment models on transcribed English speech like the training
+data (opinion videos). The metrics above are on the **valid** split of that data, which also chose the
+epoch, so they are optimistic and not comparable with published test-split numbers. Scores are a
+regression in [-3, 3], not calibrated probabilities; not for decisions about people.
 
 ## Command
 `{command or '(library call)'}`

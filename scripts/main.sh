@@ -11,7 +11,7 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install torch==2.13.0              # the CPU build on this machine's disk
 fi
 tv=$(python -c 'import torch; print(torch.__version__.split("+")[0])')
-if ! (cd / && python -c "import cpsl._C, cpsl.deploy.artifact") 2>/dev/null; then   # the installed package, not ./cpsl
+if ! (cd / && python -c "import cpsl._C, cpsl.deploy.artifact, cpsl.edge.runner") 2>/dev/null; then   # the installed package, not ./cpsl
   pip install -c <(echo "torch==$tv") ".[export,text]"    # never let a dependency pull another torch
 fi
 cpsl info
@@ -19,8 +19,8 @@ cpsl info
 cpsl train --data synth --out "$OUT/teacher" --seeds 1 --overwrite
 cpsl distill --teacher "$OUT/teacher/seed1/best.pt" --data synth --out "$OUT/student" --seeds 1 --overwrite
 cpsl export --ckpt "$OUT/student/seed1/best.pt" --data synth --precision int8 \
-  --onnx "$OUT/export/student_int8.onnx" --trt
-python export/runner.py "$OUT/export/student_int8.onnx" --check "$OUT/export/student_int8.golden.npz"
+  --out "$OUT/export" --trt --overwrite
+cpsl-runner "$OUT/export/model.onnx" --check "$OUT/export/model.golden.npz"
 python bench/run.py --quick --ckpt "$OUT/teacher/seed1/best.pt" --student-ckpt "$OUT/student/seed1/best.pt" \
   --out "$OUT/bench"
 echo "done: $OUT (results.json, export/, bench/bench.md)"

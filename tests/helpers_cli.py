@@ -66,3 +66,13 @@ def tiny_dataset(seed: int = 0, n=(24, 12, 12), dims=(6, 4, 5), lens=(5, 7, 6)) 
         s["raw_text"] = np.array([f"segment {i}" for i in range(size)])
         raw[name] = s
     return raw
+
+
+TRAIN_ARGS = ["--preset", "student", "--quiet", "--set", "train.num_threads=1"]
+
+
+def train_tiny(out: Path, pkl: Path, epochs: int = 1) -> Path:
+    """A finished one-seed run of the student on ``pkl`` in ``out``; its ``seed1/best.pt``."""
+    res = cli("train", "--data", pkl, "--out", out, "--epochs", epochs, *TRAIN_ARGS)
+    assert res.exit_code == 0, res.output
+    return Path(out) / "seed1" / "best.pt"

@@ -334,7 +334,7 @@ def tiny_ckpt(model, data, tmp_path_factory):
 ])
 def test_cli_export_bad_input_exit_2(tiny_ckpt, tmp_path, args, msg):
     args = [a.replace("{root}", str(tiny_ckpt)) for a in args]
-    r = CliRunner().invoke(main, ["export", "--ckpt", str(tiny_ckpt / "best.pt"), "--onnx", str(tmp_path / "m.onnx")] + args)
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(tiny_ckpt / "best.pt"), "--out", str(tmp_path / "m")] + args)
     assert r.exit_code == 2, r.output
     assert msg in r.output
     assert "Traceback" not in r.output
@@ -344,7 +344,7 @@ def test_cli_export_unreadable_checkpoint_exit_2(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     for ck in (bad, tmp_path / "missing.pt"):
-        r = CliRunner().invoke(main, ["export", "--ckpt", str(ck), "--onnx", str(tmp_path / "m.onnx")])
+        r = CliRunner().invoke(main, ["export", "--ckpt", str(ck), "--out", str(tmp_path / "m")])
         assert r.exit_code == 2 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(main, ["export", "--ckpt", str(bad), "--onnx", str(tmp_path / "m.txt")])
     assert r.exit_code == 2 and ".onnx" in r.output
@@ -353,7 +353,7 @@ def test_cli_export_unreadable_checkpoint_exit_2(tmp_path):
 def test_cli_export_unreadable_data_exit_2(tiny_ckpt, tmp_path):
     junk = tmp_path / "junk.pkl"
     junk.write_bytes(b"\x80\x04garbage")
-    r = CliRunner().invoke(main, ["export", "--ckpt", str(tiny_ckpt / "best.pt"), "--onnx", str(tmp_path / "m.onnx"),
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(tiny_ckpt / "best.pt"), "--out", str(tmp_path / "m"),
                                   "--data", str(junk)])
     assert r.exit_code == 2, r.output
     assert r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1

@@ -186,5 +186,5 @@ def test_e2e_flag_on_a_features_checkpoint_is_one_error_line(tmp_path):
     save_mmsa(d, tmp_path / "d.pkl")
     m = CPSLModel(d.dims, preset("student").model)
     save_checkpoint(tmp_path / "b.pt", m, None, preset("student"), 0, {"data_path": str(tmp_path / "d.pkl")})
-    r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path / "b.pt"), "--onnx", str(tmp_path / "m.onnx"), "--e2e"])
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path / "b.pt"), "--out", str(tmp_path / "m"), "--e2e"])
     assert r.exit_code == 2 and r.output.strip().startswith("error:") and "--e2e needs" in r.output

@@ -1,5 +1,7 @@
 """Fuzz suite (hypothesis): malformed MMSA dicts, pickle bytes, configs, overrides, CSVs and
-checkpoints, fed to the commands that read them. For every generated case the oracle is:
+checkpoints, fed to the commands that read them; and (issue 29) forged numpy arrays and deep or
+shared nesting inside data files, resource-bomb configs, and hostile output paths (FIFOs, devices,
+symlinks, user folders, too-long names). For every generated case the oracle is:
 
 * exit 0, or exit 2 with exactly one ``error:`` line and no exception escaping (no traceback);
 * no file written outside the case's own folder (and only ``--out`` paths inside it);
@@ -301,3 +303,150 @@ def test_fuzz_train_with_edge_configs(ckpt_parts, keys, pick):
         res = cli("train", "--data", pkl, "--out", c.root / "out", "--epochs", "2", "--preset", "student", "--quiet",
                   "--set", "train.num_threads=1", *sets)
         c.check(res, allowed=["out"])
+
+
+# ---------------------------------------------------------------------------- issue 29: forged arrays, bombs, paths
+from forge import Reduce, dumps, reconstructed  # noqa: E402
+
+try:
+    from numpy._core import multiarray as _ma
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _ma
+
+DTYPE_CODES = ["f4", "f8", "i8", "u1", "b1", "O", "U3", "S2", "V8", "c8", "M8[s]", ("f8", (4,)), [("a", "O")],
+               [("a", "f4"), ("b", "i2")]]
+shapes = st.lists(st.sampled_from([0, 1, 2, 3, 7, 1 << 20, 1 << 31, 2 ** 62]), min_size=0, max_size=4).map(tuple)
+
+
+@st.composite
+def forged_arrays(draw):
+    """A numpy array as a hostile file could describe it: numpy.ndarray(...) with any buffer/offset/strides,
+    _reconstruct + a state of any shape/dtype/data, a scalar or _frombuffer of any size."""
+    code = draw(st.sampled_from(DTYPE_CODES))
+    dt = np.dtype(code) if not isinstance(code, tuple) else np.dtype(code)
+    shape = draw(shapes)
+    data = draw(st.one_of(st.binary(max_size=64), st.lists(st.sampled_from(["a", 1, 2.5, None, b"x"]), max_size=8)))
+    how = draw(st.sampled_from(["ndarray", "state", "scalar", "frombuffer"]))
+    if how == "ndarray":
+        args = (shape, dt, bytes(data) if isinstance(data, bytes) else b"\0" * 8, draw(st.sampled_from([0, 8, 1 << 30])))
+        return Reduce(np.ndarray, args + ((tuple(draw(st.integers(-8, 1 << 20)) for _ in shape),) if draw(st.booleans())
+                                          else ()))
+    if how == "state":
+        return reconstructed(shape, dt, data, draw(st.booleans()))
+    if how == "scalar":
+        return Reduce(_ma.scalar, (dt, data if isinstance(data, bytes) else b""))
+    return Reduce(getattr(np._core.numeric if hasattr(np, "_core") else np.core.numeric, "_frombuffer"),
+                  (data if isinstance(data, bytes) else b"", dt, shape, "C"))
+
+
+@st.composite
+def nested(draw):
+    """Lists/tuples/dicts up to 300 deep, sometimes sharing one child many times (expanded by np.asarray)."""
+    depth, width = draw(st.integers(1, 300)), draw(st.sampled_from([1, 2, 50, 400]))
+    leaf = draw(st.sampled_from([0.5, "a", None, (1, 2)]))
+    node = leaf
+    for i in range(depth):
+        kind = draw(st.sampled_from(["list", "tuple", "dict", "shared"]))
+        node = {"list": lambda n: [n], "tuple": lambda n: (n,), "dict": lambda n: {"k": n},
+                "shared": lambda n: [n] * width}[kind](node)
+    return node
+
+
+@given(st.one_of(forged_arrays(), nested()), st.sampled_from(["text", "regression_labels", "id", "audio_lengths",
+                                                               "note"]))
+@fuzz(150)
+def test_fuzz_forged_arrays_and_nesting(obj, key):
+    """Forged arrays and deep/shared nesting anywhere in a split: exit 0 or one line, never a crash."""
+    raw = tiny_dataset(n=(4, 3, 2))
+    raw["train"][key] = obj
+    try:
+        blob = dumps(raw)
+    except (RecursionError, ValueError, TypeError, pickle.PicklingError):
+        return                                      # pickle itself cannot write this one
+    with Case("forged array / nesting -> data info") as c:
+        p = c.root / "d.pkl"
+        p.write_bytes(blob)
+        c.check(cli("data", "info", p), inputs=[p])
+
+
+BOMB_POOL = {"model.max_len": [1, 10 ** 5, 10 ** 9, 2 ** 63], "model.d": [4, 4096, 10 ** 6, -1],
+             "model.heads": [1, 2, 10 ** 6], "model.text_layers": [0, 64, 10 ** 6],
+             "model.head_hidden": [0, 10 ** 5, 10 ** 9], "train.num_threads": [1, 10 ** 8, -1],
+             "train.seeds": ["1", "4294967296", "-1", "1,1"], "data.batch_size": [1, 10 ** 12],
+             "data.eval_batch_size": [1, 10 ** 12], "data.synth_seed": [0, 2 ** 40, -5]}
+SYNTH_POOL = ["n_train: 1000000000", "d_text: 100000000", "text_len: [1, 1000000000]", "n_test: -1", "seed: -1"]
+
+
+@given(st.lists(st.sampled_from(sorted(BOMB_POOL)), min_size=1, max_size=3, unique=True), st.integers(0, 99),
+       st.sampled_from([None] + SYNTH_POOL))
+@fuzz(25)
+def test_fuzz_resource_bomb_configs(ckpt_parts, keys, pick, synth):
+    """Configs asking for absurd memory (with CPSL_MAX_ARRAY_BYTES at 256 MiB): refused by name before allocating,
+    or a tiny run that finishes."""
+    pkl, _ = ckpt_parts
+    sets = []
+    for i, k in enumerate(keys):
+        sets += ["--set", f"{k}={BOMB_POOL[k][(pick + i) % len(BOMB_POOL[k])]}"]
+    data = ["--data", "synth", "--set", f"data.synth={{{synth}}}"] if synth else ["--data", pkl]
+    with Case("resource-bomb config -> train") as c:
+        old = os.environ.get("CPSL_MAX_ARRAY_BYTES")
+        os.environ["CPSL_MAX_ARRAY_BYTES"] = str(256 << 20)
+        try:
+            res = cli("train", *data, "--out", c.root / "out", "--epochs", "1", "--preset", "student", "--quiet",
+                      "--set", "train.num_threads=1", *sets)
+        finally:
+            os.environ.pop("CPSL_MAX_ARRAY_BYTES") if old is None else os.environ.__setitem__("CPSL_MAX_ARRAY_BYTES", old)
+        c.check(res, allowed=["out"])
+
+
+def _hostile_out(root: Path, kind: str) -> Path:
+    """An --out path of the given hostile kind (the victim folder outside must stay untouched)."""
+    victim = root / "victim"
+    if kind == "file":
+        (root / "f").write_text("mine")
+        return root / "f"
+    if kind == "fifo":
+        os.mkfifo(root / "p")
+        return root / "p"
+    if kind == "symlink-out":
+        (root / "l").symlink_to(victim)
+        return root / "l"
+    if kind == "symlink-seed":
+        (root / "o").mkdir()
+        (root / "o" / "seed1").symlink_to(victim)
+        return root / "o"
+    if kind == "user-files":
+        (root / "o" / "seed1").mkdir(parents=True)
+        (root / "o" / "seed1" / "log.jsonl").write_text("mine")
+        (root / "o" / "config.json").write_text("{}")
+        return root / "o"
+    return {"long": root / ("y" * 300), "dev-full": Path("/dev/full"), "nested": root / "a" / "b" / "c",
+            "odd-name": root / "é 😀\n;$(x)"}[kind]
+
+
+@given(st.sampled_from(["file", "fifo", "symlink-out", "symlink-seed", "user-files", "long", "dev-full", "nested",
+                        "odd-name"]), st.sampled_from(["train", "synth", "eval"]), st.booleans())
+@fuzz(30)
+def test_fuzz_hostile_output_paths(ckpt_parts, kind, command, overwrite):
+    pkl, _ = ckpt_parts
+    with Case("hostile --out -> train/synth/eval") as c:
+        victim = c.root / "victim"
+        victim.mkdir()
+        (victim / "keep.txt").write_text("keep")
+        out = _hostile_out(c.root, kind)
+        before = {p.name: p.read_bytes() for p in c.root.rglob("*") if p.is_file() and not p.is_symlink()}
+        if command == "train":
+            args = ["train", "--data", pkl, "--out", out, "--epochs", "1", "--preset", "student", "--quiet",
+                    "--set", "train.num_threads=1"] + (["--overwrite"] if overwrite else [])
+        elif command == "synth":
+            args = ["data", "synth", "--out", out, "--sizes", "8,4,2"]
+        else:
+            args = ["eval", "--ckpt", Path(pkl).parent / "best.pt", "--data", pkl, "--out", out]
+        res = cli(*args)
+        c.check(res, inputs=[pkl], allowed=[p.name for p in c.root.iterdir()])
+        assert (victim / "keep.txt").read_text() == "keep"
+        if kind != "symlink-out":                   # --out a link to a folder: the run lives there, beside keep.txt
+            assert [p.name for p in victim.iterdir()] == ["keep.txt"]
+        after = {p.name: p.read_bytes() for p in c.root.rglob("*") if p.is_file() and not p.is_symlink()}
+        named = Path(out).name if command != "train" else None      # the output file named: the user's to replace
+        assert all(after.get(k) == v for k, v in before.items() if k != named), "a file there before changed or vanished"

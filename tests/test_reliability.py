@@ -173,11 +173,18 @@ def test_out_on_an_existing_run_refuses_then_overwrite_replaces(ckpt, pkl, tmp_p
     import shutil
     shutil.copytree(run, other)
     (other / "seed7").mkdir()
-    (other / "seed7" / "last.pt").write_bytes(before)                  # a seed the new run does not have
+    (other / "seed7" / "last.pt").write_bytes(before)                  # not written by this run: not its to delete
     res = cli("train", "--data", pkl, "--out", other, "--epochs", "1", *TRAIN, "--overwrite", "--set", "model.d=16")
+    one_error_line(res, "seed7/", "not listed")
+    assert (other / "seed7" / "last.pt").read_bytes() == before
+    import shutil
+    shutil.rmtree(other / "seed7")
+    assert cli("train", "--data", pkl, "--out", other, "--epochs", "1", *TRAIN, "--overwrite", "--seeds", "1,2",
+               "--set", "model.d=16").exit_code == 0
+    res = cli("train", "--data", pkl, "--out", other, "--epochs", "1", *TRAIN, "--overwrite", "--set", "model.d=8")
     assert res.exit_code == 0, res.output
-    assert not (other / "seed7").exists()
-    assert read_checkpoint(other / "seed1" / "best.pt")["config"]["model"]["d"] == 16
+    assert not (other / "seed2").exists()                              # no seed of the old run survives
+    assert read_checkpoint(other / "seed1" / "best.pt")["config"]["model"]["d"] == 8
     one_error_line(cli("train", "--data", pkl, "--out", other, "--resume", "--overwrite"), "exclude each other")
 
 

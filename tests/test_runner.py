@@ -111,3 +111,83 @@ def test_bad_input_exit_2(artefacts, tmp_path):
     plan.write_bytes(b"\0" * 16)
     r = runner(artefacts, plan, "--bench")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def _golden_with(artefacts, tmp_path, name, **meta_changes):
+    z = dict(np.load(artefacts / "fp32.golden.npz"))
+    meta = json.loads(str(z["meta"]))
+    meta.update(meta_changes)
+    z["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / name, **z)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"n_batches": 0}, "n_batches"),                       # a check over nothing must not pass
+    ({"n_batches": "3"}, "n_batches"),
+    ({"tolerance": {"atol": float("inf")}}, "atol"),       # nor one that accepts anything
+    ({"tolerance": {"rtol": 1e308}}, "rtol"),
+    ({"tolerance": [1]}, "atol"),
+    ({"inputs": "text"}, "inputs"),
+    ({"inputs": []}, "inputs"),
+])
+def test_golden_meta_of_the_wrong_kind_is_refused(artefacts, tmp_path, change, needle):
+    bad = _golden_with(artefacts, tmp_path, "g.npz", **change)
+    r = runner(artefacts, "fp32.onnx", "--check", bad, "--threads", "1")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+    assert "check passed" not in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--check", "fp32.golden.npz", "--atol", "inf"], "atol"),
+    (["--check", "fp32.golden.npz", "--json", "."], "is a folder"),
+    (["--check", "fp32.golden.npz", "--json", "/dev/full"], "pipe or device"),
+    (["--bench", "--batch", "100000000", "--iters", "1"], "CPSL_MAX_ARRAY_BYTES"),
+    (["--bench", "--batch", "1", "--len", "1000000000", "--iters", "1"], "CPSL_MAX_ARRAY_BYTES"),
+    (["--bench", "--iters", "1000000000000"], "--iters"),
+])
+def test_runner_bad_values_and_outputs(artefacts, args, needle):
+    r = runner(artefacts, "fp32.onnx", "--threads", "1", *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+def test_malformed_manifest_profile_is_one_line(artefacts, tmp_path):
+    import shutil
+    shutil.copy(artefacts / "fp32.onnx", tmp_path / "m.onnx")
+    man = json.loads((artefacts / "fp32.manifest.json").read_text())
+    man["engine_profile"] = {m: {"opt": "x"} for m in man["modalities"]}
+    (tmp_path / "m.manifest.json").write_text(json.dumps(man))
+    r = runner(artefacts, tmp_path / "m.onnx", "--bench", "--iters", "1", "--threads", "1")
+    assert r.returncode == 2 and "engine_profile" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _predict(root: Path, *args):
+    env = {"PYTHONPATH": str(root / "notorch"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+           "LC_ALL": "C.UTF-8"}
+    return subprocess.run([sys.executable, str(RUNNER), "predict", *args], capture_output=True, env=env, cwd=root,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("tok,needle", [
+    ({"file": "../outside.json", "max_length": 16}, "only from a plain file beside the model"),
+    ({"file": "/etc/hostname", "max_length": 16}, "only from a plain file beside the model"),
+    ({"file": "t.json", "max_length": "16"}, "max_length"),
+    ("t.json", "'tokenizer' must"),
+])
+def test_predict_reads_a_tokenizer_only_beside_the_model(artefacts, tmp_path, tok, needle):
+    import shutil
+    shutil.copy(artefacts / "fp32.onnx", tmp_path / "m.onnx")
+    (tmp_path.parent / "outside.json").write_text("{}")
+    man = {"graph": "tokens", "tokenizer": tok, "modalities": ["text"], "dims": {"text": 8}}
+    (tmp_path / "m.manifest.json").write_text(json.dumps(man))
+    r = _predict(artefacts, "--model", str(tmp_path / "m.onnx"), "--text", "good")
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], r.stderr
+
+
+def test_predict_refuses_non_utf8_text(artefacts):
+    r = _predict(artefacts, "--model", "fp32.onnx", "--text", b"caf\xe9 \xff")
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "not valid UTF-8" in err[0], r.stderr

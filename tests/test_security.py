@@ -153,8 +153,12 @@ def test_old_format_checkpoint_loads_safely(tmp_path):
           "model": m.state_dict(), "optimizer": None, "epoch": 0,
           "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
     torch.save(ck, tmp_path / "old.pt")
+    ck["history"] = [{"epoch": 0, "valid": {"MAE": np.float64(0.5)}, "balance": np.array([0.25, 0.75])}]
+    torch.save(ck, tmp_path / "old.pt")
     model, _, ck2 = load_model(tmp_path / "old.pt")
     set_rng_state(ck2["rng"])
+    assert ck2["history"][0]["valid"]["MAE"] == 0.5 and type(ck2["history"][0]["valid"]["MAE"]) is float
+    assert ck2["history"][0]["balance"] == [0.25, 0.75] and torch.is_tensor(ck2["rng"]["numpy"]["keys"])
     for k, v in m.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
 
@@ -176,3 +180,105 @@ def test_build_engine_script_quotes_the_plan_name(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"wrote {evil}" in r.stdout
     assert not any((tmp_path / n).exists() for n in ("PWNED", "PWNED2", "PWNED3")), body
+
+
+# ---------------------------------------------------------------------------- issue 29: forged arrays, bombs
+from forge import (CANONICALISED, FORGED_ARRAYS, deep_list, deep_tuple_key, in_split,  # noqa: E402
+                   ndarray_call, shared_bomb)
+
+
+@pytest.mark.parametrize("attack", list(FORGED_ARRAYS))
+@pytest.mark.parametrize("command", ["data info", "train"])
+def test_forged_numpy_arrays_refused(tmp_path, attack, command):
+    """numpy.ndarray called directly, object arrays from bytes, shapes beyond their data, structured or
+    sub-array dtypes: refused by the reader (before numpy builds them), never a crash or a load."""
+    p = tmp_path / "forged.pkl"
+    p.write_bytes(pickle.dumps(in_split(FORGED_ARRAYS[attack](), tiny_dataset()), protocol=2))
+    args = ["data", "info", p] if command == "data info" else [
+        "train", "--data", p, "--out", tmp_path / "o", "--quiet", "--epochs", "1", "--preset", "student"]
+    one_error_line(cli(*args), "refusing to load it")
+    assert not (tmp_path / "o").exists()
+
+
+def test_forged_dtype_flags_never_reach_numpy(tmp_path):
+    """A dtype's state (flags, fields) comes from the file; the reader rebuilds the dtype from its code."""
+    import io
+
+    from cpsl.data.safe_pickle import safe_load
+    for make in CANONICALISED.values():
+        got = safe_load(io.BytesIO(pickle.dumps({"x": make()}, protocol=2)))["x"]
+        assert got.dtype == object and got.tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize("blob,needle", [
+    (deep_tuple_key(), "CPSL_MAX_PICKLE_DEPTH"),      # hashed by the unpickler: a C stack overflow before
+    (deep_list(), "CPSL_MAX_PICKLE_DEPTH"),
+    (shared_bomb(1000, 3), "CPSL_MAX_PICKLE_ITEMS"),  # 10^9 numbers once np.asarray expands the references
+])
+def test_pickle_bombs_refused_before_building(tmp_path, blob, needle):
+    p = tmp_path / "bomb.pkl"
+    p.write_bytes(blob)
+    one_error_line(cli("data", "info", p), needle)
+
+
+def test_pickle_limits_are_overridable(tmp_path, monkeypatch):
+    from cpsl.data.safe_pickle import safe_load
+    import io
+    blob = deep_list(80)
+    with pytest.raises(CPSLError, match="CPSL_MAX_PICKLE_DEPTH"):
+        safe_load(io.BytesIO(blob))
+    monkeypatch.setenv("CPSL_MAX_PICKLE_DEPTH", "200")
+    assert isinstance(safe_load(io.BytesIO(blob)), list)
+    monkeypatch.setenv("CPSL_MAX_ARRAY_BYTES", "1000")
+    one_error_line(cli("data", "info", write_pickle(tmp_path / "g.pkl", tiny_dataset())), "CPSL_MAX_ARRAY_BYTES")
+
+
+def _ckpt_with(files, tmp_path, name, **changes):
+    ck = torch.load(files[2], weights_only=True)
+    ck.update(changes)
+    torch.save(ck, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("attack", ["object dtype from a buffer (pointers)", "declared shape far beyond its data",
+                                    "structured dtype with an object field"])
+def test_forged_arrays_in_a_checkpoint_refused(files, tmp_path, attack):
+    pt = _ckpt_with(files, tmp_path, "f.pt", extra=FORGED_ARRAYS[attack]())
+    one_error_line(cli("eval", "--ckpt", pt, "--data", files[0]), "refusing to load it")
+
+
+def test_checkpoint_of_this_format_holds_no_numpy(files, tmp_path):
+    import numpy as np
+    pt = _ckpt_with(files, tmp_path, "n.pt", extra={"a": np.zeros(3)})
+    one_error_line(cli("eval", "--ckpt", pt, "--data", files[0]), "NumPy object at /extra/a")
+
+
+def test_deeply_nested_checkpoint_refused(files, tmp_path):
+    import zipfile
+    src = zipfile.ZipFile(files[2])
+    with zipfile.ZipFile(tmp_path / "deep.pt", "w") as z:
+        for n in src.namelist():
+            z.writestr(n, deep_tuple_key() if n.endswith("data.pkl") else src.read(n))
+    one_error_line(cli("eval", "--ckpt", tmp_path / "deep.pt", "--data", files[0]), "CPSL_MAX_PICKLE_DEPTH")
+
+
+@pytest.mark.parametrize("rng", [
+    {"numpy": ("MT19937", ndarray_call((624,), "u4", b"\0" * 16), 0, 0, 0.0)},   # forged array (ckpt-1 form)
+    {"torch": [1, 2, 3]},                                                     # not a tensor
+    {"python": (3, (2 ** 40,) * 625, None)},                                  # out of range
+    {"numpy": {"kind": "MT19937", "keys": torch.zeros(3), "pos": 0, "has_gauss": 0, "gauss": 0.0}},
+])
+def test_forged_rng_state_refused_by_resume(files, tmp_path, rng):
+    good_pkl, _, good_pt, _, _ = files
+    out = tmp_path / "run"
+    res = cli("train", "--data", good_pkl, "--out", out, "--quiet", "--epochs", "1", "--preset", "student",
+              "--set", "train.num_threads=1")
+    assert res.exit_code == 0, res.output
+    ck = torch.load(out / "seed1" / "last.pt", weights_only=True)
+    ck["rng"] = {**ck["rng"], **rng}
+    if isinstance(rng.get("numpy"), tuple):
+        ck["format"] = "cpsl-ckpt-1"
+    torch.save(ck, out / "seed1" / "last.pt")
+    res = cli("train", "--data", good_pkl, "--out", out, "--resume", "--quiet", "--epochs", "3", "--preset",
+              "student", "--set", "train.num_threads=1")
+    one_error_line(res)

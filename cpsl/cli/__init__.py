@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from .. import __version__
 from ..errors import CPSLError
 
 
@@ -19,8 +20,13 @@ class _Group(click.Group):
         except CPSLError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-            click.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
+        except OSError as e:         # a missing/unreadable input, an unwritable output (/dev/full, too long a name)
+            name = str(e.filename or "")
+            where = f": {name[:120]}{'...' if len(name) > 120 else ''}" if name else " (writing an output)"
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory (lower the data or model sizes, or the batch size)", err=True)
             sys.exit(2)
         except click.UsageError as e:  # a subcommand's bad option: one line too (not click's usage block)
             if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
@@ -31,20 +37,22 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="cpsl")
+@click.version_option(version=__version__, prog_name="cpsl")
 def main():
     """cpsl: balanced multimodal sentiment analysis (CP + SL), from training to the edge.
 
     \b
-    Main job:   cpsl train --data synth --out runs/synth
+    Train:      cpsl train --data synth --out runs/synth --seeds 1
     Evaluate:   cpsl eval --ckpt runs/synth/seed1/best.pt --data synth --split test
-    Data:       cpsl data synth --out s.pkl ; cpsl data info s.pkl
+    Export:     cpsl export --ckpt runs/synth/seed1/best.pt --out dist
+    Predict:    cpsl predict --model dist/model.onnx --text "a wonderful film"
+    Config:     cpsl config show [--preset student]
     """
 
 
-from . import data, diagnose, distill, export, info, train, transfer  # noqa: E402 - the command modules attach to `main`
+from . import config_cmd, data, diagnose, distill, export, info, predict, train, transfer  # noqa: E402 - the command modules attach to `main`
 
-for _mod in (info, data, train, diagnose, transfer, distill, export):
+for _mod in (info, data, config_cmd, train, diagnose, transfer, distill, export, predict):
     for _cmd in _mod.COMMANDS:
         main.add_command(_cmd)
 

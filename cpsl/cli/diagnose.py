@@ -15,19 +15,19 @@ from .options import overwrite_option, run_config, run_options, trust_pickle_opt
               help="Folder for diagnose.json and diagnose.png (default: print only).")
 @overwrite_option
 @trust_pickle_option
-def diagnose(data_path, preset, config, sets, seeds, epochs, device, quiet, out, overwrite, trust_pickle):
+def diagnose(data_path, preset, config, sets, seeds, epochs, device, threads, quiet, out, overwrite, trust_pickle):
     """Before choosing a strategy: per modality, what it reaches alone vs its part of a plain joint
     model, its learning speed and Shapley contribution; one verdict per modality.
 
     \b
     Short unimodal runs (one per modality) and one joint run (--modulation none) with the given
     preset/config; scored on the valid split only. Use --epochs to shorten the runs.
-    Example: cpsl diagnose --data ub.pkl --preset linear_late"""
+    Example: cpsl diagnose --data ub.pkl --preset linear_late --out diag"""
     from ..data import load_data
     from ..diagnose import diagnose as run_diagnose
     from ..diagnose import plot
     from ..errors import CPSLError
-    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet)
+    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, threads)
     seed = int(cfg.train.seeds[0])
     if out is not None:
         o = Path(out)

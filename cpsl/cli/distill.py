@@ -7,8 +7,9 @@ import click
 
 from ..compress.settings import DistillSettings
 from ..compress.text_distill import distill_text_encoder as _td
-from .options import (overwrite_option, param_option, run_config, run_options, setting_option,
-                      trust_pickle_option)
+from ..config import Config
+from .options import (deprecated_alias, device_check, overwrite_option, param_option, run_config, run_options,
+                      setting_option, trust_pickle_option)
 
 
 @click.command()
@@ -21,8 +22,8 @@ from .options import (overwrite_option, param_option, run_config, run_options, s
 @click.option("--no-cache", is_flag=True, help="Run the teacher on every batch instead of caching its outputs.")
 @overwrite_option
 @trust_pickle_option
-def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device, quiet, lambda_kd, lambda_hint,
-            max_ratio, no_cache, overwrite, trust_pickle):
+def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device, threads, quiet, lambda_kd,
+            lambda_hint, max_ratio, no_cache, overwrite, trust_pickle):
     """Distil a teacher checkpoint into a small student; writes OUT/results.json (+ teacher, retention).
 
     With --data synth the teacher's synthetic seed and knobs are used unless --set data.synth_seed=... /
@@ -31,7 +32,7 @@ def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device
     from ..data import load_data
     from ..train import read_checkpoint
 
-    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet)
+    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, threads)
     tck = read_checkpoint(teacher)
     tdata = tck.get("config", {}).get("data", {})
     if not any(s.strip().startswith("data.synth_seed") for s in sets):
@@ -76,10 +77,13 @@ def _summary(res: dict, out) -> None:
 @param_option(_td, "lr", "--lr", help="Learning rate of the encoder layers.")
 @param_option(_td, "lambda_kd", "--lambda-kd", help="Weight of MSE(student prediction, teacher prediction).")
 @param_option(_td, "lambda_task", "--lambda-task", help="Weight of the task loss on the labels.")
-@param_option(_td, "seed", "--seed")
+@param_option(_td, "seed", "--seeds", help="The seed (one: this is one run).")
+@deprecated_alias("--seed", "--seeds", "seed_old", type=int)
+@click.option("--device", default=Config().train.device, show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @trust_pickle_option
-def distill_text(teacher, data_path, layers, out, epochs, lr, lambda_kd, lambda_task, seed, threads, trust_pickle):
+def distill_text(teacher, data_path, layers, out, epochs, lr, lambda_kd, lambda_task, seed, seed_old, device, threads,
+                 trust_pickle):
     """Distil a checkpoint's fine-tuned text encoder into its first N layers (the end-to-end student).
 
     Loss: MSE of the last-layer token states + MSE of the prediction against the teacher's + the task
@@ -87,10 +91,13 @@ def distill_text(teacher, data_path, layers, out, epochs, lr, lambda_kd, lambda_
     import torch
 
     from ..data import load_data
+    if seed_old is not None:
+        seed = seed_old
+    device_check(device)
     torch.set_num_threads(max(1, threads))
     data = load_data(data_path, 0, None, trust_pickle=trust_pickle)
     res = _td(teacher, data, layers, out, epochs=epochs, lr=lr, lambda_kd=lambda_kd, lambda_task=lambda_task,
-              seed=seed, log=click.echo)
+              seed=seed, log=click.echo, device=device)
     t, s = res["teacher"]["valid"], res["valid"]
     click.echo(f"{layers}-layer student (epoch {res['best_epoch']}): valid MAE {s['MAE']:.4f} (teacher {t['MAE']:.4f}), "
                f"Non0_acc_2 {s['Non0_acc_2']:.4f} (teacher {t['Non0_acc_2']:.4f}); wrote {Path(out) / 'best.pt'}")

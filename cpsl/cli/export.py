@@ -6,14 +6,17 @@ import click
 
 from ..deploy import ExportSettings, Manifest, export_artifact
 from ..deploy import precisions
-from .options import setting_option, settings_from
+from .options import deprecated_alias, pick, setting_option, settings_from
 
 S = ExportSettings
 
 
 @click.command()
 @click.option("--ckpt", required=True, type=click.Path(), help="A best.pt from cpsl train / cpsl distill.")
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder: model.onnx, its manifest, golden batches, engine script and README.md card.")
+@deprecated_alias("--onnx", "--out DIR", "onnx_path", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an artefact already in --out (default: refuse).")
 @setting_option(S, "precision", registry=precisions.names)
 @setting_option(S, "e2e", "--e2e/--no-e2e")
 @setting_option(S, "data")
@@ -33,18 +36,30 @@ S = ExportSettings
 @setting_option(S, "workspace")
 @setting_option(S, "trust_pickle")
 @click.option("--quiet", is_flag=True, help="Only the summary.")
-def export(ckpt, onnx_path, quiet, **settings):
+def export(ckpt, out, onnx_path, overwrite, quiet, **settings):
     """Export a checkpoint to ONNX (any registered precision) with manifest, golden batches and engine script.
 
     \b
-    Writes beside OUT.onnx:
-      OUT.manifest.json     inputs/outputs, preprocessing, parity, VALID metrics (ONNX Runtime), sizes, sha256
-      OUT.golden.npz        real batches (batch 1, 7 and the longest items) with expected outputs
-      OUT.build_engine.sh   the trtexec command for the target (JetPack 6.x / TensorRT 10.3)
-      OUT.plan              with --trt where TensorRT is installed
-    Check: python export/runner.py OUT.onnx --check OUT.golden.npz
+    Writes into OUT/:
+      model.onnx            the graph (token-id input when the checkpoint has a text encoder)
+      model.manifest.json   inputs/outputs, preprocessing, parity, VALID metrics (ONNX Runtime), sizes, sha256
+      model.golden.npz      real batches (batch 1, 7 and the longest items) with expected outputs
+      model.build_engine.sh the trtexec command for the target (JetPack 6.x / TensorRT 10.3)
+      model.tokenizer.json  token-id graphs: the tokenizer cpsl predict / cpsl-runner predict use
+      README.md             the model card (data, metrics with split, intended use, limits)
+      model.plan            with --trt where TensorRT is installed
+    Check: cpsl-runner OUT/model.onnx --check OUT/model.golden.npz
+    Predict: cpsl predict --model OUT/model.onnx --text "..."
     """
-    m = export_artifact(ckpt, onnx_path, settings_from(ExportSettings, settings),
+    from pathlib import Path
+
+    from ..errors import CPSLError
+    if pick(out, onnx_path, "--out", "--onnx") is None:
+        raise click.UsageError("Missing option '--out'")
+    target = Path(out) / "model.onnx" if out is not None else Path(onnx_path)
+    if out is not None and target.exists() and not overwrite:
+        raise CPSLError(f"{target} exists: pass --overwrite to replace it (or choose another --out)")
+    m = export_artifact(ckpt, target, settings_from(ExportSettings, settings),
                         log=None if quiet else click.echo, warn=click.echo)
     _summary(m)
 
@@ -63,7 +78,9 @@ def _summary(m: Manifest) -> None:
                    f"quantized ops {q['quantized_ops']}")
     click.echo(f"  {m.manifest_path.name}, {m.golden['file']}, {m.engine['script']}"
                + (f", {m.onnx_path.stem}.plan" if m.engine.get("built") else ""))
-    click.echo(f"  check: python export/runner.py {m.onnx_path} --check {m.onnx_path.parent / m.golden['file']}")
+    click.echo(f"  check: cpsl-runner {m.onnx_path} --check {m.onnx_path.parent / m.golden['file']}")
+    if m.graph == "tokens":
+        click.echo(f"  predict: cpsl predict --model {m.onnx_path} --text \"...\"")
 
 
 COMMANDS = [export]

@@ -88,8 +88,18 @@ def settings_from(cls, values: dict):
 # ---------------------------------------------------------------------------- run options
 data_option = click.option("--data", "data_path", default=_default(_field(type(Config().data), "path")),
                            show_default=True, help="MMSA .pkl file, or 'synth' for the embedded synthetic data.")
-config_file_option = click.option("--config", type=click.Path(),
-                                  help="YAML/JSON config file (sections data, model, loss, cp, train).")
+def packaged_config(value):
+    """``--config NAME``: a file path, or the name of a config shipped in cpsl/configs (e.g. mosi_best)."""
+    from pathlib import Path
+    if value is None or Path(value).exists():
+        return value
+    shipped = Path(__file__).resolve().parents[1] / "configs" / f"{Path(value).stem}.yaml"
+    return str(shipped) if shipped.is_file() and Path(value).parent == Path(".") else value
+
+
+config_file_option = click.option("--config", type=click.Path(), callback=lambda ctx, p, v: packaged_config(v),
+                                  help="YAML/JSON config file (sections data, model, loss, cp, train), or the name "
+                                       "of a packaged config (mosi_best, mosei_transfer).")
 set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override a config value (any key of the config; unknown keys are errors).")
 
@@ -108,19 +118,23 @@ trust_pickle_option = click.option(
 
 
 def run_options(preset="teacher", seeds=None):
-    """--data --preset --config --set --seeds --epochs --device --quiet: the options of every run command."""
+    """--data --preset --config --set --seeds --epochs --device --threads --quiet: the options of every run
+    command (--threads is config train.num_threads)."""
     def deco(fn):
         for opt in reversed((data_option, click.option("--preset", default=preset, show_default=True,
                                                       type=click.Choice(list(PRESETS)), help="Config preset."),
                              config_file_option, set_option, seeds_option(seeds),
                              config_option("train.epochs", "--epochs"), config_option("train.device", "--device"),
+                             click.option("--threads", type=click.IntRange(0, 1024), default=None,
+                                          show_default="train.num_threads=0",
+                                          help="torch CPU threads per process (0: torch's default)."),
                              quiet_option)):
             fn = opt(fn)
         return fn
     return deco
 
 
-def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet=False, **cfg_paths):
+def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet=False, threads=None, **cfg_paths):
     """The run config: preset ← config file ← --set ← the dedicated options (``cfg_paths``:
     ``{"train.modulation": value, ...}``; None = unset)."""
     from ..config import apply_overrides, build_config
@@ -130,7 +144,7 @@ def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet
             cfg.train.seeds = [int(s) for s in str(seeds).split(",") if s.strip()]
         except ValueError:
             raise CPSLError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    values = {"train.epochs": epochs, "train.device": device, **cfg_paths}
+    values = {"train.epochs": epochs, "train.device": device, "train.num_threads": threads, **cfg_paths}
     for path, v in values.items():
         if v is not None:
             section, key = path.split(".")
@@ -146,3 +160,24 @@ def device_check(device: str) -> None:
     import torch
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CPSLError(f"device {device!r} requested but torch sees no CUDA GPU")
+
+
+def deprecated_alias(old: str, new: str, dest: str, **kw):
+    """A hidden old option name kept for scripts: parsed into ``dest`` and announced by one note on stderr."""
+    def note(ctx, param, value):
+        if value not in (None, (), False):
+            click.echo(f"note: {old} is deprecated, use {new}", err=True)
+        return value
+    kw.setdefault("default", None)
+    return click.option(old, dest, hidden=True, callback=note, **kw)
+
+
+def pick(new_value, old_value, new: str, old: str):
+    """The value of an option or its deprecated alias (both given: a usage error)."""
+    if new_value not in (None, ()) and old_value not in (None, ()):
+        raise click.UsageError(f"{new} and {old} are the same option: give one")
+    return old_value if new_value in (None, ()) else new_value
+
+
+threads_option = click.option("--threads", type=click.IntRange(0, 1024), default=None,
+                              help="torch CPU threads (0 or unset: torch's default).")

@@ -10,7 +10,7 @@ import click
 
 from ..config import Config
 from ..errors import CPSLError
-from .options import (RegistryChoice, config_flag, config_option, data_option, device_check, overwrite_option,
+from .options import (RegistryChoice, config_flag, config_option, device_check, overwrite_option,
                       run_config, run_options, trust_pickle_option)
 
 
@@ -30,8 +30,8 @@ def _strategy_names():
 @click.option("--resume", is_flag=True, help="Continue a stopped run in --out from its last.pt.")
 @overwrite_option
 @trust_pickle_option
-def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, modulation, no_sl, cp_backend, amp,
-          tensorboard, resume, overwrite, trust_pickle):
+def train(data_path, out, preset, config, sets, seeds, epochs, device, threads, quiet, modulation, no_sl, cp_backend,
+          amp, tensorboard, resume, overwrite, trust_pickle):
     """Train CPSL; writes OUT/results.json and OUT/seed*/best.pt.
 
     \b
@@ -41,7 +41,7 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, quiet, mo
     from ..runs import check_out
     from ..train import run
     echo = click.echo if os.environ.get("RANK", "0") == "0" else _quiet   # under torchrun: rank 0 speaks
-    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{
+    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, threads, **{
         "train.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend, "train.amp": amp,
         "train.tensorboard": True if tensorboard else None})
     from .. import strategies
@@ -70,16 +70,19 @@ def _quiet(*args, **kwargs) -> None:
 
 @click.command("eval")
 @click.option("--ckpt", required=True, type=click.Path(), help="A best.pt written by cpsl train.")
-@data_option
+@click.option("--data", "data_path", default=None,
+              help="MMSA .pkl file, or 'synth' (default: the data the checkpoint was trained on).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), help="Write predictions (id,label,pred,pred_<m>...) here.")
+@click.option("--out", type=click.Path(), help="Output folder: predictions.csv (id,label,pred,pred_<m>...) and "
+              "eval.json. (A path ending in .csv: that file, the old form, deprecated.)")
+@overwrite_option
 @click.option("--mask-modality", help="Remove this modality at inference (balance diagnostic).")
 @click.option("--device", default=Config().train.device, show_default=True, help="cpu or cuda.")
 @click.option("--contributions", is_flag=True,
               help="Each modality's exact Shapley contribution to the fused error (all 2^M modality masks).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @trust_pickle_option
-def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, as_json, trust_pickle):
+def eval_cmd(ckpt, data_path, split, out, overwrite, mask_modality, device, contributions, as_json, trust_pickle):
     """Evaluate a checkpoint on a split with MMSA's metrics."""
     from ..data import load_data
     from ..metrics import format_table
@@ -87,7 +90,9 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
     device_check(device)
     if split not in ("train", "valid", "test"):
         raise CPSLError(f"unknown split {split!r} (choose train, valid or test)")
+    csv_out, json_out = _eval_outputs(out, overwrite)
     model, cfg, _ = load_model(ckpt, device)
+    data_path = data_path or cfg.data.path
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     check_compatible(model, data, ckpt)
     if mask_modality and mask_modality not in model.modalities:
@@ -100,6 +105,9 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
     rows.update({f"{m} head": v for m, v in ev["aux"].items()})
     result = {"ckpt": str(ckpt), "data": data_path, "split": split, "mask_modality": mask_modality,
               "metrics": ev["metrics"], "aux": ev["aux"]}
+    if ev["undefined"]:                        # NaN in the metrics, and here why
+        result["undefined"] = ev["undefined"]
+        click.echo("warning: " + "; ".join(f"{k} is undefined: {v}" for k, v in ev["undefined"].items()), err=True)
     if mask_modality:
         full = evaluate(model, s, cfg, device)
         result["unmasked"] = full["metrics"]
@@ -108,15 +116,17 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
     if contributions:
         from ..train import contributions as shapley
         result["contributions"] = shapley(model, s, cfg, device)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", newline="") as f:
+    if csv_out:
+        from ..fileutil import check_output_file
+        check_output_file(csv_out)
+        csv_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_out, "w", newline="") as f:
             wr = csv.writer(f)
             wr.writerow(["id", "label", "pred"] + [f"pred_{m}" for m in model.modalities])
             for i in range(len(s)):
                 wr.writerow([s.ids[i], repr(float(s.labels[i])), repr(float(ev["pred"][i]))]
                             + [repr(float(ev["aux_pred"][m][i])) for m in model.modalities])
-        Path(str(out) + ".json").write_text(json.dumps(result, indent=2))
+        json_out.write_text(json.dumps(result, indent=2))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -128,8 +138,22 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
                    f"modality masked {c['error_none']:.4f}, with none masked {c['error_all']:.4f}):")
         for m, v in c["shapley"].items():
             click.echo(f"  {m:8s} {v:+.4f}")
-    if out:
-        click.echo(f"wrote {out}")
+    if csv_out:
+        click.echo(f"wrote {csv_out} and {json_out}")
+
+
+def _eval_outputs(out, overwrite: bool) -> tuple[Path | None, Path | None]:
+    """``(predictions csv, result json)``: ``--out DIR`` -> DIR/predictions.csv, DIR/eval.json (refused when
+    present unless --overwrite); ``--out FILE.csv`` -> FILE.csv, FILE.csv.json (the old form, with a note)."""
+    if not out:
+        return None, None
+    if str(out).endswith(".csv"):
+        click.echo("note: --out FILE.csv is deprecated, use --out DIR (DIR/predictions.csv, DIR/eval.json)", err=True)
+        return Path(out), Path(f"{out}.json")
+    p = Path(out) / "predictions.csv"
+    if p.exists() and not overwrite:
+        raise CPSLError(f"{p} exists: pass --overwrite to replace it (or choose another --out)")
+    return p, p.with_name("eval.json")
 
 
 @click.command()
@@ -150,13 +174,13 @@ def eval_cmd(ckpt, data_path, split, out, mask_modality, device, contributions, 
 @config_option("cp.backend", "--cp-backend")
 @overwrite_option
 @trust_pickle_option
-def ablate(data_path, out, preset, config, sets, seeds, epochs, device, quiet, variants, defines, reference, jobs,
-           cost_steps, cost_only, cp_backend, overwrite, trust_pickle):
+def ablate(data_path, out, preset, config, sets, seeds, epochs, device, threads, quiet, variants, defines, reference,
+           jobs, cost_steps, cost_only, cp_backend, overwrite, trust_pickle):
     """Run variants on the same seeds; write OUT/ablation.md, ablation.json and a trajectory figure."""
     from ..ablate import DEFAULT, add_step_costs, run_ablation, variant_config
     from ..ablate import variants as known
     from ..data import load_data
-    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, **{"cp.backend": cp_backend})
+    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, threads, **{"cp.backend": cp_backend})
     from ..config import parse_overrides
     defined = {}
     for name, sets_ in defines:
@@ -202,7 +226,10 @@ def compare(runs, split, out):
     md = markdown(res)
     click.echo(md, nl=False)
     if out:
+        from ..fileutil import check_output_file
         p = Path(out)
+        check_output_file(p)
+        check_output_file(p.with_suffix(".json"))
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(md)
         p.with_suffix(".json").write_text(json.dumps(res, indent=2))

@@ -30,13 +30,15 @@ def teacher_token_targets(teacher, split, batch_size: int = 64):
 
     from ..data.batch import iterate
     teacher.eval()
+    dev = next(teacher.parameters()).device
     L = split.text_bert.shape[2]
-    states = torch.zeros(len(split), L, teacher.text_backbone.hidden)
-    pred = torch.zeros(len(split))
+    states = torch.zeros(len(split), L, teacher.text_backbone.hidden, device=dev)
+    pred = torch.zeros(len(split), device=dev)
     with torch.no_grad():
         for b in iterate(split, batch_size, modalities=teacher.modalities):
+            b = b.to(dev)
             h, _ = teacher.text_backbone(b.text_bert)                           # (B, w, d)
-            idx = torch.as_tensor(b.index)
+            idx = torch.as_tensor(b.index, device=dev)
             states[idx, :h.shape[1]] = h
             pred[idx] = teacher.predict(b.x, b.mask, b.text_bert)
     return states, pred
@@ -72,7 +74,7 @@ def _loss(student, b, t_states, t_pred, lambda_kd, lambda_task, task):
     import torch.nn.functional as F
 
     from ..losses import task_loss
-    idx = torch.as_tensor(b.index)
+    idx = torch.as_tensor(b.index, device=t_pred.device)
     h, mask = student.text_backbone(b.text_bert)                                # (B, w, d), (B, w)
     ht = t_states[idx, :h.shape[1]]
     m = mask.unsqueeze(-1).to(h.dtype)
@@ -89,9 +91,10 @@ def _loss(student, b, t_states, t_pred, lambda_kd, lambda_task, task):
 
 def distill_text_encoder(teacher_ckpt, data, layers: int, out, epochs: int = 3, lr: float = 5e-5,
                          head_lr: float = 1e-4, lambda_kd: float = 1.0, lambda_task: float = 0.5,
-                         batch_size: int = 32, seed: int = 1, log=print) -> dict:
+                         batch_size: int = 32, seed: int = 1, log=print, device: str = "cpu") -> dict:
     """Distil the teacher's encoder into its first ``layers`` layers; write ``out/best.pt`` and
-    ``out/results.json``; return the results (teacher and student valid metrics, timings)."""
+    ``out/results.json``; return the results (teacher and student valid metrics, timings).
+    ``device``: where teacher and student run."""
     import torch
 
     from ..data.batch import iterate
@@ -99,7 +102,7 @@ def distill_text_encoder(teacher_ckpt, data, layers: int, out, epochs: int = 3, 
     from ..train import check_compatible, evaluate, load_model, save_checkpoint
     if epochs < 1:
         raise CPSLError("--epochs must be >= 1")
-    teacher, cfg, tck = load_model(teacher_ckpt, "cpu")
+    teacher, cfg, tck = load_model(teacher_ckpt, device)
     check_compatible(teacher, data, str(teacher_ckpt))
     check_layers(teacher, layers)
     tr, va = data["train"], data["valid"]
@@ -108,7 +111,7 @@ def distill_text_encoder(teacher_ckpt, data, layers: int, out, epochs: int = 3, 
     t0 = time.perf_counter()
     t_states, t_pred = teacher_token_targets(teacher, tr)
     log(f"teacher targets on {len(tr)} training rows: {time.perf_counter() - t0:.1f} s")
-    t_valid = evaluate(teacher, va, cfg, "cpu")["metrics"]
+    t_valid = evaluate(teacher, va, cfg, device)["metrics"]
     torch.manual_seed(seed)
     student, scfg = shallow_student(teacher, cfg, layers)
     del teacher
@@ -124,6 +127,7 @@ def distill_text_encoder(teacher_ckpt, data, layers: int, out, epochs: int = 3, 
         student.train()
         t1, sums, n = time.perf_counter(), {"hidden": 0.0, "kd": 0.0}, 0
         for b in iterate(tr, batch_size, shuffle=True, generator=gen, modalities=student.modalities):
+            b = b.to(device)
             loss, parts = _loss(student, b, t_states, t_pred, lambda_kd, lambda_task, cfg.loss.task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -132,7 +136,7 @@ def distill_text_encoder(teacher_ckpt, data, layers: int, out, epochs: int = 3, 
             for k in sums:
                 sums[k] += float(parts[k].detach())
             n += 1
-        ev = evaluate(student, va, scfg, "cpu")["metrics"]
+        ev = evaluate(student, va, scfg, device)["metrics"]
         rec = {"epoch": ep, "seconds": time.perf_counter() - t1, **{k: v / max(n, 1) for k, v in sums.items()},
                "valid": {k: ev[k] for k in METRIC_KEYS}, "valid_loss": ev["loss"]}
         history.append(rec)

@@ -68,8 +68,10 @@ def load_data(path: str, synth_seed: int = 0, synth: dict | None = None, trust_p
     if path == "synth" or str(path).startswith("synth:"):
         try:
             seed = int(str(path).split(":", 1)[1]) if ":" in str(path) else synth_seed
+            if not 0 <= seed <= 2**32 - 1:
+                raise ValueError
         except ValueError:
-            raise CPSLError(f"bad synthetic data spec {path!r} (use synth or synth:SEED)") from None
+            raise CPSLError(f"bad synthetic data spec {path!r} (use synth or synth:SEED with 0 <= SEED < 2**32)") from None
         knobs = dict(synth or {})
         family = str(knobs.pop("family", "default"))
         spec = set_knobs(family_spec(family, seed), knobs, " in data.synth")

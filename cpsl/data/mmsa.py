@@ -31,6 +31,7 @@ import numpy as np
 
 from ..config import MODALITIES
 from ..errors import CPSLError
+from ..fileutil import check_output_file
 from .safe_pickle import safe_load
 
 SPLITS = ("train", "valid", "test")
@@ -95,7 +96,14 @@ class MMSAData:
         return self.splits[name]
 
 
+def _not_numeric(a) -> bool:
+    """An array of objects, strings or records: refused rather than converted (``None`` would become NaN or 'None')."""
+    return isinstance(a, np.ndarray) and a.dtype.kind not in "biuf"
+
+
 def _as_3d(a, key: str, split: str, path: str) -> np.ndarray:
+    if _not_numeric(a):
+        raise CPSLError(f"{path}: {split}/{key} is not a numeric array (dtype {a.dtype})")
     try:
         arr = np.asarray(a, dtype=np.float32)
     except (TypeError, ValueError):
@@ -110,6 +118,8 @@ def _as_3d(a, key: str, split: str, path: str) -> np.ndarray:
 
 
 def _numeric(a, dtype, what: str, path: str) -> np.ndarray:
+    if _not_numeric(a):
+        raise CPSLError(f"{path}: {what} is not a numeric array (dtype {a.dtype})")
     try:
         return np.asarray(a).astype(dtype)
     except (TypeError, ValueError):
@@ -117,13 +127,35 @@ def _numeric(a, dtype, what: str, path: str) -> np.ndarray:
 
 
 def _whole(a, what: str, path: str) -> np.ndarray:
-    """Whole numbers (lengths, token ids) as int64, refusing NaN, fractions and overflow instead of coercing."""
+    """Whole numbers (lengths, token ids) as int64, refusing NaN, fractions, overflow and booleans instead of coercing."""
+    if np.asarray(a).dtype.kind == "b" or (isinstance(a, (list, tuple)) and any(isinstance(x, bool) for x in a)):
+        raise CPSLError(f"{path}: {what} must be whole numbers, got booleans")
     f = _numeric(a, np.float64, what, path).reshape(-1)
     bad = ~np.isfinite(f) | (f != np.round(f)) | (np.abs(f) > 2.0 ** 62)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise CPSLError(f"{path}: {what} must be whole numbers; {int(bad.sum())} are not (first: item {i}, {f[i]})")
     return f.astype(np.int64)
+
+
+def _strings(a, what: str, path: str, n: int) -> np.ndarray:
+    """``n`` strings (ids, transcripts) as a 1-D str array: str/bytes/integers, nothing else (no None, no nesting)."""
+    arr = np.asarray(a) if isinstance(a, (np.ndarray, list, tuple)) else None
+    if arr is None or arr.ndim != 1 or (arr.dtype.kind not in "USOiu" and arr.size):
+        shape = getattr(arr, "shape", None)
+        raise CPSLError(f"{path}: {what} must be a 1-D array of N strings, got a {type(a).__name__}"
+                        + (f" of shape {shape} and dtype {arr.dtype}" if shape is not None else ""))
+    if arr.shape[0] != n:
+        raise CPSLError(f"{path}: {what} has {arr.shape[0]} entries but regression_labels has {n}")
+    if arr.dtype.kind == "O":
+        bad = [i for i, x in enumerate(arr.tolist()) if not isinstance(x, (str, bytes, int)) or isinstance(x, bool)]
+        if bad:
+            raise CPSLError(f"{path}: {what} must hold strings; item {bad[0]} is {type(arr[bad[0]]).__name__} "
+                            f"({len(bad)} such items)")
+    if arr.dtype.kind == "S" or arr.dtype.kind == "O":
+        return np.array([x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.tolist()],
+                        dtype=str).reshape(-1)
+    return arr.astype(str)
 
 
 def _lengths(raw: dict, mod: str, arr: np.ndarray, split: str, path: str) -> np.ndarray:
@@ -175,11 +207,8 @@ def _read_split(raw, name: str, path: str, bounded: bool = True) -> Split:
         extreme += int(np.count_nonzero(np.abs(arr) > EXTREME))
         feats[mod] = np.ascontiguousarray(arr)
         lens[mod] = _lengths(raw, mod, arr, name, path)
-    ids = np.asarray(raw["id"]).astype(str).reshape(-1)
-    raw_text = np.asarray(raw["raw_text"]).astype(str).reshape(-1)
-    for key, arr in (("id", ids), ("raw_text", raw_text)):
-        if arr.shape[0] != n:
-            raise CPSLError(f"{path}: {name}/{key} has {arr.shape[0]} entries but regression_labels has {n}")
+    ids = _strings(raw["id"], f"{name}/id", path, n)
+    raw_text = _strings(raw["raw_text"], f"{name}/raw_text", path, n)
     tb = raw.get("text_bert")
     if tb is not None:
         tb = _whole(tb, f"{name}/text_bert", path).reshape(np.shape(tb))
@@ -199,6 +228,8 @@ def load_mmsa(path: str | Path, require_splits=SPLITS, trust_pickle: bool = Fals
         raise CPSLError(f"data file not found: {path}")
     if p.is_dir():
         raise CPSLError(f"data path is a folder, expected an MMSA .pkl file: {path}")
+    if not p.is_file():                         # a FIFO, socket or device: reading it could block forever
+        raise CPSLError(f"data path is not a regular file (a pipe or device?): {path}")
     try:
         with open(p, "rb") as f:
             raw = safe_load(f, path, trust=trust_pickle)
@@ -255,6 +286,7 @@ def save_mmsa(data: MMSAData | dict, path: str | Path) -> None:
             raw["meta"] = {"labels": "unbounded"}
     else:
         raw = data
+    check_output_file(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump(raw, f, protocol=4)

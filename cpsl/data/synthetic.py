@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import CPSLError
+from ..limits import gib, limit
 
 from .mmsa import MMSAData, Split
 
@@ -77,7 +78,10 @@ class SynthSpec:
         return asdict(self)
 
     def check(self) -> None:
-        """Raise :class:`CPSLError` naming the first knob that would give an unusable dataset."""
+        """Raise :class:`CPSLError` naming the first knob that would give an unusable dataset (or one whose
+        arrays exceed ``CPSL_MAX_ARRAY_BYTES``, checked before anything is generated)."""
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
+            raise CPSLError(f"synthetic seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
         for k in ("n_train", "n_valid"):
             if int(getattr(self, k)) < 2:
                 raise CPSLError(f"synthetic knob {k} must be >= 2 (a split training or selecting on), "
@@ -91,6 +95,13 @@ class SynthSpec:
             v = getattr(self, k)
             if len(v) != 2 or not 1 <= int(v[0]) <= int(v[1]):
                 raise CPSLError(f"synthetic knob {k} must be two integers 1 <= min <= max, got {v!r}")
+        cap = limit("CPSL_MAX_ARRAY_BYTES")
+        for m in ("text", "audio", "vision"):
+            need = 4 * max(int(self.n_train), int(self.n_valid), int(self.n_test)) * int(getattr(self, f"{m}_len")[1]) \
+                * int(getattr(self, f"d_{m}"))
+            if need > cap:
+                raise CPSLError(f"synthetic {m} features (sizes x {m}_len x d_{m}) need {gib(need)}, beyond the limit "
+                                f"CPSL_MAX_ARRAY_BYTES={gib(cap)} (set the environment variable to allow more)")
         for k in ("imbalance", "interaction", "label_noise", "text_noise", "text_memo", "text_shortcut",
                   "av_noise", "cue_frac", "cue_gain", "audio_xor"):
             v = float(getattr(self, k))

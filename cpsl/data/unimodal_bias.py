@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import CPSLError
+from ..limits import gib, limit
 from .mmsa import MMSAData, Split
 
 NAMES = ("text", "audio", "vision")
@@ -59,12 +60,16 @@ class UnimodalBiasSpec:
         for k, lo in (("n_train", 2), ("n_valid", 2), ("n_test", 0)):
             if int(getattr(self, k)) < lo:
                 raise CPSLError(f"unimodal_bias knob {k} must be >= {lo}, got {getattr(self, k)}")
-        if int(self.n_train) + int(self.n_valid) + int(self.n_test) > 1_000_000:
-            raise CPSLError("unimodal_bias: n_train + n_valid + n_test must be <= 1000000")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
+            raise CPSLError(f"unimodal_bias seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
         m = len(self.dims)
-        if m not in (2, 3) or any(int(d) < 1 for d in self.dims) or sum(int(d) for d in self.dims) > 4096:
-            raise CPSLError(f"unimodal_bias knob dims must be 2 or 3 sizes >= 1 (at most 4096 in all), "
-                            f"got {self.dims!r}")
+        if m not in (2, 3) or any(int(d) < 1 for d in self.dims):
+            raise CPSLError(f"unimodal_bias knob dims must be 2 or 3 sizes >= 1, got {self.dims!r}")
+        need = 8 * max(int(self.n_train), int(self.n_valid), int(self.n_test)) * max(int(d) for d in self.dims)
+        cap = limit("CPSL_MAX_ARRAY_BYTES")
+        if need > cap:     # the float64 draws of the largest split's widest modality
+            raise CPSLError(f"unimodal_bias features (split size x dims) need {gib(need)}, beyond the limit "
+                            f"CPSL_MAX_ARRAY_BYTES={gib(cap)} (set the environment variable to allow more)")
         if len(self.variances) != m or any(not math.isfinite(v) or v <= 0 for v in self.variances):
             raise CPSLError(f"unimodal_bias knob variances must be {m} numbers > 0 (one per modality), "
                             f"got {self.variances!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CPSLError
-from ..fileutil import sha256_file
+from ..fileutil import check_output_file, sha256_file
 from . import precisions
 
 MANIFEST_FORMAT = "cpsl-onnx-manifest-1"
@@ -59,7 +59,7 @@ class ExportSettings:
 
     def check(self, onnx_path: Path) -> None:
         if onnx_path.suffix != ".onnx":
-            raise CPSLError(f"--onnx must end in .onnx, got {onnx_path.name}")
+            raise CPSLError(f"the artefact name must end in .onnx, got {onnx_path.name}")
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise CPSLError("--calib-batches and --calib-batch-size must be >= 1")
         if self.max_batch < 1:
@@ -134,6 +134,8 @@ def export_artifact(ckpt: str | Path, onnx_path: str | Path, settings: ExportSet
     say = log or (lambda *a: None)
     paths = _Paths.beside(Path(onnx_path))
     s.check(paths.onnx)
+    for p in (paths.onnx, paths.manifest, paths.golden, paths.script, paths.plan, paths.tokenizer):
+        check_output_file(p)                       # a FIFO would block the export, a device cannot hold it
     prec = precisions.get(s.precision)
     try:
         import onnx  # noqa: F401
@@ -175,5 +177,7 @@ def _finish(model, ck, ckpt, s, prec, inp, ref, graphs, paths, say, warn, tok) -
                for p in (paths.onnx, paths.golden, paths.script, paths.plan, paths.tokenizer)
                if p.is_file() and (p != paths.tokenizer or tok)}
     paths.manifest.write_text(json.dumps(m.to_dict(), indent=2))
+    from .card import write_card
+    write_card(m.to_dict(), paths.onnx)                            # README.md / <stem>.README.md: the model card
     return m
 

@@ -212,6 +212,6 @@ def manifest_fields(model, ck, ckpt, prec, inp, ref, graphs, art, tol, engine, p
         "quantization": graphs["quant_info"], "engine_profile": inp.profile, "engine": engine,
         "golden": {"file": paths.golden.name, "batches": [int(len(b)) for b in ref["golden"]],
                    "lengths": [inp.graph.golden_lengths(b) for b in ref["golden"]], "tolerance": tol,
-                   "check_command": f"python export/runner.py {paths.onnx.name} --check {paths.golden.name}"},
+                   "check_command": f"cpsl-runner {paths.onnx.name} --check {paths.golden.name}"},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..errors import CPSLError
 from .ame import AME
 from .fusion import ConcatFusion, GatedCrossModalFusion
 from .heads import ScalarHead, StatsHead, mlp
@@ -66,6 +67,10 @@ class CPSLModel(nn.Module):
         also slows what the fusion reads from m (the fusion MLP and residual stay shared).
         ``prefixes`` maps a modality to module-name prefixes (overrides ``scope``)."""
         named = dict(self.named_parameters())
+        unknown = [str(k) for k in (prefixes or {}) if k not in self.modalities]
+        if unknown:
+            raise CPSLError(f"cp.groups names {unknown[0]!r}, which is not a modality of this model "
+                            f"({', '.join(self.modalities)})")
         groups = {}
         for m in self.modalities:
             pre = (prefixes or {}).get(m)
@@ -73,8 +78,13 @@ class CPSLModel(nn.Module):
                 pre = [f"encoders.{m}."] + (["text_backbone."] if m == "text" and self.text_backbone else [])
                 if scope == "path":
                     pre += [f"fusion.att.{m}_", f"fusion.gate.{m}_", f"fusion.ln.{m}."]
-            elif isinstance(pre, str):
-                pre = [pre]
+            else:
+                pre = [pre] if isinstance(pre, str) else pre
+                bad = [x for x in pre if not isinstance(x, str) or not any(n.startswith(x) for n in named)] \
+                    if isinstance(pre, list) else [pre]
+                if bad:
+                    raise CPSLError(f"cp.groups.{m}: {str(bad[0])[:60]!r} is not a prefix of any parameter name "
+                                    f"(e.g. encoders.{m}., fusion.att.{m}_)")
             groups[m] = [p for n, p in named.items() if p.requires_grad and any(n.startswith(x) for x in pre)]
         return groups
 
