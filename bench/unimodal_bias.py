@@ -45,14 +45,14 @@ VARIANTS = {
     "none": ("linear_late", {"train.modulation": "none"}),
     "cp": ("linear_late", {"train.modulation": "cp"}),
     **{p: ("linear_late", {"train.modulation": p}) for p in PEERS},
-    "cp_ema": ("linear_late", {"train.modulation": "cp", "cp.signal": "ema"}),
-    "cp_fixed": ("linear_late", {"train.modulation": "cp", "cp.penalty": "fixed", "cp.beta": 0.1}),
-    "cp_plateau": ("linear_late", {"train.modulation": "cp", "cp.stop": "plateau"}),
-    "cp_alpha1": ("linear_late", {"train.modulation": "cp", "cp.alpha": 1.0}),
-    "cp_alpha2": ("linear_late", {"train.modulation": "cp", "cp.alpha": 2.0}),
+    "cp_ema": ("linear_late", {"train.modulation": "cp", "cp.signal": "ema", "cp.stop": "never"}),
+    "cp_fixed": ("linear_late", {"train.modulation": "cp", "cp.penalty": "fixed", "cp.beta": 0.1, "cp.stop": "never"}),
+    "cp_never": ("linear_late", {"train.modulation": "cp", "cp.stop": "never"}),   # the rule before plateau became the default
+    "cp_alpha1": ("linear_late", {"train.modulation": "cp", "cp.alpha": 1.0, "cp.stop": "never"}),
+    "cp_alpha2": ("linear_late", {"train.modulation": "cp", "cp.alpha": 2.0, "cp.stop": "never"}),
     # the method's own architecture (AME + gated fusion + heads, the teacher preset: AdamW, SL, selection on valid)
     "cpsl_none": ("teacher", {"train.modulation": "none"}),
-    "cpsl_cp": ("teacher", {"train.modulation": "cp"}),
+    "cpsl_cp": ("teacher", {"train.modulation": "cp", "cp.stop": "never"}),
 }
 REFERENCE = {"cpsl_cp": "cpsl_none"}   # the variant each one is paired with (default: none)
 SWEEP_N = (35, 70, 140, 350, 1000)
@@ -170,6 +170,9 @@ def _key(task) -> str:
     import hashlib
     cell, knobs, variant, seed, sets, epochs = task
     cfg = make_config(variant, sets, epochs).to_dict()
+    if cfg["train"]["modulation"] != "cp":       # the stop rule is the cp strategy's alone (docs/cp_rules.md)
+        for k in ("stop", "stop_patience", "stop_delta"):
+            cfg["cp"].pop(k)
     h = hashlib.sha1(json.dumps([sorted(knobs.items()), cfg], sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{cell}_s{seed}_{h}.json"
 
@@ -204,9 +207,9 @@ def summarize(rows: list[dict], key: str = "test_mse") -> dict:
                                                        [ref[s][key] for s in common])
                 e["wins_vs_none"] = sum(by_seed[s][key] < ref[s][key] for s in common)
             both = [s for s in seeds if s in none and s in early]
-            if v not in ("none", "early") and ref_name == "none" and both:
-                gap = sum(none[s][key] - early[s][key] for s in both)
-                e["deficit_closed"] = (sum(none[s][key] - by_seed[s][key] for s in both) / gap) if gap else None
+            gap = sum(none[s][key] - early[s][key] for s in both)
+            if v not in ("none", "early") and ref_name == "none" and both and gap > 0.01 * sum(early[s][key] for s in both):
+                e["deficit_closed"] = sum(none[s][key] - by_seed[s][key] for s in both) / gap   # only where there is a deficit
             halves = [by_seed[s]["half_epoch"] for s in seeds]
             e["half_epoch"] = {m: _mean([h[m] for h in halves]) for m in halves[0]} if halves else {}
             rec[v] = e
@@ -215,6 +218,16 @@ def summarize(rows: list[dict], key: str = "test_mse") -> dict:
             rec["_deficit"] = paired_difference([none[s][key] for s in both], [early[s][key] for s in both])
         out[cell] = rec
     return out
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return round(x, 6)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
 
 
 def _mean(xs):
@@ -227,7 +240,10 @@ def markdown(summary: dict, meta: dict, valid: dict | None = None) -> str:
     valid = valid or {}
     from cpsl.compare import format_delta
     lines = [f"# Unimodal-bias benchmark ({meta['date']}, {meta['machine']})", "",
-             f"Command: `{meta['command']}`  ", f"Seeds {meta['seeds']}; metric: test MSE of the final weights "
+             f"Command: `{meta['command']}`  ",
+             f"Runs' own time: {meta['runs_wall_s'] / 60:.1f} min in all ({meta['jobs']} jobs; this invocation "
+             f"{meta['wall_s']:.0f} s, finished runs are reused from OUT/runs/)  ",
+             f"Seeds {meta['seeds']}; metric: test MSE of the final weights "
              "(lower is better); Δ = variant − none, paired by seed, 95 % t-interval (* excludes 0); "
              "closed = (none − variant) / (none − early).", ""]
     for cell, rec in summary.items():
@@ -311,10 +327,11 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d"), "machine": f"{machine['cpu']}, {machine['usable_cores']} cores",
             "machine_info": machine, "seeds": seeds,
             "cells": {**cells, **{r["cell"]: {} for r in rows if r["cell"].startswith("sweep")}},
-            "wall_s": wall, "jobs": a.jobs, "sets": a.sets,
+            "wall_s": wall, "runs_wall_s": sum(r["wall_s"] for r in rows), "jobs": a.jobs, "sets": a.sets,
             "predicted_half_epoch": {c: predicted_half_epoch(k, make_config("none", a.sets)) for c, k in cells.items()}}
     summary = summarize(rows)
-    slim = [{k: v for k, v in r.items() if k != "curve" or r["seed"] == seeds[0]} for r in rows]   # curves: first seed
+    slim = [_rounded({k: v for k, v in r.items() if k != "curve" or (r["seed"] == seeds[0] and r["cell"] in cells)})
+            for r in rows]                                   # curves: the first seed of the named cells
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary,
                                                   "summary_valid": summarize(rows, "valid_mse"), "runs": slim}, indent=1))
     (out / "README.md").write_text(markdown({c: v for c, v in summary.items() if not c.startswith("sweep")}, meta,

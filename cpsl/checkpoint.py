@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .data.mmsa import MMSAData
 from .data.safe_pickle import check_tree, scan, torch_safe_globals
 from .errors import CPSLError
 from .model import CPSLModel
@@ -217,3 +218,31 @@ def load_model(path: str | Path, device="cpu") -> tuple[CPSLModel, Config, dict]
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CPSLError(f"{path}: checkpoint weights do not fit its config ({str(e).splitlines()[0]})") from None
     return model.to(device), cfg, ck
+
+
+# ---------------------------------------------------------------------------- compatibility with data
+def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpoint") -> None:
+    if tuple(model.modalities) != tuple(data.modalities):
+        raise CPSLError(f"{ckpt_path} was trained on modalities {list(model.modalities)} "
+                        f"but the data has {list(data.modalities)}")
+    for m in model.modalities:
+        if m == "text" and model.text_backbone is not None:
+            if next(iter(data.splits.values())).text_bert is None:
+                raise CPSLError(f"{ckpt_path} runs a text encoder on token ids but the data has no text_bert")
+            continue
+        if model.dims[m] != data.dims[m]:
+            raise CPSLError(f"{ckpt_path} expects {m} features of size {model.dims[m]} but the data has {data.dims[m]}")
+    check_lengths(model.cfg, data, model.modalities, ckpt_path)
+
+
+def check_lengths(mcfg, data: MMSAData, modalities, what: str = "the model") -> None:
+    """Sequences longer than the positional table (``model.max_len``) cannot be encoded."""
+    if not mcfg.ame:
+        return
+    for m in modalities:
+        if m == "text" and mcfg.text_encoder:
+            continue
+        L = max((s.features[m].shape[1] for s in data.splits.values()), default=0)
+        if L > mcfg.max_len:
+            raise CPSLError(f"{what}: {m} sequences of the data are {L} steps long but model.max_len is "
+                            f"{mcfg.max_len}; raise model.max_len")

@@ -104,10 +104,11 @@ class CPConfig:
                 "steps, per group; conflict and k use it)."})
     signal_beta: float = field(default=0.9, metadata={
         "help": "β of cp.signal=ema: r̃ ← β r̃ + (1 − β) r, in [0, 1)."})
-    stop: str = field(default="never", metadata={
+    stop: str = field(default="plateau", metadata={
         "choices": ("never", "plateau"),
-        "help": "Stop rule: never, or plateau (switch the penalty off for the rest of the run once the "
-                "valid losses of the unpenalised modalities' aux heads stop improving)."})
+        "help": "Stop rule: plateau (default: switch the penalty off for the rest of the run once the valid "
+                "losses of the unpenalised modalities' unimodal predictions stop improving; needs them: "
+                "loss.aux > 0 or model.arch=linear) or never."})
     stop_patience: int = field(default=3, metadata={
         "help": "cp.stop=plateau: epochs without improvement (> cp.stop_delta) before the penalty stops."})
     stop_delta: float = field(default=0.0, metadata={

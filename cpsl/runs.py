@@ -52,7 +52,8 @@ def data_fingerprint(data: MMSAData) -> str:
 # behaved as the value below; every key not listed kept the old behaviour at its default
 # (docs/architecture.md, "a config value"). train.ema: added off (0.0), default 0.99
 # since 6148a2a. ogm_ge.mode: OGM-GE scaled gradients ("grad") before its section existed (9f17298).
-LEGACY_VALUES = {"train.ema": 0.0, "ogm_ge.mode": "grad"}
+# cp.stop: added as "never", default "plateau" since the unimodal-bias evidence (docs/cp_rules.md).
+LEGACY_VALUES = {"train.ema": 0.0, "ogm_ge.mode": "grad", "cp.stop": "never"}
 
 
 def absent_value(key: str):

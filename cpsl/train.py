@@ -26,14 +26,16 @@ import torch
 from . import distributed, strategies
 from .amp import Precision
 from .checkpoint import CKPT_FORMAT, load_model, read_checkpoint, save_checkpoint  # noqa: F401 - re-exports
+from .checkpoint import check_compatible, check_lengths  # noqa: F401 - re-exports
 from .checkpoint import set_rng_state as _set_rng_state
+from .evaluation import contributions, evaluate, predict  # noqa: F401 - re-exports (cpsl.train's public API)
 from .config import Config
 from .cp import native
 from .data.batch import iterate
-from .data.mmsa import MMSAData, Split
+from .data.mmsa import MMSAData
 from .errors import CPSLError
-from .losses import task_loss, total_loss
-from .metrics import METRIC_KEYS, mean_std, mmsa_metrics, undefined_metrics
+from .losses import total_loss
+from .metrics import METRIC_KEYS, mean_std
 from .model import CPSLModel
 from .tblog import ScalarLog
 
@@ -85,89 +87,6 @@ def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list], extr
 def build_modulator(cfg: Config, model: CPSLModel, optimizer, device):
     """The registered strategy ``cfg.train.modulation`` (see :mod:`cpsl.strategies`)."""
     return strategies.build(cfg, model, optimizer, device)
-
-
-# ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def predict(model: CPSLModel, split: Split, batch_size: int, device, mask_modality=None):
-    """Fused and unimodal predictions on a split: (pred (N,), aux {m: (N,)}, labels (N,)).
-    ``mask_modality``: a modality or a collection of them, each replaced by one zero frame."""
-    model.eval()
-    masked = [mask_modality] if isinstance(mask_modality, str) else list(mask_modality or ())
-    preds, aux = [], {m: [] for m in model.modalities}
-    for b in iterate(split, batch_size, modalities=model.modalities):
-        b = b.to(device)
-        for m in masked:
-            B = len(b)
-            b.x[m] = torch.zeros(B, 1, b.x[m].shape[-1], device=device)
-            b.mask[m] = torch.ones(B, 1, dtype=torch.bool, device=device)
-        out = model(b.x, b.mask, b.text_bert)
-        preds.append(out.pred.float().cpu())
-        for m in model.modalities:
-            aux[m].append(out.aux[m].float().cpu())
-    return (torch.cat(preds).numpy(), {m: torch.cat(v).numpy() for m, v in aux.items()},
-            split.labels.astype(np.float32))
-
-
-def evaluate(model, split, cfg: Config, device, mask_modality=None) -> dict:
-    pred, aux, y = distributed.current().predict(predict, model, split, cfg.data.eval_batch_size, device, mask_modality)
-    res = mmsa_metrics(pred, y)
-    res["loss"] = float(task_loss(torch.from_numpy(pred), torch.from_numpy(y), cfg.loss.task))
-    aux_loss = {m: float(task_loss(torch.from_numpy(p), torch.from_numpy(y), cfg.loss.task)) for m, p in aux.items()}
-    return {"metrics": res, "aux": {m: mmsa_metrics(p, y) for m, p in aux.items()}, "aux_loss": aux_loss,
-            "pred": pred, "aux_pred": aux, "undefined": undefined_metrics(pred, y)}
-
-
-def contributions(model: CPSLModel, split: Split, cfg: Config, device, metric: str = "MAE") -> dict:
-    """Each modality's exact Shapley contribution to the fused prediction's error on ``split``.
-
-    The value of a coalition S of modalities is the error (``metric``, MAE by default) of the
-    fused prediction with every modality outside S replaced by one zero frame (all 2^M masks,
-    M ≤ 4); a modality's contribution is its Shapley value of the error *reduction*
-    ``v(∅) − v(S)``: positive = it lowers the error. The contributions sum to
-    ``v(∅) − v(all)`` (efficiency)."""
-    from .metrics import shapley_values
-    mods = tuple(model.modalities)
-    if len(mods) > 4:
-        raise CPSLError(f"exact Shapley contributions need at most 4 modalities, the model has {len(mods)}")
-    values = {}
-    for mask in range(2 ** len(mods)):
-        keep = frozenset(m for i, m in enumerate(mods) if mask >> i & 1)
-        pred, _, y = predict(model, split, cfg.data.eval_batch_size, device, [m for m in mods if m not in keep])
-        values[keep] = mmsa_metrics(pred, y)[metric]
-    empty = values[frozenset()]
-    phi = shapley_values({S: empty - v for S, v in values.items()}, mods)
-    return {"metric": metric, "shapley": phi, "error_all": values[frozenset(mods)], "error_none": empty,
-            "coalitions": {"+".join(sorted(S)) or "-": v for S, v in values.items()}}
-
-
-# ---------------------------------------------------------------------------- checkpoints
-# (cpsl/checkpoint.py; re-exported here so existing imports keep working)
-def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpoint") -> None:
-    if tuple(model.modalities) != tuple(data.modalities):
-        raise CPSLError(f"{ckpt_path} was trained on modalities {list(model.modalities)} "
-                        f"but the data has {list(data.modalities)}")
-    for m in model.modalities:
-        if m == "text" and model.text_backbone is not None:
-            if next(iter(data.splits.values())).text_bert is None:
-                raise CPSLError(f"{ckpt_path} runs a text encoder on token ids but the data has no text_bert")
-            continue
-        if model.dims[m] != data.dims[m]:
-            raise CPSLError(f"{ckpt_path} expects {m} features of size {model.dims[m]} but the data has {data.dims[m]}")
-    check_lengths(model.cfg, data, model.modalities, ckpt_path)
-
-
-def check_lengths(mcfg, data: MMSAData, modalities, what: str = "the model") -> None:
-    """Sequences longer than the positional table (``model.max_len``) cannot be encoded."""
-    if not mcfg.ame:
-        return
-    for m in modalities:
-        if m == "text" and mcfg.text_encoder:
-            continue
-        L = max((s.features[m].shape[1] for s in data.splits.values()), default=0)
-        if L > mcfg.max_len:
-            raise CPSLError(f"{what}: {m} sequences of the data are {L} steps long but model.max_len is "
-                            f"{mcfg.max_len}; raise model.max_len")
 
 
 # ---------------------------------------------------------------------------- one seed

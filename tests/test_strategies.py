@@ -46,6 +46,11 @@ def test_a_strategy_that_needs_unimodal_heads_refuses_when_they_are_off():
         if "unimodal_heads" in strategies.get(n).needs:
             with pytest.raises(CPSLError, match="unimodal heads"):
                 strategies.check(cfg)
+        elif n == "cp":            # its default stop rule (plateau) reads them too; the original rule does not
+            with pytest.raises(CPSLError, match="cp.stop=never"):
+                strategies.check(cfg)
+            cfg.cp.stop = "never"
+            strategies.check(cfg)
         else:
             strategies.check(cfg)
 
