@@ -240,3 +240,16 @@ def test_diagnose_on_mosi_says_only_text_is_informative(shared_data_dir):
     assert rep["informative"] == ["text"], rep["modalities"]
     assert not rep["balancing_could_help"]
     assert rep["verdicts"][-1].startswith("verdict: NO. Only text is informative")
+
+
+def test_side_reports_that_are_pipes_are_refused_before_any_work(tmp_path):
+    """A FIFO where a command writes its JSON report beside the main output would block forever."""
+    import os
+    out = tmp_path / "s.pkl"
+    os.mkfifo(str(out) + ".json")
+    one_error_line(cli("data", "synth", "--family", "unimodal_bias", "--out", out, "--set", "n_train=10"))
+    assert not out.exists()
+    d = tmp_path / "diag"
+    d.mkdir()
+    os.mkfifo(d / "diagnose.json")
+    one_error_line(cli("diagnose", "--data", "synth", "--epochs", "1", "--out", d))

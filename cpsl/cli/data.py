@@ -43,12 +43,15 @@ def data_synth(out, family, seed, imbalance, text_memo, av_noise, sizes, knobs):
 
     spec = synth_spec_from_args(seed=seed, imbalance=imbalance, text_memo=text_memo,
                                 av_noise=av_noise, sizes=sizes, knobs=knobs, family=family)
+    from ..fileutil import check_output_file
+    side = Path(str(out) + ".json")
+    check_output_file(side)                  # a FIFO or device there would block or swallow the report
     d = FAMILIES[family][1](spec)
     save_mmsa(d, out)
     n = {k: len(s) for k, s in d.splits.items()}
     click.echo(f"wrote {out}: train/valid/test = {n['train']}/{n['valid']}/{n['test']}, "
                f"modalities {', '.join(d.modalities)} (dims {d.dims})")
-    Path(str(out) + ".json").write_text(json.dumps({"family": family, "spec": spec.to_dict(), "sizes": n}, indent=2))
+    side.write_text(json.dumps({"family": family, "spec": spec.to_dict(), "sizes": n}, indent=2))
 
 
 @data.command("info")

@@ -50,7 +50,9 @@ def _summary(out, data, report, seconds) -> None:
 
 def _write(out, data, report, seconds, argv: dict) -> None:
     from ..data.mmsa import save_mmsa
+    from ..fileutil import check_output_file
 
+    check_output_file(Path(str(out) + ".json"))     # before anything is written: a FIFO there would block
     save_mmsa(data, out)
     rep = dict(report, seconds=round(seconds, 2), arguments=argv, output=str(out))
     Path(str(out) + ".json").write_text(json.dumps(rep, indent=2))

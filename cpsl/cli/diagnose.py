@@ -33,6 +33,9 @@ def diagnose(data_path, preset, config, sets, seeds, epochs, device, threads, qu
         o = Path(out)
         if (o / "diagnose.json").exists() and not overwrite:
             raise CPSLError(f"{o / 'diagnose.json'} exists; pass --overwrite to replace it")
+        from ..fileutil import check_output_file
+        for f in ("diagnose.json", "diagnose.png"):
+            check_output_file(o / f)
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}); model {cfg.model.arch}, "

@@ -119,6 +119,7 @@ def eval_cmd(ckpt, data_path, split, out, overwrite, mask_modality, device, cont
     if csv_out:
         from ..fileutil import check_output_file
         check_output_file(csv_out)
+        check_output_file(json_out)
         csv_out.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_out, "w", newline="") as f:
             wr = csv.writer(f)
