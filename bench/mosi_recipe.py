@@ -61,6 +61,8 @@ def cpsl(args, log: Path | None, quiet: bool, threads: int = 0) -> float:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)   # a fresh machine has no cache folder yet
     if quiet:
         with open(log, "w") as f:
             r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
