@@ -106,7 +106,7 @@ def test_no_finite_validation_loss_is_one_clear_line(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- 5. config values
-BAD_SETS = ["data.batch_size=0", "data.batch_size=-1", "model.heads=0", "model.d=0", "model.d=-8", "model.dropout=2",
+BAD_SETS = ["data.batch_size=-1", "model.heads=0", "model.d=0", "model.d=-8", "model.dropout=2",
             "train.device=gpu", "train.num_threads=-1", "train.seeds=abc", "train.lr=nan", "train.lr=-1",
             "train.patience=0", "cp.tau=-1", "train.epochs=0", "model.audio_kernel=2", "loss.eps=0",
             "cp.k_min=1.5", "train.clip=inf", "model.norm_momentum=-0.1", "train.skip_limit=0"]
@@ -216,21 +216,23 @@ def test_resume_of_the_same_run_continues(ckpt, pkl, tmp_path):
 @pytest.mark.parametrize("entry", ["identity", "config"])
 def test_resume_of_a_run_written_before_a_config_key(ckpt, pkl, tmp_path, entry):
     """A key the checkpoint predates counts as the value the run behaved as: its default where the
-    key kept the old behaviour (cp.stop), resumes; train.ema ran as 0.0 before it existed, so the
-    default 0.99 is refused by name and an explicit train.ema=0 continues."""
+    key kept the old behaviour (cp.signal), resumes; train.ema ran as 0.0 and cp.stop as never before
+    they existed, so their new defaults (0.99, plateau) are refused by name and explicit old values
+    continue."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(ckpt.parent.parent, run)
     last = run / "seed1" / "last.pt"
     ck = torch.load(last, weights_only=True)
     if entry == "identity":
-        del ck["identity"]["cp.stop"], ck["identity"]["train.ema"]
+        del ck["identity"]["cp.signal"], ck["identity"]["cp.stop"], ck["identity"]["train.ema"]
     else:                                                  # older still: no identity, the config alone
-        del ck["identity"], ck["config"]["cp"]["stop"], ck["config"]["train"]["ema"]
+        del ck["identity"], ck["config"]["cp"]["signal"], ck["config"]["cp"]["stop"], ck["config"]["train"]["ema"]
     torch.save(ck, last)
     args = ["train", "--data", pkl, "--out", run, "--resume", "--epochs", "2", *TRAIN]
-    one_error_line(cli(*args), "cannot resume", "train.ema (not recorded, ran as 0.0 -> 0.99)")
-    res = cli(*args, "--set", "train.ema=0")
+    line = one_error_line(cli(*args), "cannot resume")
+    assert "train.ema (not recorded, ran as 0.0 -> 0.99)" in line and "cp.stop (not recorded, ran as 'never' -> 'plateau')" in line, line
+    res = cli(*args, "--set", "train.ema=0", "--set", "cp.stop=never")
     assert res.exit_code == 0, res.output
     assert "resuming after epoch 0" in res.output
 

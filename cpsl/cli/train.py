@@ -151,6 +151,10 @@ def _eval_outputs(out, overwrite: bool) -> tuple[Path | None, Path | None]:
     if str(out).endswith(".csv"):
         click.echo("note: --out FILE.csv is deprecated, use --out DIR (DIR/predictions.csv, DIR/eval.json)", err=True)
         return Path(out), Path(f"{out}.json")
+    if Path(out).exists() and not Path(out).is_dir():
+        from ..fileutil import check_output_file
+        check_output_file(out)                 # a pipe or device: one line naming it
+        raise CPSLError(f"--out {out} is a file; give a folder (DIR/predictions.csv, DIR/eval.json)")
     p = Path(out) / "predictions.csv"
     if p.exists() and not overwrite:
         raise CPSLError(f"{p} exists: pass --overwrite to replace it (or choose another --out)")
