@@ -8,6 +8,7 @@ Every run is ``cpsl train``'s own loop (:func:`cpsl.train.train_seed`) on the em
 are paired by seed.
 
     python bench/unimodal_bias.py --out OUT                  # deficit cell + control, every strategy, 10 seeds
+    (without --out: runs/bench/unimodal_bias; a bench/results folder with files needs --overwrite)
     python bench/unimodal_bias.py --out OUT --cells deficit --variants early,none,cp --seeds 1-3
     python bench/unimodal_bias.py --out OUT --sweep          # + the deficit heat-map over n_train/D and v_A/v_B
     python bench/unimodal_bias.py --out OUT --set cp.alpha=2 # extra config overrides for every late variant
@@ -281,7 +282,9 @@ def parse_seeds(s: str) -> list[int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", help="output folder (default: a scratch folder)")
+    ap.add_argument("--out", help="output folder (default: the scratch folder runs/bench/unimodal_bias; a "
+                                  "bench/results folder with files needs --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="allow rewriting committed results under bench/results")
     ap.add_argument("--cells", default="deficit,control", help=f"cells ({', '.join(CELLS)})")
     ap.add_argument("--cell", action="append", default=[], metavar="NAME:k=v;k=v",
                     help="an extra cell, e.g. 'mine:n_train=100;variances=4,1'")
@@ -308,7 +311,12 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - every bad argument ends in one line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="cpsl_ub_"))
+    from benchkit.outdir import output_dir
+    try:
+        out = output_dir(a.out, "unimodal_bias", a.overwrite)
+    except SystemExit as e:                          # its one error line, with the house's exit code
+        print(e, file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     tasks = [(c, k, v, s, tuple(a.sets), a.epochs) for c, k in cells.items() for v in variants for s in seeds]
     if a.sweep:
