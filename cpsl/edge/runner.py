@@ -5,20 +5,15 @@ Needs Python 3.10+, numpy, and onnxruntime (for ``.onnx``) or TensorRT 10.x + th
 (for ``.plan``; JetPack 6.x ships both). It never imports torch or cpsl: copy this one file
 beside the artefacts.
 
-    python3 runner.py model.onnx --check model.golden.npz          # compare with golden outputs
-    python3 runner.py model.plan --check model.golden.npz
+    python3 runner.py model.onnx --check model.golden.npz          # (or model.plan) vs golden outputs
     python3 runner.py model.plan --bench --batch 1,32 --iters 200 --json bench.json
     python3 runner.py predict --model model.onnx --text "a great movie" [--audio-features a.csv]
-    python3 runner.py predict --model model.onnx --csv in.csv --out preds.csv
 
-``predict`` (end-to-end exports: token ids in) tokenizes raw text with the ``tokenizers`` library
-and the exported ``model.tokenizer.json``; it lives in predict.py and frontend.py, which must sit
-beside this file, and imports neither torch nor transformers.
-
-Exit codes: 0 ok, 1 golden mismatch, 2 bad input (missing file, unknown extension, missing
-runtime, inputs that do not fit the model, a golden file with no batches or a non-finite
-tolerance, an unwritable output), 3 ``--assert-no-torch`` failed. ``--bench`` refuses inputs
-beyond ``CPSL_MAX_ARRAY_BYTES`` bytes (default 4 GiB; set the variable to allow more).
+``predict`` (end-to-end exports) tokenizes raw text with ``tokenizers`` and the exported
+``model.tokenizer.json`` (predict.py and frontend.py, beside this file; no torch, no transformers).
+Exit codes: 0 ok, 1 golden mismatch, 2 bad input (missing file or runtime, inputs that do not fit,
+a golden file with no batches or a non-finite tolerance, an unwritable output), 3
+``--assert-no-torch`` failed. ``--bench`` refuses inputs beyond ``CPSL_MAX_ARRAY_BYTES`` (4 GiB).
 
 TensorRT buffers are plain device allocations made through ``libcudart`` with ctypes (no
 pycuda / cuda-python needed). The TensorRT path is written against the TensorRT 10.x Python
