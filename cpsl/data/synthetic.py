@@ -80,8 +80,7 @@ class SynthSpec:
     def check(self) -> None:
         """Raise :class:`CPSLError` naming the first knob that would give an unusable dataset (or one whose
         arrays exceed ``CPSL_MAX_ARRAY_BYTES``, checked before anything is generated)."""
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
-            raise CPSLError(f"synthetic seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
+        check_seed(self.seed, "synthetic")
         for k in ("n_train", "n_valid"):
             if int(getattr(self, k)) < 2:
                 raise CPSLError(f"synthetic knob {k} must be >= 2 (a split training or selecting on), "
@@ -110,6 +109,12 @@ class SynthSpec:
         for k in ("cue_frac", "audio_xor"):
             if float(getattr(self, k)) > 1:
                 raise CPSLError(f"synthetic knob {k} must be in [0, 1], got {getattr(self, k)}")
+
+
+def check_seed(seed, family: str) -> None:
+    """A generator seed must be an integer in [0, 2**32 - 1] (numpy's seed range); else CPSLError."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+        raise CPSLError(f"{family} seed must be an integer in [0, {2**32 - 1}], got {seed!r}")
 
 
 def _unit(rng: np.random.Generator, d: int) -> np.ndarray:

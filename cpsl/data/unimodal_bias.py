@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import CPSLError
 from ..limits import gib, limit
 from .mmsa import MMSAData, Split
+from .synthetic import check_seed
 
 NAMES = ("text", "audio", "vision")
 
@@ -60,8 +61,7 @@ class UnimodalBiasSpec:
         for k, lo in (("n_train", 2), ("n_valid", 2), ("n_test", 0)):
             if int(getattr(self, k)) < lo:
                 raise CPSLError(f"unimodal_bias knob {k} must be >= {lo}, got {getattr(self, k)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
-            raise CPSLError(f"unimodal_bias seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
+        check_seed(self.seed, "unimodal_bias")
         m = len(self.dims)
         if m not in (2, 3) or any(int(d) < 1 for d in self.dims):
             raise CPSLError(f"unimodal_bias knob dims must be 2 or 3 sizes >= 1, got {self.dims!r}")
