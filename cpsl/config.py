@@ -81,7 +81,7 @@ class CPConfig:
     mode: str = field(default="update", metadata={"choices": ("update", "grad"),
                                                   "help": "update (per-group lr, default with AdamW) or grad."})
     tau: float = 1.2
-    penalty: str = field(default="tanh", metadata={"choices": ("tanh", "fixed"), "help": "Penalty rule."})
+    penalty: str = field(default="tanh", metadata={"choices": ("tanh", "fixed", "ratio"), "help": "Penalty rule."})
     alpha: float = 0.5
     k_min: float = 0.1
     beta: float = 0.5

@@ -64,7 +64,8 @@ class PenaltyParams:
     alpha: float = _CP.alpha
     k_min: float = _CP.k_min
     beta: float = _CP.beta
-    fixed: bool = _CP.penalty == "fixed"      # penalty mode: False = tanh, True = fixed beta
+    fixed: bool = _CP.penalty == "fixed"      # penalty mode fixed: k = beta
+    ratio: bool = _CP.penalty == "ratio"      # penalty mode ratio: k = min of the others' ghat / own ghat
     normalize: bool = _CP.normalize
     ema: bool = _CP.signal == "ema"           # conflict signal: False = this step's r, True = EMA of r
     ema_beta: float = _CP.signal_beta         # β_s of the EMA (cp.signal_beta)
@@ -72,7 +73,8 @@ class PenaltyParams:
     @classmethod
     def from_config(cls, cfg) -> "PenaltyParams":
         return cls(tau=float(cfg.tau), alpha=float(cfg.alpha), k_min=float(cfg.k_min),
-                   beta=float(cfg.beta), fixed=(cfg.penalty == "fixed"), normalize=bool(cfg.normalize),
+                   beta=float(cfg.beta), fixed=(cfg.penalty == "fixed"), ratio=(cfg.penalty == "ratio"),
+                   normalize=bool(cfg.normalize),
                    ema=(cfg.signal == "ema"), ema_beta=float(cfg.signal_beta))
 
 
@@ -179,7 +181,13 @@ def penalty_scalar(sumsq: Sequence[float], numel: Sequence[int], active: Sequenc
         conflict = act[m] and n_act >= 2 and r > p.tau
         k = 1.0
         if conflict:
-            k = p.beta if p.fixed else min(max(1.0 - math.tanh(p.alpha * (r - 1.0)), p.k_min), 1.0)
+            if p.fixed:
+                k = p.beta
+            elif p.ratio:
+                ref = min(ghat[n] for n in range(g) if act[n] and n != m)
+                k = min(max(ref / ghat[m], p.k_min), 1.0)
+            else:
+                k = min(max(1.0 - math.tanh(p.alpha * (r - 1.0)), p.k_min), 1.0)
         out[g + m] = ghat[m]
         out[2 * g + m] = r
         out[3 * g + m] = 1.0 + w * (k - 1.0)
@@ -217,6 +225,11 @@ def penalty_tensor(sumsq: torch.Tensor, numel: torch.Tensor, active: torch.Tenso
     conflict = active & (n_act >= 2) & (r > p.tau) & ~guard
     if p.fixed:
         kc = torch.full_like(r, p.beta)
+    elif p.ratio:
+        others = torch.where(active, ghat, torch.full_like(ghat, math.inf))
+        eye = torch.eye(g, dtype=torch.bool, device=ghat.device)
+        ref = torch.where(eye, torch.full_like(eye, math.inf, dtype=ghat.dtype), others.expand(g, g)).amin(dim=1)
+        kc = (ref / torch.where(ghat > 0, ghat, torch.ones_like(ghat))).clamp(p.k_min, 1.0)
     else:
         kc = (1.0 - torch.tanh(p.alpha * (r - 1.0))).clamp(p.k_min, 1.0)
     k = torch.where(conflict, kc, torch.ones_like(kc))

@@ -290,6 +290,8 @@ def _(grads, group_index, n_groups, state, tau, alpha, k_min, beta, fixed, norma
 
 
 def _pargs(p: PenaltyParams, w: float) -> tuple:
+    if p.ratio:
+        raise ValueError("cp.penalty=ratio is not in the native kernel yet: use cp.backend=foreach")
     return (float(p.tau), float(p.alpha), float(p.k_min), float(p.beta), bool(p.fixed), bool(p.normalize), float(w))
 
 
