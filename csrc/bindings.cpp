@@ -1,12 +1,14 @@
 // pybind11 boundary of cpsl._C. No libtorch: tensors cross as raw pointers + sizes,
 // CUDA streams as integers; Python owns all memory (cpsl/cp/native.py builds the tables
-// and workspaces). Argument errors raise ValueError naming the argument.
+// and workspaces). This is the one C++ checking layer: every argument is checked here, once
+// (argument errors raise ValueError naming the argument), and cp_cpu.cpp / cp_cuda.cu trust it.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cp.h"
 #ifdef CPSL_WITH_CUDA
@@ -24,8 +26,10 @@ using uptr = std::uintptr_t;
 #endif
 
 // Bumped when the table layout or a function signature below changes.
-static constexpr int kCpAbi = 4;  // 3: trailing (state, ema, ema_beta) of the stats entry points;
-                                  // 4: trailing ctl (penalty control block), cuda_capture_id
+static constexpr int kCpAbi = 5;  // 3: trailing (state, ema, ema_beta) of the stats entry points;
+                                  // 4: trailing ctl (penalty control block), cuda_capture_id;
+                                  // 5: one packed penalty argument (PENALTY_FIELDS, mode with ratio),
+                                  //    one cp_stats / cp_scale entry for CPU and CUDA
 
 static py::dict build_info() {
   py::dict d;
@@ -64,10 +68,23 @@ T* ptr_arg(uptr p, const char* name, bool required = true) {
   return reinterpret_cast<T*>(p);
 }
 
-cpsl::PenaltyArgs penalty(double tau, double alpha, double k_min, double beta, bool fixed, bool normalize, double w,
-                          bool ema, double ema_beta) {
-  if (ema && !(ema_beta >= 0.0 && ema_beta < 1.0)) bad("ema_beta must be in [0, 1), got " + std::to_string(ema_beta));
-  return cpsl::PenaltyArgs{tau, alpha, k_min, beta, w, fixed ? 1 : 0, normalize ? 1 : 0, ema ? 1 : 0, ema_beta};
+// The packed penalty argument (kPenaltyFields order), unpacked and checked once.
+cpsl::PenaltyArgs penalty_arg(const std::vector<double>& v) {
+  if (static_cast<int>(v.size()) != cpsl::kPenaltySize)
+    bad("penalty must hold " + std::to_string(cpsl::kPenaltySize) + " values (PENALTY_FIELDS), got " +
+        std::to_string(v.size()));
+  const cpsl::PenaltyArgs pa{v[0], v[1], v[2], v[3], v[4], static_cast<int>(v[5]), v[6] != 0.0 ? 1 : 0,
+                             v[7] != 0.0 ? 1 : 0, v[8]};
+  if (!(v[5] >= 0.0 && v[5] < cpsl::kNumPenaltyModes) || pa.mode != v[5])
+    bad("penalty mode must be 0 (tanh), 1 (fixed) or 2 (ratio), got " + std::to_string(v[5]));
+  if (pa.ema && !(pa.ema_beta >= 0.0 && pa.ema_beta < 1.0))
+    bad("ema_beta must be in [0, 1), got " + std::to_string(pa.ema_beta));
+  return pa;
+}
+
+int64_t chunks_arg(int64_t n_chunks) {
+  if (n_chunks < 0) bad("n_chunks must be >= 0, got " + std::to_string(n_chunks));
+  return n_chunks;
 }
 
 int groups_arg(int64_t n_groups) {
@@ -76,14 +93,26 @@ int groups_arg(int64_t n_groups) {
   return static_cast<int>(n_groups);
 }
 
+#ifndef CPSL_WITH_CUDA
+[[noreturn]] void no_cuda() { throw std::runtime_error("cpsl._C was built without CUDA (no nvcc at build time)"); }
+#endif
+
+int device_arg(int device) {
+  if (device < -1) bad("device must be -1 (CPU) or a CUDA device index, got " + std::to_string(device));
+#ifndef CPSL_WITH_CUDA
+  if (device >= 0) no_cuda();
+#endif
+  return device;
+}
+
 // Validates a host copy of the chunk table; with check_residency (and a CUDA build), also
 // where every chunk's memory lives: host memory for device == -1, memory of CUDA device
 // `device` otherwise. Returns the total element count.
 int64_t validate(uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, int device, bool check_residency) {
   const int G = groups_arg(n_groups);
-  const int64_t* t = ptr_arg<const int64_t>(table, "table", n_chunks > 0);
+  const int64_t* t = ptr_arg<const int64_t>(table, "table", chunks_arg(n_chunks) > 0);
   const int64_t total = cpsl::validate_table(t, n_chunks, ptr_arg<const int64_t>(group_info, "group_info"), G);
-  if (device < -1) bad("device must be -1 (CPU) or a CUDA device index, got " + std::to_string(device));
+  device_arg(device);
 #ifdef CPSL_WITH_CUDA
   if (check_residency) {
     for (int64_t c = 0; c < n_chunks; ++c) {
@@ -100,14 +129,55 @@ int64_t validate(uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups
   }
 #else
   (void)check_residency;
-  if (device >= 0) bad("cpsl._C was built without CUDA: device must be -1");
 #endif
   return total;
 }
 
-#ifndef CPSL_WITH_CUDA
-[[noreturn]] void no_cuda() { throw std::runtime_error("cpsl._C was built without CUDA (no nvcc at build time)"); }
+// One step's statistics (and, with scale, the scale pass) on the CPU (device -1) or on CUDA
+// device `device` (pointers are then device pointers, `stream` a cudaStream_t as an integer).
+void stats_entry(uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr stats,
+                 const std::vector<double>& penalty, int device, uptr stream, uptr counter, uptr state, uptr ctl,
+                 bool scale, int n_threads) {
+  const int G = groups_arg(n_groups);
+  const bool some = chunks_arg(n_chunks) > 0;
+  const cpsl::PenaltyArgs pa = penalty_arg(penalty);
+  const auto* t = ptr_arg<const int64_t>(table, "table", some);
+  const auto* gi = ptr_arg<const int64_t>(group_info, "group_info");
+  auto* part = ptr_arg<double>(partials, "partials", some);
+  auto* out = ptr_arg<double>(stats, "stats");
+  auto* st = ptr_arg<double>(state, "state", pa.ema != 0);
+  const auto* c = ptr_arg<const double>(ctl, "ctl", false);
+  auto* count = ptr_arg<unsigned int>(counter, "counter", device_arg(device) >= 0);
+  py::gil_scoped_release nogil;
+  if (device == -1) {
+    cpsl::cp_stats_cpu(t, n_chunks, gi, G, part, out, st, c, pa, scale, n_threads);
+    return;
+  }
+#ifdef CPSL_WITH_CUDA
+  cpsl::cp_stats_cuda(t, n_chunks, gi, G, part, count, out, st, c, pa, scale, device, stream);
+#else
+  (void)stream; (void)count;
 #endif
+}
+
+// grad <- (float)k[group] * grad, on the CPU (device -1) or on CUDA device `device`.
+void scale_entry(uptr table, int64_t n_chunks, int64_t n_groups, uptr stats, int device, uptr stream,
+                 int n_threads) {
+  const int G = groups_arg(n_groups);
+  const auto* t = ptr_arg<const int64_t>(table, "table", chunks_arg(n_chunks) > 0);
+  const auto* k = ptr_arg<const double>(stats, "stats");
+  device_arg(device);
+  py::gil_scoped_release nogil;
+  if (device == -1) {
+    cpsl::cp_scale_cpu(t, n_chunks, G, k, n_threads);
+    return;
+  }
+#ifdef CPSL_WITH_CUDA
+  cpsl::cp_scale_cuda(t, n_chunks, G, k, device, stream);
+#else
+  (void)stream;
+#endif
+}
 
 }  // namespace
 
@@ -152,81 +222,29 @@ PYBIND11_MODULE(_C, m) {
         "Returns the total element count.",
         py::call_guard<py::gil_scoped_release>());
 
-  m.def(
-      "cp_stats_cpu",
-      [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr stats, double tau,
-         double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int n_threads, uptr state,
-         bool ema, double ema_beta, uptr ctl) {
-        const int G = groups_arg(n_groups);
-        cpsl::cp_stats_cpu(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
-                           ptr_arg<const int64_t>(group_info, "group_info"), G,
-                           ptr_arg<double>(partials, "partials", n_chunks > 0), ptr_arg<double>(stats, "stats"),
-                           ptr_arg<double>(state, "state", ema), ptr_arg<const double>(ctl, "ctl", false),
-                           penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), n_threads);
-      },
-      py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
-      py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"), py::arg("fixed"),
-      py::arg("normalize"), py::arg("w"), py::arg("n_threads") = 0, py::arg("state") = 0, py::arg("ema") = false,
-      py::arg("ema_beta") = 0.9, py::arg("ctl") = 0,
-      "stats[5G+1] <- CP statistics of the chunks (CPU, OpenMP); with ema, the signal state[2G] "
-      "(EMA | count) is read and updated in place (state may be 0 otherwise); ctl: 0 or the penalty control "
-      "block float64 [2] (w, on), read in place of w.", py::call_guard<py::gil_scoped_release>());
+  m.attr("PENALTY_FIELDS") = py::cast(std::vector<std::string>(cpsl::kPenaltyFields,
+                                                                 cpsl::kPenaltyFields + cpsl::kPenaltySize));
+  py::dict modes;
+  modes["tanh"] = static_cast<int>(cpsl::kPenaltyTanh);
+  modes["fixed"] = static_cast<int>(cpsl::kPenaltyFixed);
+  modes["ratio"] = static_cast<int>(cpsl::kPenaltyRatio);
+  m.attr("PENALTY_MODES") = modes;
 
-  m.def(
-      "cp_scale_cpu",
-      [](uptr table, int64_t n_chunks, int64_t n_groups, uptr stats, int n_threads) {
-        const int G = groups_arg(n_groups);
-        cpsl::cp_scale_cpu(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks, G,
-                           ptr_arg<const double>(stats, "stats"), n_threads);
-      },
-      py::arg("table"), py::arg("n_chunks"), py::arg("n_groups"), py::arg("stats"), py::arg("n_threads") = 0,
-      "grad <- (float)k[group] * grad for every chunk (CPU, OpenMP).", py::call_guard<py::gil_scoped_release>());
+  m.def("cp_stats", &stats_entry, py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"),
+        py::arg("partials"), py::arg("stats"), py::arg("penalty"), py::arg("device") = -1, py::arg("stream") = 0,
+        py::arg("counter") = 0, py::arg("state") = 0, py::arg("ctl") = 0, py::arg("scale") = false,
+        py::arg("n_threads") = 0,
+        "stats[5G+1] <- CP statistics of the chunks and the penalty stage; `penalty`: the packed scalars "
+        "(PENALTY_FIELDS order). device -1: CPU (OpenMP, n_threads <= 0: its default); device d >= 0: one launch "
+        "on CUDA device d's `stream` (device pointers; `counter`: the uint32 last-block-done counter). With ema, "
+        "the signal state[2G] is read and updated in place (state may be 0 otherwise); ctl: 0 or the penalty "
+        "control block float64 [2] (w, on), read when the kernel runs in place of w (a graph replay follows it). "
+        "scale: the scale pass follows (one OpenMP region on CPU, a second launch on CUDA).");
 
-  m.def(
-      "cp_step_cpu",
-      [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr stats, double tau,
-         double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int n_threads, uptr state,
-         bool ema, double ema_beta, uptr ctl) {
-        const int G = groups_arg(n_groups);
-        cpsl::cp_step_cpu(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
-                          ptr_arg<const int64_t>(group_info, "group_info"), G,
-                          ptr_arg<double>(partials, "partials", n_chunks > 0), ptr_arg<double>(stats, "stats"),
-                          ptr_arg<double>(state, "state", ema), ptr_arg<const double>(ctl, "ctl", false),
-                          penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), n_threads);
-      },
-      py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
-      py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"), py::arg("fixed"),
-      py::arg("normalize"), py::arg("w"), py::arg("n_threads") = 0, py::arg("state") = 0, py::arg("ema") = false,
-      py::arg("ema_beta") = 0.9, py::arg("ctl") = 0,
-      "cp_stats_cpu then cp_scale_cpu in one OpenMP region.", py::call_guard<py::gil_scoped_release>());
-
-  m.def(
-      "cp_stats_cuda",
-      [](uptr table, int64_t n_chunks, uptr group_info, int64_t n_groups, uptr partials, uptr counter, uptr stats,
-         double tau, double alpha, double k_min, double beta, bool fixed, bool normalize, double w, int device,
-         uptr stream, uptr state, bool ema, double ema_beta, uptr ctl) {
-        const int G = groups_arg(n_groups);
-#ifdef CPSL_WITH_CUDA
-        cpsl::cp_stats_cuda(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks,
-                            ptr_arg<const int64_t>(group_info, "group_info"), G,
-                            ptr_arg<double>(partials, "partials", n_chunks > 0),
-                            ptr_arg<unsigned int>(counter, "counter"), ptr_arg<double>(stats, "stats"),
-                            ptr_arg<double>(state, "state", ema), ptr_arg<const double>(ctl, "ctl", false),
-                            penalty(tau, alpha, k_min, beta, fixed, normalize, w, ema, ema_beta), device, stream);
-#else
-        (void)table; (void)n_chunks; (void)group_info; (void)G; (void)partials; (void)counter; (void)stats;
-        (void)tau; (void)alpha; (void)k_min; (void)beta; (void)fixed; (void)normalize; (void)w; (void)device;
-        (void)stream; (void)state; (void)ema; (void)ema_beta; (void)ctl;
-        no_cuda();
-#endif
-      },
-      py::arg("table"), py::arg("n_chunks"), py::arg("group_info"), py::arg("n_groups"), py::arg("partials"),
-      py::arg("counter"), py::arg("stats"), py::arg("tau"), py::arg("alpha"), py::arg("k_min"), py::arg("beta"),
-      py::arg("fixed"), py::arg("normalize"), py::arg("w"), py::arg("device"), py::arg("stream"),
-      py::arg("state") = 0, py::arg("ema") = false, py::arg("ema_beta") = 0.9, py::arg("ctl") = 0,
-      "One launch on `stream`: every group's sum of squares and the penalty factors into stats (device pointers); "
-      "with ema, the signal state[2G] is updated in place on the device; ctl: 0 or the device penalty control "
-      "block float64 [2] (w, on), read by the kernel in place of w (a graph replay follows it).");
+  m.def("cp_scale", &scale_entry, py::arg("table"), py::arg("n_chunks"), py::arg("n_groups"), py::arg("stats"),
+        py::arg("device") = -1, py::arg("stream") = 0, py::arg("n_threads") = 0,
+        "grad <- (float)k[group] * grad for every chunk, k from stats (device -1: CPU, else CUDA device pointers "
+        "on `stream`).");
 
   m.def(
       "cuda_capture_id",
@@ -241,19 +259,4 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"),
       "A nonzero number unique to the CUDA stream capture `stream` (an integer handle) is part of; 0 when it "
       "is not capturing (always 0 without CUDA).");
-
-  m.def(
-      "cp_scale_cuda",
-      [](uptr table, int64_t n_chunks, int64_t n_groups, uptr stats, int device, uptr stream) {
-        const int G = groups_arg(n_groups);
-#ifdef CPSL_WITH_CUDA
-        cpsl::cp_scale_cuda(ptr_arg<const int64_t>(table, "table", n_chunks > 0), n_chunks, G,
-                            ptr_arg<const double>(stats, "stats"), device, stream);
-#else
-        (void)table; (void)n_chunks; (void)G; (void)stats; (void)device; (void)stream;
-        no_cuda();
-#endif
-      },
-      py::arg("table"), py::arg("n_chunks"), py::arg("n_groups"), py::arg("stats"), py::arg("device"),
-      py::arg("stream"), "grad <- (float)k[group] * grad on `stream` (device pointers).");
 }

@@ -54,12 +54,27 @@ constexpr int kNumDTypes = 3;
 constexpr int kMaxGroups = 1 << 16;
 constexpr int kCtlSize = 2;        // float64 per penalty control block: (w, on)
 
+// The factor rule of a conflicting group (cp.penalty).
+enum PenaltyMode : int {
+  kPenaltyTanh = 0,   // clamp(1 - tanh(alpha (r - 1)), k_min, 1)
+  kPenaltyFixed = 1,  // beta
+  kPenaltyRatio = 2,  // clamp(min over the other active groups of ghat / own ghat, k_min, 1)
+};
+constexpr int kNumPenaltyModes = 3;
+
+// The penalty scalars. They cross the Python boundary as ONE packed float64 sequence in the
+// order of kPenaltyFields (bindings.cpp unpacks and checks it; cpsl/cp/native.py packs it by
+// these names).
 struct PenaltyArgs {
   double tau, alpha, k_min, beta, w;
-  int fixed, normalize;
+  int mode;         // PenaltyMode
+  int normalize;
   int ema;          // 1: conflict signal = bias-corrected EMA of r (needs a state buffer)
   double ema_beta;  // its beta
 };
+constexpr int kPenaltySize = 9;
+constexpr const char* kPenaltyFields[kPenaltySize] = {"tau", "alpha", "k_min", "beta", "w",
+                                                      "mode", "normalize", "ema", "ema_beta"};
 
 // ------------------------------------------------------------------ scalar conversions
 // Bit-exact with torch's (c10) conversions, round to nearest even; branch-free so the
@@ -177,8 +192,16 @@ CPSL_HD void penalty_stage(const double* sumsq, const int64_t* group_info, int G
     const bool conflict = act && n_act >= 2 && r > pa.tau;
     double k = 1.0;
     if (conflict) {
-      if (pa.fixed) {
+      if (pa.mode == kPenaltyFixed) {
         k = pa.beta;
+      } else if (pa.mode == kPenaltyRatio) {
+        double ref = -1.0;  // min ghat of the other active groups (there is one: n_act >= 2)
+        for (int n = 0; n < G; ++n)
+          if (n != m && group_info[kGroupInfoSize * n] > 0 && (ref < 0.0 || stats[G + n] < ref)) ref = stats[G + n];
+        const double gm = stats[G + m];
+        k = ref / (gm > 0.0 ? gm : 1.0);
+        k = k > pa.k_min ? k : pa.k_min;
+        k = k < 1.0 ? k : 1.0;
       } else {
         const double t = 1.0 - tanh(pa.alpha * (r - 1.0));
         k = t > pa.k_min ? t : pa.k_min;  // max(t, k_min), then min(., 1)
@@ -204,16 +227,14 @@ bool set_cpu_isa(const std::string& isa);
 // argument). Returns the total element count.
 int64_t validate_table(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G);
 
-// stats <- CP statistics; partials[n_chunks] is a workspace. n_threads <= 0: OpenMP default.
+// The compute entry points below trust their arguments: bindings.cpp checks them once.
+// stats <- CP statistics; partials[n_chunks] is a workspace; with `scale`, the scale pass
+// follows in the same OpenMP region. n_threads <= 0: OpenMP default.
 void cp_stats_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
                   double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
-                  int n_threads);
+                  bool scale, int n_threads);
 // grad <- (float)k[group] * grad for every chunk (chunks whose factor is exactly 1 are skipped).
 void cp_scale_cpu(const int64_t* table, int64_t n_chunks, int G, const double* stats, int n_threads);
-// Both, in one OpenMP region.
-void cp_step_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                 double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
-                 int n_threads);
 
 // ------------------------------------------------------------------ CUDA path (cp_cuda.cu)
 #ifdef CPSL_WITH_CUDA
@@ -237,9 +258,10 @@ int cuda_pointer_location(const void* p);
 unsigned long long cuda_capture_id(std::uintptr_t stream);
 
 // All pointers are device pointers (table, group_info: device copies of validated tables).
+// With `scale`, the scale kernel is launched after the stats kernel on the same stream.
 void cp_stats_cuda(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
                    double* partials, unsigned int* counter, double* stats, double* state,
-                   const double* ctl, const PenaltyArgs& pa, int device, std::uintptr_t stream);
+                   const double* ctl, const PenaltyArgs& pa, bool scale, int device, std::uintptr_t stream);
 void cp_scale_cuda(const int64_t* table, int64_t n_chunks, int G, const double* stats, int device,
                    std::uintptr_t stream);
 #endif

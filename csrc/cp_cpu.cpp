@@ -169,13 +169,6 @@ ScaleFn scale_fn() {
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 
-void check_common(const int64_t* table, int64_t n_chunks, int G) {
-  if (n_chunks < 0) bad("n_chunks must be >= 0, got " + std::to_string(n_chunks));
-  if (n_chunks > 0 && table == nullptr) bad("table is a null pointer");
-  if (G < 1 || G > kMaxGroups)
-    bad("n_groups must be in [1, " + std::to_string(kMaxGroups) + "], got " + std::to_string(G));
-}
-
 constexpr int64_t kParallelMin = 1 << 15;  // below this many elements, one thread
 
 int resolve_threads(int n_threads, const int64_t* table, int64_t n_chunks) {
@@ -272,8 +265,6 @@ bool set_cpu_isa(const std::string& isa) {
 }
 
 int64_t validate_table(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G) {
-  check_common(table, n_chunks, G);
-  if (group_info == nullptr) bad("group_info is a null pointer");
   static const int64_t esize[kNumDTypes] = {4, 2, 2};
   int64_t prev_group = 0, total = 0;
   for (int64_t c = 0; c < n_chunks; ++c) {
@@ -314,24 +305,13 @@ int64_t validate_table(const int64_t* table, int64_t n_chunks, const int64_t* gr
 
 void cp_stats_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
                   double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
-                  int n_threads) {
-  check_common(table, n_chunks, G);
-  if (pa.ema && state == nullptr) bad("state is a null pointer (signal ema needs it)");
-  run_cpu(table, n_chunks, group_info, G, partials, stats, state, ctl, &pa, n_threads, true, false);
+                  bool scale, int n_threads) {
+  run_cpu(table, n_chunks, group_info, G, partials, stats, state, ctl, &pa, n_threads, true, scale);
 }
 
 void cp_scale_cpu(const int64_t* table, int64_t n_chunks, int G, const double* stats, int n_threads) {
-  check_common(table, n_chunks, G);
   run_cpu(table, n_chunks, nullptr, G, nullptr, const_cast<double*>(stats), nullptr, nullptr, nullptr, n_threads,
           false, true);
-}
-
-void cp_step_cpu(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G,
-                 double* partials, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
-                 int n_threads) {
-  check_common(table, n_chunks, G);
-  if (pa.ema && state == nullptr) bad("state is a null pointer (signal ema needs it)");
-  run_cpu(table, n_chunks, group_info, G, partials, stats, state, ctl, &pa, n_threads, true, true);
 }
 
 }  // namespace cpsl

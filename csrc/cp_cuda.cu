@@ -267,16 +267,6 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
-
-void check_args(const int64_t* table, int64_t n_chunks, int G, int device) {
-  if (n_chunks < 0) bad("n_chunks must be >= 0, got " + std::to_string(n_chunks));
-  if (n_chunks > 0 && table == nullptr) bad("table is a null pointer");
-  if (G < 1 || G > kMaxGroups)
-    bad("n_groups must be in [1, " + std::to_string(kMaxGroups) + "], got " + std::to_string(G));
-  if (device < 0) bad("device must be a CUDA device index >= 0, got " + std::to_string(device));
-}
-
 // Enough blocks to fill the device once (resident blocks per SM from the occupancy
 // calculator), never more than there are chunks. The result does not depend on it.
 template <class Kernel>
@@ -303,25 +293,18 @@ unsigned long long cuda_capture_id(std::uintptr_t stream) {
 
 void cp_stats_cuda(const int64_t* table, int64_t n_chunks, const int64_t* group_info, int G, double* partials,
                    unsigned int* counter, double* stats, double* state, const double* ctl, const PenaltyArgs& pa,
-                   int device, std::uintptr_t stream) {
-  check_args(table, n_chunks, G, device);
-  if (group_info == nullptr) bad("group_info is a null pointer");
-  if (n_chunks > 0 && partials == nullptr) bad("partials is a null pointer");
-  if (counter == nullptr) bad("counter is a null pointer");
-  if (stats == nullptr) bad("stats is a null pointer");
-  if (pa.ema && state == nullptr) bad("state is a null pointer (signal ema needs it)");
+                   bool scale, int device, std::uintptr_t stream) {
   DeviceGuard guard(device);
   const int grid = grid_for(cp_stats_kernel, n_chunks, device);
   cp_stats_kernel<<<grid, kBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(table, n_chunks, group_info, G,
                                                                                partials, counter, stats, state, ctl,
                                                                                pa);
   check_cuda(cudaGetLastError(), "cp_stats kernel launch");
+  if (scale) cp_scale_cuda(table, n_chunks, G, stats, device, stream);
 }
 
 void cp_scale_cuda(const int64_t* table, int64_t n_chunks, int G, const double* stats, int device,
                    std::uintptr_t stream) {
-  check_args(table, n_chunks, G, device);
-  if (stats == nullptr) bad("stats is a null pointer");
   if (n_chunks == 0) return;
   DeviceGuard guard(device);
   const int grid = grid_for(cp_scale_kernel, n_chunks, device);

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from cpsl import native_info
 from cpsl.cp import native
 from cpsl.cp.core import CPStats, PenaltyParams, get_backend, penalty_control, stats_size
 from cpsl.cp.reference import reference_stats
@@ -27,6 +28,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     st = None
 
 P = PenaltyParams()
+PENALTIES = ["tanh", "fixed", "ratio"]  # cp.penalty: the factor rule of a conflicting group
+
+
+def with_penalty(mode: str, **kw) -> PenaltyParams:
+    return PenaltyParams(fixed=mode == "fixed", ratio=mode == "ratio", **kw)
 _stats_with_k = stats_with_k
 
 
@@ -45,15 +51,15 @@ def isa(request):
 
 # ------------------------------------------------------------------ parity
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("penalty", PENALTIES)
 @pytest.mark.parametrize("w", [0.0, 0.4, 1.0])
-def test_parity_fixed_layout(isa, normalize, fixed, w):
+def test_parity_fixed_layout(isa, normalize, penalty, w):
     sizes = [1000, 65536 * 2 + 17, 0, 5, 300000, 33, 7, 129]
     groups = [0, 1, 1, 2, 0, 3, 0, 2]
     present = [True, True, True, True, True, False, True, True]  # group 3: no gradient (frozen)
     grads = make_grads(sizes, groups, present=present, scales=[3.0, 0.5, 1.0, 1.0], seed=1)
     grads[6] = torch.randn(8)[1:]  # data pointer 4 bytes past the allocation: misaligned for vector loads
-    p = PenaltyParams(normalize=normalize, fixed=fixed)
+    p = PenaltyParams(normalize=normalize, fixed=penalty == "fixed", ratio=penalty == "ratio")
     ref = reference_stats(grads, groups, 5, p, w)  # group 4: no parameters at all
     nat = native.cp_stats(grads, groups, 5, p, w)
     assert_matches(nat, ref, 5)
@@ -78,7 +84,9 @@ else:
         scales = draw(st.lists(st.sampled_from([0.0, 1e-3, 0.1, 1.0, 3.0, 30.0]), min_size=G, max_size=G))
         p = PenaltyParams(tau=draw(st.sampled_from([0.8, 1.2, 2.0])), alpha=draw(st.sampled_from([0.5, 2.0])),
                           k_min=draw(st.sampled_from([0.1, 0.6])), beta=draw(st.sampled_from([0.5, 0.9])),
-                          fixed=draw(st.booleans()), normalize=draw(st.booleans()))
+                          normalize=draw(st.booleans()))
+        p = with_penalty(draw(st.sampled_from(PENALTIES)), **{k: getattr(p, k) for k in ("tau", "alpha", "k_min",
+                                                                                          "beta", "normalize")})
         w = draw(st.sampled_from([0.0, 0.5, 1.0]))
         seed = draw(st.integers(0, 2**31 - 1))
         return G, sizes, groups, present, dtypes, scales, p, w, seed
@@ -211,9 +219,8 @@ def test_bit_identical_runs_and_thread_counts():
     outs = []
     for nt in (1, 2, 5):
         out = torch.empty(stats_size(3), dtype=torch.float64)
-        C.cp_stats_cpu(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), 3,
-                       plan.partials.data_ptr(), out.data_ptr(), P.tau, P.alpha, P.k_min, P.beta, P.fixed,
-                       P.normalize, 1.0, nt)
+        C.cp_stats(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), 3,
+                   plan.partials.data_ptr(), out.data_ptr(), native.pack_penalty(P, 1.0), n_threads=nt)
         outs.append(out)
     assert all(torch.equal(o, results[0]) for o in outs)
 
@@ -307,10 +314,10 @@ def test_available_says_why_when_the_extension_is_stale(monkeypatch):
     monkeypatch.setitem(sys.modules, "cpsl._C", fake)
     import cpsl
     monkeypatch.setattr(cpsl, "_C", fake, raising=False)
-    monkeypatch.setattr(native, "_ext", None)
-    monkeypatch.setattr(native, "_ext_err", None)
+    monkeypatch.setattr(native_info, "_ext", None)  # the one loader: load again, and see the stale module
+    monkeypatch.setattr(native_info, "_err", None)
     ok, why = native.available()
-    assert not ok and "stale" in why and "cp_stats_cpu" in why
+    assert not ok and "stale" in why and "cp_stats" in why and f"!= {native_info.CP_ABI}" in why
     with pytest.raises(RuntimeError, match="unavailable"):
         native.cp_stats([torch.ones(3)], [0], 1, P, 1.0)
 
@@ -364,48 +371,66 @@ def test_extension_argument_errors_name_the_argument():
     assert C.cp_validate(t.data_ptr(), 1, g.data_ptr(), 1) == 64
     out = torch.empty(stats_size(1), dtype=torch.float64)
     part = torch.empty(1, dtype=torch.float64)
-    args = (P.tau, P.alpha, P.k_min, P.beta, P.fixed, P.normalize, 1.0)
+    pen = native.pack_penalty(P, 1.0)
     with pytest.raises(ValueError, match="n_groups must be in"):
         C.cp_validate(t.data_ptr(), 1, g.data_ptr(), 0)
     with pytest.raises(ValueError, match="group_info is a null pointer"):
         C.cp_validate(t.data_ptr(), 1, 0, 1)
     with pytest.raises(ValueError, match="table is a null pointer"):
-        C.cp_stats_cpu(0, 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), *args)
+        C.cp_stats(0, 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), pen)
     with pytest.raises(ValueError, match="stats is a null pointer"):
-        C.cp_stats_cpu(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), 0, *args)
+        C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), 0, pen)
     with pytest.raises(ValueError, match="partials is a null pointer"):
-        C.cp_step_cpu(t.data_ptr(), 1, g.data_ptr(), 1, 0, out.data_ptr(), *args)
+        C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, 0, out.data_ptr(), pen, scale=True)
     with pytest.raises(ValueError, match="stats is a null pointer"):
-        C.cp_scale_cpu(t.data_ptr(), 1, 1, 0)
+        C.cp_scale(t.data_ptr(), 1, 1, 0)
     with pytest.raises(ValueError, match="n_chunks must be >= 0"):
-        C.cp_scale_cpu(t.data_ptr(), -1, 1, out.data_ptr())
+        C.cp_scale(t.data_ptr(), -1, 1, out.data_ptr())
+    # the packed penalty argument: its length, the mode, the EMA's beta and state
+    fields = list(C.PENALTY_FIELDS)
+    assert len(pen) == len(fields) and pen[fields.index("mode")] == C.PENALTY_MODES["tanh"]
+    for i, v, msg in ((None, None, "penalty must hold 9 values"), (fields.index("mode"), 3.0, "penalty mode must be"),
+                      (fields.index("mode"), 0.5, "penalty mode must be")):
+        bad_pen = pen[:-1] if i is None else pen[:i] + (v,) + pen[i + 1:]
+        with pytest.raises(ValueError, match=msg):
+            C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), bad_pen)
+    ema = native.pack_penalty(PenaltyParams(ema=True, ema_beta=0.5), 1.0)
+    with pytest.raises(ValueError, match="state is a null pointer"):
+        C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), ema)
+    with pytest.raises(ValueError, match="ema_beta must be in"):
+        C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(),
+                   ema[:-1] + (1.0,), state=out.data_ptr())
     # the compute entry points re-check rows they were not promised were validated
     bad, _ = _raw([[ptr, 64, 9, 0]], [[64, 0, 1]])
     with pytest.raises(ValueError, match="table row 0"):
-        C.cp_stats_cpu(bad.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), *args)
+        C.cp_stats(bad.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), pen)
     if not C.build_info()["cuda"]:
-        with pytest.raises(RuntimeError, match="without CUDA"):
-            C.cp_stats_cuda(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), out.data_ptr(),
-                            *args, 0, 0)
-        with pytest.raises(ValueError, match="built without CUDA"):
-            C.cp_validate(t.data_ptr(), 1, g.data_ptr(), 1, 0)
+        for call in (lambda: C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), pen,
+                                        device=0, counter=out.data_ptr()),
+                     lambda: C.cp_validate(t.data_ptr(), 1, g.data_ptr(), 1, 0)):
+            with pytest.raises(RuntimeError, match="without CUDA"):
+                call()
     elif C.build_info()["cuda_devices"] == 0:  # CUDA build, no GPU: fails before any launch
         with pytest.raises(RuntimeError):
-            C.cp_stats_cuda(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), out.data_ptr(),
-                            *args, 0, 0)
+            C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), pen, device=0,
+                       counter=out.data_ptr())
+    with pytest.raises(ValueError, match="counter is a null pointer"):
+        C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, part.data_ptr(), out.data_ptr(), pen, device=0)
 
 
 # ------------------------------------------------------------------ torch.library / torch.compile
-def _op_args():
+def _op_args(p: PenaltyParams = P):
     grads = make_grads([100, 70000, 33], [0, 1, 2], ["float32", "float32", "float16"], scales=[5.0, 1.0, 1.0])
-    return grads, [0, 1, 2], 3, P.tau, P.alpha, P.k_min, P.beta, P.fixed, P.normalize, 1.0
+    return grads, [0, 1, 2], 3, list(native.pack_penalty(p, 1.0)), torch.empty(0, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("name", ["cp_stats", "cp_step_"])
-def test_opcheck_stats_ops(name):
-    torch.library.opcheck(getattr(torch.ops.cpsl, name).default, _op_args())
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_opcheck_stats_ops(name, penalty):
+    args = _op_args(with_penalty(penalty))
+    torch.library.opcheck(getattr(torch.ops.cpsl, name).default, args)
     # w as a control block (core.penalty_control), read by the kernel: the optional trailing ctl
-    torch.library.opcheck(getattr(torch.ops.cpsl, name).default, _op_args() + (penalty_control(0.5),))
+    torch.library.opcheck(getattr(torch.ops.cpsl, name).default, args + (penalty_control(0.5),))
 
 
 def test_opcheck_scale_op():
@@ -414,10 +439,13 @@ def test_opcheck_scale_op():
     torch.library.opcheck(torch.ops.cpsl.cp_scale_.default, (args[0], args[1], stats, 3))
 
 
-def test_ops_match_eager_functions():
-    args = _op_args()
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_ops_match_eager_functions(penalty):
+    p = with_penalty(penalty)
+    args = _op_args(p)
     grads = args[0]
-    assert torch.equal(torch.ops.cpsl.cp_stats(*args), native.cp_stats(grads, [0, 1, 2], 3, P, 1.0))
+    assert torch.equal(torch.ops.cpsl.cp_stats(*args), native.cp_stats(grads, [0, 1, 2], 3, p, 1.0))
+    assert CPStats.unpack(torch.ops.cpsl.cp_stats(*args), 3).conflict.sum() >= 1
 
 
 def test_torch_compile_fullgraph_cp_step():

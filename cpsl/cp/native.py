@@ -25,11 +25,19 @@ How to call it::
     stats = native.cp_step_(grads, group_index, n_groups, p, ctl)  # read by the kernel at run time
     # or as a registered backend: cpsl.cp.get_backend("native").compute(...) / .scale_(...)
 
-The same functions are torch custom ops (``torch.ops.cpsl.cp_stats``, ``cp_scale_``,
-``cp_step_``, and ``cp_stats_ema`` / ``cp_step_ema_`` that also mutate the signal state;
-they take the present gradients only, no None) with fake kernels, so they
-pass ``torch.library.opcheck`` and run inside ``torch.compile(fullgraph=True)``; the
-functions above route through them when called under ``torch.compile``.
+The same three functions are torch custom ops with fake kernels: ``torch.ops.cpsl.cp_stats``
+and ``cp_step_`` (stats + scale) take ``(grads, group_index, n_groups, penalty, state, ctl)``
+where ``penalty`` is the packed penalty argument (:func:`pack_penalty`: the scalars of
+:class:`PenaltyParams`, the mode and ``w``, as floats in ``cpsl._C.PENALTY_FIELDS`` order),
+``state`` the signal state (mutated; an empty float64 tensor when ``p.ema`` is off) and
+``ctl`` None or the control block; ``cp_scale_`` takes ``(grads, group_index, stats,
+n_groups)``. They take the present gradients only (no None), pass
+``torch.library.opcheck`` and run inside ``torch.compile(fullgraph=True)``; the functions
+above route through them when called under ``torch.compile``.
+
+Arguments are checked once, where a call enters (:func:`_checked`, used by the functions and
+the ops alike); the call helper below it and the kernels trust them (the C++ entry checks
+only what it unpacks: pointers, sizes, the packed scalars).
 
 Contract:
 
@@ -69,54 +77,35 @@ Contract:
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
 
+from .. import native_info
 from . import plans
-from .core import Backend, PenaltyParams, check_control, check_state, register_backend, stats_size
+from .core import Backend, PenaltyParams, _check_vector, check_control, check_state, register_backend, stats_size
 from .plans import (CHUNK_CPU, CHUNK_CUDA, MAX_PLANS, GraphHandle, _builds, _pinned, _plans,  # noqa: F401
                     clear_cache, graph_handles, plan_builds, release_graph_plans)
 
-_NEEDED = ("cp_validate", "cp_stats_cpu", "cp_scale_cpu", "cp_step_cpu", "cp_stats_cuda", "cp_scale_cuda",
-           "cuda_usable", "cuda_capture_id")
-_ABI = 4
-
-_ext = None
-_ext_err: Optional[str] = None
-
 
 def _load():
-    """The extension module, or None (the reason is in ``_ext_err``)."""
-    global _ext, _ext_err
-    if _ext is not None or _ext_err is not None:
-        return _ext
-    try:
-        from .. import _C  # type: ignore[attr-defined]
-    except ImportError as e:
-        _ext_err = f"cpsl._C is not importable ({e}); build it with `pip install --no-build-isolation .`"
-        return None
-    missing = [n for n in _NEEDED if not hasattr(_C, n)]
-    if missing or getattr(_C, "CP_ABI", None) != _ABI:
-        _ext_err = (f"cpsl._C at {getattr(_C, '__file__', '?')} is stale (missing {', '.join(missing) or 'nothing'}, "
-                    f"CP_ABI {getattr(_C, 'CP_ABI', None)} != {_ABI}); reinstall with `pip install --no-build-isolation .`")
-        return None
-    _ext = _C
-    return _ext
+    """The extension module (:func:`cpsl.native_info.load`: the one loader), or None."""
+    return native_info.load()[0]
 
 
 def _ext_or_raise():
-    C = _load()
+    C, why = native_info.load()
     if C is None:
-        raise RuntimeError(f"native CP backend unavailable: {_ext_err}")
+        raise RuntimeError(f"native CP backend unavailable: {why}")
     return C
 
 
 def available(device: torch.device | str | None = None) -> tuple[bool, str]:
     """(True, "") when the kernels can run (on ``device`` when given), else (False, why)."""
-    C = _load()
+    C, why = native_info.load()
     if C is None:
-        return False, _ext_err or "cpsl._C unavailable"
+        return False, why
     if device is not None and torch.device(device).type == "cuda":
         if not C.build_info()["cuda"]:
             return False, "cpsl._C was built without CUDA (no nvcc at build time)"
@@ -155,94 +144,94 @@ def capture_handle(device: torch.device | str | int | None = None) -> GraphHandl
     return GraphHandle(d.index, cid)
 
 
+@lru_cache(maxsize=64)
+def pack_penalty(p: PenaltyParams, w: float = 0.0) -> tuple[float, ...]:
+    """The packed penalty argument of the ops and of ``cpsl._C.cp_stats``: ``p``'s scalars, its
+    mode (tanh / fixed / ratio) and the schedule weight ``w``, in ``cpsl._C.PENALTY_FIELDS`` order
+    (csrc/cp.h ``PenaltyArgs``; the C++ entry unpacks and checks it)."""
+    C = _ext_or_raise()
+    mode = "fixed" if p.fixed else "ratio" if p.ratio else "tanh"
+    vals = {"tau": p.tau, "alpha": p.alpha, "k_min": p.k_min, "beta": p.beta, "w": w, "mode": C.PENALTY_MODES[mode],
+            "normalize": p.normalize, "ema": p.ema, "ema_beta": p.ema_beta}
+    return tuple(float(vals[f]) for f in C.PENALTY_FIELDS)
+
+
 def _plan_for(grads, group_index, n_groups: int) -> plans.Plan:
     return plans.plan_for(_ext_or_raise(), grads, group_index, n_groups)
 
 
-def _run_stats(plan: plans.Plan, stats: torch.Tensor, pa: tuple, fuse_scale: bool,
-               state: torch.Tensor | None = None, ema_beta: float = 0.9, ctl: torch.Tensor | None = None) -> None:
-    C = _ext_or_raise()
-    if fuse_scale and plan.alias:
-        raise ValueError(f"native CP cannot scale aliased gradients: {plan.alias}; use the 'foreach' backend")
-    sig = (state.data_ptr(), True, float(ema_beta)) if state is not None else (0, False, float(ema_beta))
-    sig += (0 if ctl is None else ctl.data_ptr(),)
-    if plan.device.type == "cpu":
-        fn = C.cp_step_cpu if fuse_scale else C.cp_stats_cpu
-        fn(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), plan.n_groups,
-           plan.partials.data_ptr(), stats.data_ptr(), *pa, torch.get_num_threads(), *sig)
-    else:
-        stream = plan.on_stream(C)
-        C.cp_stats_cuda(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), plan.n_groups,
-                        plan.partials.data_ptr(), plan.counter.data_ptr(), stats.data_ptr(), *pa,
-                        plan.dev_index, stream, *sig)
-        if fuse_scale:
-            C.cp_scale_cuda(plan.table.data_ptr(), plan.n_chunks, plan.n_groups, stats.data_ptr(),
-                            plan.dev_index, stream)
-
-
-def _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, fuse_scale,
-                state=None, ema_beta=0.9, ctl=None):
+def _checked(grads, group_index, n_groups: int, scale: bool, penalty=None, state=None, ctl=None,
+             stats=None) -> plans.Plan:
+    """THE argument checks of every entry (functions and ops): the layout (on a plan miss,
+    :func:`cpsl.cp.plans.check_layout`), the signal state when ``penalty`` asks for the EMA, the
+    control block, the stats buffer, and aliasing when the call scales. Returns the plan."""
     plan = _plan_for(grads, group_index, n_groups)
-    if state is not None:
-        check_state(state, n_groups, plan.device, PenaltyParams(ema=True, ema_beta=ema_beta))
-        if not 0.0 <= float(ema_beta) < 1.0:
-            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
+    if penalty is not None and penalty[_field("ema")]:
+        check_state(state, n_groups, plan.device, PenaltyParams(ema=True))
     if ctl is not None:
         check_control(ctl, plan.device)
+    if stats is not None:
+        _check_vector(stats, "stats", "of length 5*n_groups+1", stats_size(n_groups), plan.device)
+    if scale and plan.alias:
+        raise ValueError(f"native CP cannot scale aliased gradients: {plan.alias}; use the 'foreach' backend")
+    return plan
+
+
+@lru_cache(maxsize=None)
+def _field(name: str) -> int:
+    return list(_ext_or_raise().PENALTY_FIELDS).index(name)
+
+
+def _where(C, plan: plans.Plan) -> dict:
+    """Where the kernels run: the device (-1: CPU), its current stream, the CPU thread count."""
+    if plan.device.type == "cpu":
+        return {"device": -1, "n_threads": torch.get_num_threads()}
+    return {"device": plan.dev_index, "stream": plan.on_stream(C)}
+
+
+# ------------------------------------------------------------------ implementations (checked)
+def _stats_impl(grads, group_index, n_groups: int, penalty, state=None, ctl=None, scale: bool = False):
+    """The stats buffer of one step (and, with ``scale``, the scale pass): one call of ``cp_stats``."""
+    plan = _checked(grads, group_index, n_groups, scale, penalty, state, ctl)
+    C = _ext_or_raise()
     stats = torch.empty(stats_size(n_groups), dtype=torch.float64, device=plan.device)
-    _run_stats(plan, stats, (float(tau), float(alpha), float(k_min), float(beta), bool(fixed), bool(normalize),
-                             float(w)), fuse_scale, state, ema_beta, ctl)
+    C.cp_stats(plan.table.data_ptr(), plan.n_chunks, plan.group_info.data_ptr(), n_groups, plan.partials.data_ptr(),
+               stats.data_ptr(), penalty, counter=0 if plan.counter is None else plan.counter.data_ptr(),
+               state=state.data_ptr() if penalty[_field("ema")] else 0, ctl=0 if ctl is None else ctl.data_ptr(),
+               scale=scale, **_where(C, plan))
     return stats
 
 
-def _scale_impl(grads, group_index, stats, n_groups) -> None:
-    plan = _plan_for(grads, group_index, n_groups)
-    if stats.dtype != torch.float64 or stats.dim() != 1 or stats.numel() != stats_size(n_groups):
-        raise ValueError(f"stats must be a float64 vector of length 5*n_groups+1 = {stats_size(n_groups)}, "
-                         f"got {stats.dtype} of shape {tuple(stats.shape)}")
-    if stats.device != plan.device:
-        raise ValueError(f"stats is on {stats.device} but the gradients are on {plan.device}")
-    if not stats.is_contiguous():
-        raise ValueError("stats is not contiguous")
-    if plan.alias:
-        raise ValueError(f"native CP cannot scale aliased gradients: {plan.alias}; use the 'foreach' backend")
+def _scale_impl(grads, group_index, stats, n_groups: int) -> None:
+    plan = _checked(grads, group_index, n_groups, True, stats=stats)
     C = _ext_or_raise()
-    if plan.device.type == "cpu":
-        C.cp_scale_cpu(plan.table.data_ptr(), plan.n_chunks, n_groups, stats.data_ptr(), torch.get_num_threads())
-    else:
-        C.cp_scale_cuda(plan.table.data_ptr(), plan.n_chunks, n_groups, stats.data_ptr(), plan.dev_index,
-                        plan.on_stream(C))
-
-
-def _fake_device(grads) -> torch.device:
-    for g in grads:
-        if g is not None:
-            return g.device
-    return torch.device("cpu")
-
-
-def _fake_stats(grads, n_groups) -> torch.Tensor:
-    return torch.empty(stats_size(n_groups), dtype=torch.float64, device=_fake_device(grads))
+    C.cp_scale(plan.table.data_ptr(), plan.n_chunks, n_groups, stats.data_ptr(), **_where(C, plan))
 
 
 # ------------------------------------------------------------------ custom ops
-# ``ctl``: None, or the penalty control block (float64 [2] = (w, on), core.penalty_control)
-# that the kernel reads in place of ``w``.
-@torch.library.custom_op("cpsl::cp_stats", mutates_args=())
-def _op_stats(grads: list[torch.Tensor], group_index: list[int], n_groups: int, tau: float,
-              alpha: float, k_min: float, beta: float, fixed: bool, normalize: bool, w: float,
-              ctl: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, False, ctl=ctl)
+def _fake_stats(grads, group_index, n_groups, penalty, state, ctl=None) -> torch.Tensor:
+    dev = next((g.device for g in grads if g is not None), torch.device("cpu"))
+    return torch.empty(stats_size(n_groups), dtype=torch.float64, device=dev)
 
 
-@_op_stats.register_fake
-def _(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, ctl=None):
-    return _fake_stats(grads, n_groups)
+def _stats_op(name: str, scale: bool, mutates: tuple[str, ...]):
+    """``cpsl::cp_stats`` / ``cpsl::cp_step_``: ``state`` is a tensor (empty without the EMA signal:
+    auto-functionalisation of a mutated optional tensor that is None breaks torch.compile 2.13);
+    ``ctl``: None, or the control block (core.penalty_control) that the kernel reads in place of w."""
+    def impl(grads: list[torch.Tensor], group_index: list[int], n_groups: int, penalty: list[float],
+             state: torch.Tensor, ctl: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _stats_impl(grads, group_index, n_groups, penalty, state, ctl, scale)
+    op = torch.library.custom_op(f"cpsl::{name}", impl, mutates_args=mutates)
+    op.register_fake(_fake_stats)
+    return op
+
+
+_op_stats = _stats_op("cp_stats", False, ("state",))
+_op_step = _stats_op("cp_step_", True, ("grads", "state"))
 
 
 @torch.library.custom_op("cpsl::cp_scale_", mutates_args=("grads",))
-def _op_scale(grads: list[torch.Tensor], group_index: list[int], stats: torch.Tensor,
-              n_groups: int) -> None:
+def _op_scale(grads: list[torch.Tensor], group_index: list[int], stats: torch.Tensor, n_groups: int) -> None:
     _scale_impl(grads, group_index, stats, n_groups)
 
 
@@ -251,106 +240,51 @@ def _(grads, group_index, stats, n_groups):
     return None
 
 
-@torch.library.custom_op("cpsl::cp_step_", mutates_args=("grads",))
-def _op_step(grads: list[torch.Tensor], group_index: list[int], n_groups: int, tau: float,
-             alpha: float, k_min: float, beta: float, fixed: bool, normalize: bool, w: float,
-             ctl: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, True, ctl=ctl)
+# ------------------------------------------------------------------ the call helper
+# In eager mode the functions call the implementations directly (no dispatcher round trip: it
+# costs ~1 us per tensor argument); under torch.compile they go through the custom ops, which
+# the compiler treats as opaque. The ops take the present gradients only (``Tensor[]``, no None:
+# torch's auto-functionalisation of a mutated ``Tensor?[]`` holding None is broken in 2.13).
+_IMPLS = {"cp_stats": lambda *a: _stats_impl(*a, scale=False), "cp_step_": lambda *a: _stats_impl(*a, scale=True),
+          "cp_scale_": _scale_impl}
 
 
-@_op_step.register_fake
-def _(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, ctl=None):
-    return _fake_stats(grads, n_groups)
+def _call(name: str, grads, group_index, *args):
+    if torch.compiler.is_compiling():
+        pairs = [(g, int(m)) for g, m in zip(grads, group_index) if g is not None]
+        return getattr(torch.ops.cpsl, name)([g for g, _ in pairs], [m for _, m in pairs], *args)
+    return _IMPLS[name](grads, group_index, *args)
 
 
-@torch.library.custom_op("cpsl::cp_stats_ema", mutates_args=("state",))
-def _op_stats_ema(grads: list[torch.Tensor], group_index: list[int], n_groups: int, state: torch.Tensor,
-                  tau: float, alpha: float, k_min: float, beta: float, fixed: bool, normalize: bool, w: float,
-                  ema_beta: float, ctl: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, False,
-                       state, ema_beta, ctl)
-
-
-@_op_stats_ema.register_fake
-def _(grads, group_index, n_groups, state, tau, alpha, k_min, beta, fixed, normalize, w, ema_beta, ctl=None):
-    return _fake_stats(grads, n_groups)
-
-
-@torch.library.custom_op("cpsl::cp_step_ema_", mutates_args=("grads", "state"))
-def _op_step_ema(grads: list[torch.Tensor], group_index: list[int], n_groups: int, state: torch.Tensor,
-                 tau: float, alpha: float, k_min: float, beta: float, fixed: bool, normalize: bool, w: float,
-                 ema_beta: float, ctl: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _stats_impl(grads, group_index, n_groups, tau, alpha, k_min, beta, fixed, normalize, w, True,
-                       state, ema_beta, ctl)
-
-
-@_op_step_ema.register_fake
-def _(grads, group_index, n_groups, state, tau, alpha, k_min, beta, fixed, normalize, w, ema_beta, ctl=None):
-    return _fake_stats(grads, n_groups)
-
-
-def _pargs(p: PenaltyParams, w: float) -> tuple:
-    if p.ratio:
-        raise ValueError("cp.penalty=ratio is not in the native kernel yet: use cp.backend=foreach")
-    return (float(p.tau), float(p.alpha), float(p.k_min), float(p.beta), bool(p.fixed), bool(p.normalize), float(w))
+def _stats_call(name: str, grads, group_index, n_groups: int, p: PenaltyParams, w, state) -> torch.Tensor:
+    """cp_stats / cp_step_: ``w`` is a float, or the control block the kernel reads (no host read)."""
+    wv, ctl = (0.0, w) if isinstance(w, torch.Tensor) else (float(w), None)
+    if not p.ema:  # no signal state: None in eager mode, an empty tensor for the op
+        state = torch.empty(0, dtype=torch.float64) if torch.compiler.is_compiling() else None
+    pack = pack_penalty.__wrapped__ if torch.compiler.is_compiling() else pack_penalty  # dynamo: no cache
+    return _call(name, grads, group_index, n_groups, pack(p, wv), state, ctl)
 
 
 # ------------------------------------------------------------------ public functions
-# In eager mode these call the implementations directly (no dispatcher round trip: it costs
-# ~1 us per tensor argument); under torch.compile they go through the custom ops, which the
-# compiler treats as opaque. The ops take the present gradients only (``Tensor[]``, no None:
-# torch's auto-functionalisation of a mutated ``Tensor?[]`` holding None is broken in 2.13).
-def _present(grads, group_index):
-    pairs = [(g, m) for g, m in zip(grads, group_index) if g is not None]
-    return [g for g, _ in pairs], [int(m) for _, m in pairs]
-
-
-def _need_state(p: PenaltyParams, state) -> bool:
-    if p.ema and state is None:
-        raise ValueError("signal 'ema' needs a state tensor (cpsl.cp.core.signal_state(n_groups))")
-    return p.ema
-
-
-_OPS = {(False, False): "cp_stats", (True, False): "cp_step_", (False, True): "cp_stats_ema",
-        (True, True): "cp_step_ema_"}
-
-
-def _call(fuse_scale: bool, grads, group_index, n_groups: int, p: PenaltyParams, w, state) -> torch.Tensor:
-    """cp_stats / cp_step_: ``w`` is a float, or the control block the kernel reads (no host read)."""
-    ema = _need_state(p, state)
-    wv, ctl = (0.0, w) if isinstance(w, torch.Tensor) else (float(w), None)
-    if torch.compiler.is_compiling():
-        op = getattr(torch.ops.cpsl, _OPS[(fuse_scale, ema)])
-        g, m = _present(grads, group_index)
-        if ema:
-            return op(g, m, n_groups, state, *_pargs(p, wv), float(p.ema_beta), ctl)
-        return op(g, m, n_groups, *_pargs(p, wv), ctl)
-    return _stats_impl(grads, group_index, n_groups, *_pargs(p, wv), fuse_scale, state if ema else None,
-                       p.ema_beta, ctl)
-
-
 def cp_stats(grads: Sequence[Optional[torch.Tensor]], group_index: Sequence[int], n_groups: int,
              p: PenaltyParams, w: float | torch.Tensor = 1.0, state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The stats buffer (float64 ``[5G+1]``, on the grads' device) of one step; with ``p.ema``
     the signal ``state`` (float64 ``[2G]``) is read and updated in place. ``w``: the schedule
     weight, or a control block (``core.penalty_control``) read on the device when the kernel
     runs (what a captured CUDA graph needs to follow a changing schedule)."""
-    return _call(False, grads, group_index, n_groups, p, w, state)
+    return _stats_call("cp_stats", grads, group_index, n_groups, p, w, state)
 
 
 def cp_scale_(grads: Sequence[Optional[torch.Tensor]], group_index: Sequence[int], stats: torch.Tensor,
               n_groups: int) -> None:
     """grad <- (float)k[group] * grad, in place, with k taken from ``stats`` on the device."""
-    if torch.compiler.is_compiling():
-        torch.ops.cpsl.cp_scale_(*_present(grads, group_index), stats, n_groups)
-        return
-    _scale_impl(grads, group_index, stats, n_groups)
+    _call("cp_scale_", grads, group_index, stats, n_groups)
 
 
 def cp_step_(grads: Sequence[Optional[torch.Tensor]], group_index: Sequence[int], n_groups: int,
              p: PenaltyParams, w: float | torch.Tensor = 1.0, state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``cp_stats`` then ``cp_scale_`` (one OpenMP region on CPU, two launches on CUDA)."""
-    return _call(True, grads, group_index, n_groups, p, w, state)
+    return _stats_call("cp_step_", grads, group_index, n_groups, p, w, state)
 
 
 class NativeBackend(Backend):
