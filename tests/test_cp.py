@@ -9,8 +9,10 @@ from hypothesis import given, settings, strategies as st
 
 from cpsl.config import CPConfig
 from cpsl.cp import PenaltyParams, get_backend
-from cpsl.cp.core import CPStats, penalty_scalar
+from cpsl.cp.core import CPStats, backend_names, penalty_scalar
 from cpsl.cp.penalty import ConflictAwarePenalty, schedule_weight
+
+_NATIVE = get_backend("native").available()[0] if "native" in backend_names() else False
 
 
 def random_grads(rng, n_tensors, n_groups, scale_by_group=None, allow_none=True):
@@ -41,15 +43,17 @@ def assert_same_stats(a, b, G):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), n_tensors=st.integers(1, 40), n_groups=st.integers(1, 4),
-       normalize=st.booleans(), fixed=st.booleans(), w=st.sampled_from([0.0, 0.5, 1.0]))
-def test_foreach_matches_reference(seed, n_tensors, n_groups, normalize, fixed, w):
+       normalize=st.booleans(), penalty=st.sampled_from(["tanh", "fixed", "ratio"]),
+       w=st.sampled_from([0.0, 0.5, 1.0]))
+def test_backends_match_reference(seed, n_tensors, n_groups, normalize, penalty, w):
+    """foreach, and native where the extension is built, against the reference, every cp.penalty mode."""
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.01, 10, size=n_groups)
     grads, gidx = random_grads(rng, n_tensors, n_groups, scale)
-    p = PenaltyParams(normalize=normalize, fixed=fixed)
+    p = PenaltyParams(normalize=normalize, fixed=penalty == "fixed", ratio=penalty == "ratio")
     ref = get_backend("reference").compute(grads, gidx, n_groups, p, w)
-    fe = get_backend("foreach").compute(grads, gidx, n_groups, p, w)
-    assert_same_stats(ref, fe, n_groups)
+    for be in ["foreach"] + (["native"] if _NATIVE else []):
+        assert_same_stats(ref, get_backend(be).compute(grads, gidx, n_groups, p, w), n_groups)
 
 
 def test_many_tensors_empty_groups_zeros_and_nonfinite():
@@ -77,7 +81,7 @@ def test_many_tensors_empty_groups_zeros_and_nonfinite():
 def test_rule_by_hand_only_conflicting_groups_penalised():
     # norms 6, 2, 1 → ḡ = 3 → r = 2, 2/3, 1/3; τ = 1.2 → only group 0 conflicts
     grads = [torch.tensor([6.0]), torch.tensor([2.0]), torch.tensor([1.0])]
-    for be in ("reference", "foreach"):
+    for be in ("reference", "foreach") + (("native",) if _NATIVE else ()):
         s = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(), 1.0), 3)
         assert s.r.tolist() == pytest.approx([2.0, 2 / 3, 1 / 3])
         assert s.conflict.tolist() == [1.0, 0.0, 0.0]
@@ -91,6 +95,11 @@ def test_rule_by_hand_only_conflicting_groups_penalised():
         assert s3.k.tolist() == pytest.approx([0.3, 1, 1])
         s4 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(alpha=50, k_min=0.2), 1.0), 3)
         assert s4.k[0].item() == pytest.approx(0.2)
+        # ratio mode: min of the others' norms (1) over its own (6), then the k_min clamp and the schedule
+        s5 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(ratio=True), 1.0), 3)
+        assert s5.k.tolist() == pytest.approx([1 / 6, 1, 1])
+        s6 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(ratio=True, k_min=0.25), 0.5), 3)
+        assert s6.k.tolist() == pytest.approx([1 + 0.5 * (0.25 - 1), 1, 1])
 
 
 def test_normalize_uses_rms():

@@ -48,10 +48,12 @@ def test_cuda_usable_here():
     assert native.available("cuda") == (True, "")
 
 
-def test_cuda_parity_and_scale():
+@pytest.mark.parametrize("penalty", ["tanh", "fixed", "ratio"])
+def test_cuda_parity_and_scale(penalty):
     grads, gi = _cuda_layout()
-    ref = reference_stats(grads, gi, 3, P, 1.0)
-    nat = native.cp_stats(grads, gi, 3, P, 1.0)
+    p = PenaltyParams(fixed=penalty == "fixed", ratio=penalty == "ratio")
+    ref = reference_stats(grads, gi, 3, p, 1.0)
+    nat = native.cp_stats(grads, gi, 3, p, 1.0)
     assert nat.device.type == "cuda"
     assert_matches(nat, ref, 3)
     assert float(CPStats.unpack(nat, 3).conflict.sum()) >= 1
@@ -63,7 +65,7 @@ def test_cuda_parity_and_scale():
     # the fused step on the SAME gradient memory: bit-identical statistics are promised for one
     # memory layout only (grads[7] and grads[8] start off a 16-byte boundary; clones of them are
     # aligned, so the kernel's alignment peel would split them elsewhere and round differently)
-    assert torch.equal(native.cp_step_(grads, gi, 3, P, 1.0), nat)
+    assert torch.equal(native.cp_step_(grads, gi, 3, p, 1.0), nat)
     assert all(torch.equal(a, b) for a, b in zip(grads, scaled))
 
 
@@ -240,6 +242,10 @@ def test_cuda_argument_errors():
     t, g = _raw([[h.data_ptr(), 64, 0, 0]], [[64, 0, 1]])
     with pytest.raises(ValueError, match="not memory of CUDA device 0"):
         C.cp_validate(t.data_ptr(), 1, g.data_ptr(), 1, 0, True)
+    out = torch.empty(6, dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match="counter is a null pointer"):  # the CUDA entry's own argument
+        C.cp_stats(t.data_ptr(), 1, g.data_ptr(), 1, out.data_ptr(), out.data_ptr(), native.pack_penalty(P, 1.0),
+                   device=0)
     with pytest.raises(RuntimeError, match="no CUDA graph capture is under way on cuda:0"):
         native.capture_handle(0)
     fresh = [torch.randn(77, device="cuda")]

@@ -106,13 +106,13 @@ def test_replayed_launch_follows_the_schedule_written_between_replays(monkeypatc
     weight) would repeat epoch 0's k."""
     C = native._load()
     launches = []
-    real = C.cp_stats_cpu
+    real = C.cp_stats
 
     def record(*args, **kw):
         launches.append((args, kw))
         return real(*args, **kw)
 
-    monkeypatch.setattr(C, "cp_stats_cpu", record)
+    monkeypatch.setattr(C, "cp_stats", record)
     cp = _replayable_cp()
     grads = [p.grad for p in cp.params]
     stats, w = cp.compute(0)  # the "capture": epoch 0 of a 4-epoch ramp, w = 1/4

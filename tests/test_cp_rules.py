@@ -83,8 +83,9 @@ def _layouts(seed: int, G: int = 3, n_steps: int = 6, nonfinite_at: int = 3):
 
 @pytest.mark.parametrize("backend", ["foreach", pytest.param("native", marks=needs_native)])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
-def test_ema_backends_match_the_reference_over_steps(backend, beta):
-    p = PenaltyParams(ema=True, ema_beta=beta, tau=1.1)
+@pytest.mark.parametrize("penalty", ["tanh", "ratio"])
+def test_ema_backends_match_the_reference_over_steps(backend, beta, penalty):
+    p = PenaltyParams(ema=True, ema_beta=beta, tau=1.1, ratio=penalty == "ratio")
     lay = _layouts(seed=int(beta * 10) + 1)
     ref, ref_state = _steps("reference", lay, p)
     got, got_state = _steps(backend, lay, p)
@@ -104,9 +105,9 @@ def test_native_step_matches_stats_and_ema_op_passes_opcheck():
         assert torch.equal(a, b)
     assert torch.equal(s1, s2)
     grads = [g for g in lay[0][0] if g is not None]
-    torch.library.opcheck(torch.ops.cpsl.cp_stats_ema.default,
-                          (grads, [0, 1, 1, 2, 2][:len(grads)], 3, signal_state(3), EMA.tau, EMA.alpha, EMA.k_min,
-                           EMA.beta, EMA.fixed, EMA.normalize, 1.0, EMA.ema_beta))
+    for op in (torch.ops.cpsl.cp_stats, torch.ops.cpsl.cp_step_):  # the state is a mutated argument of both
+        torch.library.opcheck(op.default, (grads, [0, 1, 1, 2, 2][:len(grads)], 3,
+                                           list(native.pack_penalty(EMA, 1.0)), signal_state(3)))
     with pytest.raises(ValueError, match="needs a state"):
         native.cp_stats(grads, [0, 1, 1, 2, 2][:len(grads)], 3, EMA, 1.0)
     with pytest.raises(ValueError, match="length 2\\*n_groups"):
@@ -120,9 +121,10 @@ if st is None:
 else:
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.integers(1, 4), st.sampled_from([0.0, 0.3, 0.9, 0.99]), st.integers(0, 2**31 - 1),
-           st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=1, max_size=6))
-    def test_ema_parity_random(G, beta, seed, presence):
-        p = PenaltyParams(ema=True, ema_beta=beta, tau=1.3)
+           st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=1, max_size=6),
+           st.sampled_from(["tanh", "fixed", "ratio"]))
+    def test_ema_parity_random(G, beta, seed, presence, penalty):
+        p = PenaltyParams(ema=True, ema_beta=beta, tau=1.3, fixed=penalty == "fixed", ratio=penalty == "ratio")
         groups = [i % G for i in range(4)]
         backends = ["reference", "foreach"] + (["native"] if _NATIVE else [])
         states = {b: signal_state(G) for b in backends}
