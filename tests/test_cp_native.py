@@ -14,7 +14,7 @@ import torch
 
 from cpsl import native_info
 from cpsl.cp import native
-from cpsl.cp.core import CPStats, PenaltyParams, get_backend, penalty_control, stats_size
+from cpsl.cp.core import CPStats, PenaltyParams, get_backend, penalty_control, signal_state, stats_size
 from cpsl.cp.reference import reference_stats
 from cpsl.cp.testing import assert_matches, clone, expected_scaled, make_grads, stats_with_k
 
@@ -469,3 +469,23 @@ def test_torch_compile_fullgraph_cp_step():
     for a, b in zip(eager, comp):
         assert (a is None and b is None) or torch.equal(a, b)
     assert_matches(s_comp, reference_stats(grads, gi, 3, P, 1.0), 3)
+
+
+def test_torch_compile_fullgraph_ema_state_and_ratio():
+    """The signal state is a mutated op argument: under torch.compile it is updated in place
+    exactly as in eager mode (here with the ratio rule)."""
+    gi = [0, 1, 2]
+    p = PenaltyParams(ema=True, ema_beta=0.5, ratio=True, tau=1.1)
+
+    def cp_step(grads, state):
+        return native.cp_step_(grads, gi, 3, p, 1.0, state=state)
+
+    grads = make_grads([100, 70000, 33], gi, scales=[5.0, 1.0, 1.0], seed=12)
+    eager, comp = clone(grads), clone(grads)
+    s_eager, s_comp = signal_state(3), signal_state(3)
+    compiled = torch.compile(cp_step, fullgraph=True)
+    for _ in range(2):
+        a, b = cp_step(eager, s_eager), compiled(comp, s_comp)
+        assert torch.equal(a, b) and torch.equal(s_eager, s_comp)
+        assert all(torch.equal(x, y) for x, y in zip(eager, comp))
+    assert s_comp[3:].tolist() == [2.0, 2.0, 2.0] and CPStats.unpack(b, 3).conflict[0] == 1

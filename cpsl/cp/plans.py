@@ -10,7 +10,7 @@ workspaces that ``cpsl._C`` reads (csrc/cp.h), cached and pinned by CUDA graph c
   :func:`release_graph_plans` takes one handle and unpins only the plans of that capture;
   a plan two graphs use stays pinned until both handles are released.
 
-The extension module is passed in (``C``) by :mod:`cpsl.cp.native`, which loads it.
+The extension module is passed in (``C``) by :mod:`cpsl.cp.native` (loaded by :mod:`cpsl.native_info`).
 """
 from __future__ import annotations
 
