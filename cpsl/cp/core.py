@@ -185,7 +185,7 @@ def penalty_scalar(sumsq: Sequence[float], numel: Sequence[int], active: Sequenc
                 k = p.beta
             elif p.ratio:
                 ref = min(ghat[n] for n in range(g) if act[n] and n != m)
-                k = min(max(ref / ghat[m], p.k_min), 1.0)
+                k = min(max(ref / (ghat[m] if ghat[m] > 0 else 1.0), p.k_min), 1.0)  # as penalty_tensor
             else:
                 k = min(max(1.0 - math.tanh(p.alpha * (r - 1.0)), p.k_min), 1.0)
         out[g + m] = ghat[m]
