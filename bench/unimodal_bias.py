@@ -51,6 +51,8 @@ VARIANTS = {
     "cp_never": ("linear_late", {"train.modulation": "cp", "cp.stop": "never"}),   # the rule before plateau became the default
     "cp_alpha1": ("linear_late", {"train.modulation": "cp", "cp.alpha": 1.0, "cp.stop": "never"}),
     "cp_alpha2": ("linear_late", {"train.modulation": "cp", "cp.alpha": 2.0, "cp.stop": "never"}),
+    "cp_ratio": ("linear_late", {"train.modulation": "cp", "cp.penalty": "ratio", "cp.backend": "foreach"}),
+    "cp_ratio_never": ("linear_late", {"train.modulation": "cp", "cp.penalty": "ratio", "cp.stop": "never", "cp.backend": "foreach"}),
     # the method's own architecture (AME + gated fusion + heads, the teacher preset: AdamW, SL, selection on valid)
     "cpsl_none": ("teacher", {"train.modulation": "none"}),
     "cpsl_cp": ("teacher", {"train.modulation": "cp", "cp.stop": "never"}),
