@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpsl.ablate import _dirname, _history, plot_valid_curves
+from cpsl.ablate import plot_valid_curves, read_history, variant_dir
 from cpsl.train import jitter
 
 
@@ -29,8 +29,8 @@ def main(argv=None) -> None:
     for spec in a.run:
         d, v, *lab = spec.split(":")
         label = lab[0] if lab else v
-        res = json.loads((Path(d) / _dirname(v) / "results.json").read_text())
-        hs = [_history(Path(d) / _dirname(v) / f"seed{s}") for s in res["seeds"]]
+        res = json.loads((Path(d) / variant_dir(v) / "results.json").read_text())
+        hs = [read_history(Path(d) / variant_dir(v) / f"seed{s}") for s in res["seeds"]]
         histories[label] = hs
         j = [jitter([h["valid"]["MAE"] for h in hh]) for hh in hs]
         va = res["valid"]["MAE"]["values"]
