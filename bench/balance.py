@@ -25,18 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
+from benchkit.errors import BenchError, bench_main
 
-from cpsl.errors import CPSLError  # noqa: E402
+from cpsl.kfold import GROUPING, fold_pickles
+from cpsl.proc import run_cpsl
+from cpsl.recipes.mosi import CONFIGS, default_cache, load_yaml, mosi_pickle as recipe_pickle
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SYNTH = {"synth_sc0": {"text_shortcut": 0}, "synth_sc0.5": {"text_shortcut": 0.5},
          "synth_sc1": {"text_shortcut": 1}, "synth_sc2": {"text_shortcut": 2}, "synth_slow": {"audio_xor": 1}}
@@ -45,10 +45,6 @@ CELLS = (*SYNTH, *MOSI)
 VARIANTS = "none,cp,ogm_ge,cggm,ags,mmpareto,inforeg,moddrop,full,-SL"
 QUICK_SYNTH = {"n_train": 64, "n_valid": 24, "n_test": 24}
 QUICK_MOSI = (96, 32)               # train / valid rows of the MOSI cut of --quick
-
-
-class BalanceError(Exception):
-    """A user-facing error: one ``error:`` line, exit code 2."""
 
 
 def parse(argv=None):
@@ -66,7 +62,7 @@ def parse(argv=None):
     ap.add_argument("--epochs", type=int, help="max epochs (default: the preset's)")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"),
                     help="the data pack (MOSI cells need DIR/mosi/labels.csv + audio_opensmile.csv)")
-    ap.add_argument("--cache", help="MOSI pickles and folds (default: bench/mosi_recipe.py's cache)")
+    ap.add_argument("--cache", help="MOSI pickles and folds (default: the MOSI recipe's cache, cpsl recipe mosi)")
     ap.add_argument("--kfold", type=int, default=0, help="MOSI cells: also the video-grouped K-fold over train+valid")
     ap.add_argument("--kfold-cells", help="with --kfold: only these MOSI cells get the k-fold (default: every MOSI cell "
                                           "in --cells), e.g. mosi_frozen where mosi_ft's k-fold is too costly")
@@ -80,26 +76,26 @@ def parse(argv=None):
     a.cells = [c.strip() for c in a.cells.split(",") if c.strip()]
     bad = [c for c in a.cells if c not in CELLS]
     if bad:
-        raise BalanceError(f"unknown cell(s) {', '.join(bad)} (known: {', '.join(CELLS)})")
+        raise BenchError(f"unknown cell(s) {', '.join(bad)} (known: {', '.join(CELLS)})")
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     names += [n for n, _ in a.define if n not in names]
     a.names = (["none"] if "none" not in names else []) + names
     try:
         a.seed_list = [int(s) for s in a.seeds.split(",") if s.strip()]
     except ValueError:
-        raise BalanceError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+        raise BenchError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
     if a.kfold and a.kfold < 2:
-        raise BalanceError(f"--kfold must be >= 2 (or 0: off), got {a.kfold}")
+        raise BenchError(f"--kfold must be >= 2 (or 0: off), got {a.kfold}")
     mosi_cells = [c for c in a.cells if c not in SYNTH]
     if a.kfold_cells is None:
         a.kfold_cells = mosi_cells if a.kfold else []
     else:
         if not a.kfold:
-            raise BalanceError("--kfold-cells needs --kfold K")
+            raise BenchError("--kfold-cells needs --kfold K")
         a.kfold_cells = [c.strip() for c in a.kfold_cells.split(",") if c.strip()]
         bad = [c for c in a.kfold_cells if c not in mosi_cells]
         if bad:
-            raise BalanceError(f"--kfold-cells: {', '.join(bad)} not among the MOSI cells of --cells "
+            raise BenchError(f"--kfold-cells: {', '.join(bad)} not among the MOSI cells of --cells "
                                f"({', '.join(mosi_cells) or 'none'})")
     return a
 
@@ -119,31 +115,27 @@ def ablate_args(a, data: str, out: Path, extra_sets=()) -> list[str]:
     return args
 
 
-# config keys that do not change what a run computes (threads: float rounding only)
-NOT_COMPARED = {"train.num_threads", "train.progress", "train.seeds", "data.path"}   # data: from ablation.json
-
-
-def config_differences(out: Path, a, data: str, extra_sets=()) -> list[str]:
+def cell_differences(out: Path, a, data: str, extra_sets=()) -> list[str]:
     """Where OUT's finished ablation differs from what this command would run: its data, and per
-    requested variant each config key of its ``config.json`` against the config this command builds
-    (preset, --epochs, --set, --define, the cell's own overrides), ``NOT_COMPARED`` aside."""
-    from cpsl.ablate import _dirname, variant_config
-    from cpsl.cli.options import run_config
-    from cpsl.config import Config, flatten, parse_overrides
+    requested variant its ``config.json`` against the config this command builds (preset, --epochs,
+    --set, --define, the cell's own overrides), by :func:`cpsl.runs.kept_run_differences`."""
+    from cpsl.ablate import variant_config, variant_dir
+    from cpsl.config import build_config, parse_overrides
+    from cpsl.runs import kept_run_differences
     s = json.loads((out / "ablation.json").read_text())
     diffs = [] if s.get("data") == data else [f"data = {s.get('data')!r} (this command: {data!r})"]
     preset = "teacher" if a.preset == "default" else a.preset
-    base = run_config(preset, None, [*extra_sets, *a.sets], epochs=a.epochs, quiet=True)
+    base = build_config(preset, None, [*extra_sets, *a.sets, *([f"train.epochs={a.epochs}"] if a.epochs else [])])
     defined = {name: parse_overrides(sets.split()) for name, sets in a.define}
     for n in a.names:
-        p = out / _dirname(n) / "config.json"
+        p = out / variant_dir(n) / "config.json"
         if not p.is_file():
             diffs.append(f"{n}: no config.json")
             continue
-        have = flatten(Config.from_dict(json.loads(p.read_text())).to_dict())
-        want = flatten(variant_config(base, n, defined).to_dict())
-        diffs += [f"{n}: {k} = {have.get(k)!r} (this command: {want.get(k)!r})"
-                  for k in sorted(set(have) | set(want)) if k not in NOT_COMPARED and have.get(k) != want.get(k)]
+        diff, unrecorded = kept_run_differences(json.loads(p.read_text()), variant_config(base, n, defined))
+        diffs += [f"{n}: {d}" for d in diff]
+        if unrecorded:
+            log(f"note: {p} predates the config keys {', '.join(unrecorded)} (not compared)")
     return diffs
 
 
@@ -159,29 +151,20 @@ def finished(out: Path, a, data: str, extra_sets=()) -> bool:
     # CP candidates on the shortcut cell) are reused and reported whole
     if not (set(a.names) <= set(s.get("variants", {})) and [int(x) for x in s.get("seeds", [])] == a.seed_list):
         return False
-    diffs = config_differences(out, a, data, extra_sets)
+    diffs = cell_differences(out, a, data, extra_sets)
     if diffs:
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        raise BalanceError(f"{out} holds a finished ablation made with other settings: {'; '.join(diffs[:3])}{more}; "
-                           f"rerun with those settings, or use another --out")
+        raise BenchError(f"{out} holds a finished ablation made with other settings: {'; '.join(diffs[:3])}{more}; "
+                         f"rerun with those settings, or use another --out")
     return True
 
 
 def run_ablate(a, data: str, out: Path, extra_sets=()) -> str:
-    """Run one ablation unless finished; 'skipped' or 'ran'."""
+    """Run one ablation unless finished; 'skipped' or 'ran'. Its log: ``OUT/../<name>.log``."""
     if finished(out, a, data, extra_sets):
         return "skipped"
     args = ablate_args(a, data, out, extra_sets) + (["--overwrite"] if out.exists() else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{out.name}.log"
-    with open(log, "w") as f:
-        f.write("cpsl " + shlex.join(args) + "\n")
-        f.flush()
-        r = subprocess.run([sys.executable, "-m", "cpsl", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
-    if r.returncode:
-        raise BalanceError(f"cpsl ablate failed ({r.returncode}) for {out}; see {log}")
+    run_cpsl(args, out.parent / f"{out.name}.log", quiet=True, threads=a.threads)
     return "ran"
 
 
@@ -195,8 +178,7 @@ def mosi_sets(cell: str) -> list[str]:
     end with the text lr of configs/mosi_best.yaml."""
     if cell == "mosi_frozen":
         return []
-    import mosi_recipe
-    best = mosi_recipe.load_yaml(mosi_recipe.CONFIGS / "mosi_best.yaml")
+    best = load_yaml(CONFIGS / "mosi_best.yaml")
     return ["model.text_encoder=minilm", "model.finetune_text=true", f"train.text_lr={best['train']['text_lr']}"]
 
 
@@ -209,9 +191,7 @@ def mosi_missing(data_dir: Path) -> str | None:
 
 def mosi_pickle(a, cache: Path) -> Path:
     """The recipe's cached MOSI pickle (built once from --data-dir); with --quick a small cut of it."""
-    import mosi_recipe
-    max_len = int(mosi_recipe.load_yaml(mosi_recipe.CONFIGS / "mosei_transfer.yaml").get("build", {}).get("max_len", 50))
-    pkl = mosi_recipe.build("mosi", Path(a.data_dir), cache, "minilm", max_len, a.threads, True, {})
+    pkl = recipe_pickle(a.data_dir, cache, a.threads)
     if not a.quick:
         return pkl
     cut = cache / f"{pkl.stem}_cut{QUICK_MOSI[0]}_{QUICK_MOSI[1]}.pkl"
@@ -233,19 +213,6 @@ def cut_data(data, n_train: int, n_valid: int):
     return MMSAData(splits, data.modalities, path=f"{data.path}#cut{n_train}_{n_valid}", meta=dict(data.meta))
 
 
-def fold_pickles(pkl: Path, k: int, cache: Path) -> list[Path]:
-    """The k video-grouped folds of train + valid (cpsl.data.folds.video_folds, seed 0), written once
-    beside the recipe's own (same names: bench/mosi_recipe.py reuses them)."""
-    from cpsl.data.folds import video_folds
-    from cpsl.data.mmsa import load_mmsa, save_mmsa
-    d = cache / f"folds_{pkl.stem}_k{k}"
-    paths = [d / f"fold{i}.pkl" for i in range(k)]
-    if not all(p.is_file() for p in paths):
-        for i, f in enumerate(video_folds(load_mmsa(pkl, require_splits=("train", "valid")), k, seed=0)):
-            save_mmsa(f, paths[i])
-    return paths
-
-
 def run_cell(a, cell: str, out: Path, cache: Path) -> dict:
     if cell in SYNTH:
         return {"status": run_ablate(a, "synth", out / cell, synth_sets(a, cell)), "kind": "synth",
@@ -260,8 +227,7 @@ def run_cell(a, cell: str, out: Path, cache: Path) -> dict:
         for i, p in enumerate(paths):
             log(f"{cell}: fold {i + 1}/{a.kfold}")
             run_ablate(a, str(p), out / cell / "kfold" / f"fold{i}", mosi_sets(cell))
-        rec["kfold"] = {"k": a.kfold, "folds": [str(p) for p in paths],
-                        "grouping": "video id, train+valid pooled (test rows never used)"}
+        rec["kfold"] = {"k": a.kfold, "folds": [str(p) for p in paths], "grouping": GROUPING}
     return rec
 
 
@@ -269,35 +235,28 @@ def log(msg: str) -> None:
     print(f"[balance] {msg}", flush=True)
 
 
+@bench_main
 def main(argv=None) -> int:
-    try:
-        a = parse(argv)
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        import mosi_recipe
-        cache = Path(a.cache) if a.cache else mosi_recipe.default_cache()
-        cells = {}
-        for cell in a.cells:
-            t0 = time.time()
-            log(f"{cell}: started")
-            rec = run_cell(a, cell, out, cache)
-            rec["wall_s"] = time.time() - t0
-            if rec["status"] == "unavailable":
-                log(f"{cell}: skipped: {rec['reason']}")
-            else:
-                log(f"{cell}: finished ({rec['status']}) in {rec['wall_s']:.0f} s")
-            cells[cell] = rec
-        from balance_report import write_report
-        command = "python bench/balance.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        write_report(out, cells, a.names, command)
-        log(f"wrote {out / 'balance.md'}, balance.json and balance.png")
-        return 0
-    except (BalanceError, SystemExit, CPSLError) as e:
-        if isinstance(e, SystemExit) and (e.code is None or isinstance(e.code, int)):
-            raise                                           # argparse's own exits (--help: 0, usage: 2)
-        msg = str(e.code if isinstance(e, SystemExit) else e)
-        print(msg if msg.startswith("error:") else f"error: {msg}", file=sys.stderr)
-        return 2
+    a = parse(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(a.cache) if a.cache else default_cache()
+    cells = {}
+    for cell in a.cells:
+        t0 = time.time()
+        log(f"{cell}: started")
+        rec = run_cell(a, cell, out, cache)
+        rec["wall_s"] = time.time() - t0
+        if rec["status"] == "unavailable":
+            log(f"{cell}: skipped: {rec['reason']}")
+        else:
+            log(f"{cell}: finished ({rec['status']}) in {rec['wall_s']:.0f} s")
+        cells[cell] = rec
+    from balance_report import write_report
+    command = "python bench/balance.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    write_report(out, cells, a.names, command)
+    log(f"wrote {out / 'balance.md'}, balance.json and balance.png")
+    return 0
 
 
 if __name__ == "__main__":

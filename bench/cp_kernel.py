@@ -216,12 +216,11 @@ def bandwidth(nbytes: int, device, reps: int = 20) -> dict:
 
 
 def machine_info(device) -> dict:
+    from cpsl.native_info import extension_info
     info = base_info(str(device))
-    try:
-        from cpsl import _C
-        info["cpsl_C"] = dict(_C.build_info())
-    except ImportError as e:
-        info["cpsl_C"] = f"unavailable: {e}"
+    ext = extension_info()
+    info["cpsl_C"] = {k: v for k, v in ext.items() if k != "available"} if ext["available"] else \
+        f"unavailable: {ext['reason']}"
     return info
 
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchkit.errors import BenchError, bench_main
 from benchkit.machine import base_info  # bench/ is sys.path[0]
 
-ROOT = Path(__file__).resolve().parents[1]
+from cpsl.proc import child_env
 
 
 def train_cmd(a, out: Path, threads: int) -> list[str]:
@@ -38,8 +38,7 @@ def train_cmd(a, out: Path, threads: int) -> list[str]:
 
 def run_variant(a, work: Path, name: str, nproc: int, threads: int) -> dict:
     out = work / name
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = child_env(threads)
     if nproc == 1:
         cmd = [sys.executable, "-m", "cpsl", *train_cmd(a, out, threads)]
     else:
@@ -49,7 +48,8 @@ def run_variant(a, work: Path, name: str, nproc: int, threads: int) -> dict:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise SystemExit(f"error: {name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+        print(f"{p.stdout[-2000:]}\n{p.stderr[-4000:]}", file=sys.stderr)      # the run's own last words
+        raise BenchError(f"{name} failed (exit {p.returncode}); its output is above")
     res = json.loads((out / "results.json").read_text())
     ms = res["per_seed"][0]["ms_per_step"]
     steps_per_epoch = math.ceil(a.n_train / a.batch_size)
@@ -77,7 +77,8 @@ def markdown(info: dict, rows: list[dict], a) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+@bench_main
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=29533)
     ap.add_argument("--out", default=None, help="default: the scratch folder runs/bench/distributed_DEVICE")
     ap.add_argument("--overwrite", action="store_true", help="allow replacing committed results under bench/results")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     from benchkit.outdir import output_dir
     out = output_dir(a.out, f"distributed_{a.device}", a.overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,8 @@ def main() -> None:
     (out / "bench.json").write_text(json.dumps({"machine": info, "args": vars(a), "rows": rows}, indent=2))
     (out / "bench.md").write_text(markdown(info, rows, a))
     print(f"wrote {out / 'bench.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

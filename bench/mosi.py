@@ -3,9 +3,9 @@ audio, and the tri-modal bc-LSTM feature set on its own split.
 
     python bench/mosi.py [--data-dir DATA] [--seeds 1,2,3] [--out DIR (default: runs/bench/mosi)]
                          [--variants frozen_none,frozen_cpsl,ft_none,ft_cpsl] [--epochs N] [--bclstm]
-    python bench/mosi.py --recipe best --data-dir DIR --out OUT [--seeds 1,2,3] [--encoder PATH]
-                         [--kfold K [--kfold-baseline]] [--threads N]      (bench/mosi_recipe.py)
     python bench/mosi.py --ensemble RUN_DIR RUN_DIR [...] [--ensemble-json FILE]  (bench/mosi_ensemble.py)
+    python bench/mosi.py --recipe best ... / --kfold-compare ...   (kept names of `cpsl recipe mosi ...`
+                         and `cpsl recipe kfold-compare ...`: the recipe lives in cpsl.recipes.mosi)
 
 Variants (each over the seeds, valid metrics of the checkpoint selected on valid loss —
 MOSI's test fold is not in the data pack):
@@ -21,12 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from benchkit.errors import BenchError, bench_main
+
+from cpsl.baselines import ridge
+from cpsl.proc import exec_cpsl, run_cpsl
+from cpsl.runs import epoch_times
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -36,39 +39,7 @@ VARIANTS = {
     "ft_cpsl": ["--set", "model.text_encoder=minilm", "--set", "model.finetune_text=true"],
 }
 KEYS = ("MAE", "Corr", "Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "Mult_acc_7")
-
-
-def sh(cmd, log):
-    t0 = time.time()
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}; see {log}")
-    return time.time() - t0
-
-
-def ridge_baseline(pkl: Path, text_key="text", split="valid", data=None) -> dict:
-    """Ridge on masked mean-pooled text features (for MiniLM token states: the sentence embedding),
-    fitted on train (alpha by RidgeCV's leave-one-out on train), scored on ``split``."""
-    from sklearn.linear_model import RidgeCV
-
-    from cpsl.data.mmsa import load_mmsa
-    from cpsl.metrics import mmsa_metrics
-    d = data if data is not None else load_mmsa(pkl)
-
-    def pool(s):
-        x, m = s.features[text_key], s.masks(text_key)
-        return (x * m[..., None]).sum(1) / m.sum(1, keepdims=True)
-
-    r = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(pool(d["train"]), d["train"].labels)
-    return mmsa_metrics(r.predict(pool(d[split])), d[split].labels) | {"alpha": float(r.alpha_)}
-
-
-def epoch_times(run_dir: Path) -> list[float]:
-    out = []
-    for p in sorted(run_dir.glob("seed*/log.jsonl")):
-        out += [json.loads(x)["time_s"] for x in p.read_text().splitlines()]
-    return out
+DEFAULT_DATA = os.environ.get("CPSL_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 
 def table(rows: dict, title: str) -> str:
@@ -86,12 +57,11 @@ def run_set(name, pkl, variants, seeds, epochs, out, extra=()):
     res, timing = {}, {}
     for v in variants:
         d = out / f"{name}_{v}"
-        cmd = [sys.executable, "-m", "cpsl", "train", "--data", str(pkl), "--out", str(d), "--seeds", seeds,
-               "--quiet", *VARIANTS[v], *extra]
+        cmd = ["train", "--data", str(pkl), "--out", str(d), "--seeds", seeds, "--quiet", *VARIANTS[v], *extra]
         if epochs:
             cmd += ["--epochs", str(epochs)]
         print(f"[{name}] {v} ...", flush=True)
-        wall = sh(cmd, out / f"{name}_{v}.log")
+        wall = run_cpsl(cmd, out / f"{name}_{v}.log")
         r = json.loads((d / "results.json").read_text())
         res[v] = r["valid"]
         res[f"{v}: text head"] = r["valid_aux"]["text"]
@@ -102,50 +72,65 @@ def run_set(name, pkl, variants, seeds, epochs, out, extra=()):
     return res, timing
 
 
-def main(argv=None):
+def forward(argv: list[str]) -> None:
+    """``--recipe best ...`` and ``--kfold-compare ...`` are ``cpsl recipe mosi|kfold-compare`` (this
+    process becomes that command: its output, errors and exit code)."""
+    if "--kfold-compare" in argv:
+        exec_cpsl(["recipe", "kfold-compare", *[w for w in argv if w != "--kfold-compare"]])
+    i = next(i for i, w in enumerate(argv) if w.startswith("--recipe"))
+    rest = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    if not any(w.startswith("--data-dir") for w in rest):
+        rest = ["--data-dir", DEFAULT_DATA, *rest]
+    exec_cpsl(["recipe", "mosi", *rest])
+
+
+def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=os.environ.get("CPSL_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--data-dir", default=DEFAULT_DATA)
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--bclstm", action="store_true", help="Also run the bc-LSTM set (frozen variants only).")
     ap.add_argument("--work", default="/tmp/cpsl_mosi", help="Pickles and run folders (outside the repo).")
     ap.add_argument("--out", help="report folder (default: the scratch folder runs/bench/mosi; a bench/results folder "
-                    "with files needs --overwrite); with --recipe: the run folder (required)")
+                    "with files needs --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the files of a committed results folder")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="Extra --set for every run.")
-    sys.path.insert(0, str(ROOT / "bench"))
-    import mosi_recipe
-    mosi_recipe.add_arguments(ap)
     g = ap.add_argument_group("ensemble ceiling (--ensemble)")
     g.add_argument("--ensemble", nargs="+", metavar="RUN_DIR",
                    help="only score: the prediction-averaging ensemble of finished recipe runs, on MOSI valid and "
                         "(unless --ensemble-valid-only) on their common k-fold; no training")
     g.add_argument("--ensemble-valid-only", action="store_true", help="--ensemble without the k-fold part")
     g.add_argument("--ensemble-json", help="also write the --ensemble figures here (JSON)")
-    a = ap.parse_args(argv)
+    g.add_argument("--kfold-variant", default="transferred", help="the recipe k-fold variant --ensemble reads")
+    g.add_argument("--threads", type=int, default=0, help="torch threads of --ensemble (0: torch's default)")
+    ap.epilog = ("--recipe best ... and --kfold-compare ... run cpsl recipe mosi / cpsl recipe kfold-compare "
+                 "(see their --help)")
+    return ap.parse_args(argv)
+
+
+def ensemble(a) -> None:
+    import mosi_ensemble
+    md, report = mosi_ensemble.ensemble_report(a.ensemble, a.kfold_variant, not a.ensemble_valid_only, a.threads)
+    if a.ensemble_json:
+        Path(a.ensemble_json).write_text(json.dumps(report, indent=2))
+    print(md)
+
+
+@bench_main
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(w == "--kfold-compare" or w.startswith("--recipe") for w in argv):
+        return forward(argv)
+    a = parse(argv)
     if a.ensemble:
-        import mosi_ensemble
-        md, report = mosi_ensemble.ensemble_report(a.ensemble, a.kfold_variant, not a.ensemble_valid_only, a.threads)
-        if a.ensemble_json:
-            Path(a.ensemble_json).write_text(json.dumps(report, indent=2))
-        print(md)
-        return report
-    if a.kfold_compare:
-        if len(a.kfold_compare) < 2:
-            ap.error("--kfold-compare needs two or more results.json files")
-        print(mosi_recipe.compare_kfold(a.kfold_compare, a.kfold_variant, a.assume_same_folds))
-        return None
-    if a.recipe:
-        if not a.out:
-            ap.error("--recipe needs --out (the run folder: OUT/results.json, OUT/seed*/best.pt)")
-        if a.kfold_only and not a.kfold:
-            ap.error("--kfold-only needs --kfold K")
-        return mosi_recipe.run_recipe(a)
+        ensemble(a)
+        return 0
     from benchkit.outdir import output_dir
     a.out = str(output_dir(a.out, "mosi", a.overwrite))
     data = Path(a.data_dir)
     if not (data / "mosi" / "labels.csv").is_file():
-        raise SystemExit(f"the data pack is not at {data} (pass --data-dir or set CPSL_DATA_DIR)")
+        raise BenchError(f"the data pack is not at {data} (pass --data-dir or set CPSL_DATA_DIR)")
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,9 +138,9 @@ def main(argv=None):
     report = {"seeds": a.seeds, "split": "valid", "machine": os.uname().machine, "nproc": os.cpu_count()}
     mosi = work / "mosi_minilm.pkl"
     if not mosi.is_file():
-        sh([sys.executable, "-m", "cpsl", "data", "build-mosi", "--labels", str(data / "mosi/labels.csv"),
-            "--audio", str(data / "mosi/audio_opensmile.csv"), "--quiet", "--out", str(mosi)], work / "build_mosi.log")
-    rows = {"ridge on frozen mean-pooled MiniLM": ridge_baseline(mosi)}
+        run_cpsl(["data", "build-mosi", "--labels", data / "mosi/labels.csv", "--audio", data / "mosi/audio_opensmile.csv",
+                  "--quiet", "--out", mosi], work / "build_mosi.log")
+    rows = {"ridge on frozen mean-pooled MiniLM": ridge(mosi)}
     res, timing = run_set("mosi", mosi, [v for v in a.variants.split(",") if v], a.seeds, a.epochs, work, extra)
     rows.update(res)
     report["mosi"] = {"rows": rows, "timing": timing}
@@ -166,9 +151,9 @@ def main(argv=None):
     if a.bclstm:
         bc = work / "bclstm.pkl"
         if not bc.is_file():
-            sh([sys.executable, "-m", "cpsl", "data", "build-bclstm", "--train", str(data / "mosi/bclstm/train.csv"),
-                "--out", str(bc)], work / "build_bclstm.log")
-        brows = {"ridge on text features": ridge_baseline(bc)}
+            run_cpsl(["data", "build-bclstm", "--train", data / "mosi/bclstm/train.csv", "--out", bc],
+                     work / "build_bclstm.log")
+        brows = {"ridge on text features": ridge(bc)}
         bres, btiming = run_set("bclstm", bc, ["frozen_none", "frozen_cpsl"], a.seeds, a.epochs, work, extra)
         brows.update(bres)
         report["bclstm"] = {"rows": brows, "timing": btiming}
@@ -176,7 +161,8 @@ def main(argv=None):
     (out / "mosi.json").write_text(json.dumps(report, indent=2))
     (out / "mosi.md").write_text("\n".join(md))
     print("\n".join(md))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """How far would more models of the same kind go? Prediction-averaging ensembles of MOSI recipe
 runs (issue 14): ``python bench/mosi.py --ensemble RUN_DIR RUN_DIR [...]``.
 
-Each RUN_DIR is a finished ``bench/mosi.py --recipe best`` run folder (``results.json``,
+Each RUN_DIR is a finished ``cpsl recipe mosi`` run folder (``results.json``,
 ``seed*/best.pt``; for the k-fold part, a ``--kfold K`` block and its fold runs under
 ``RUN_DIR/kfold/``). Every checkpoint is re-scored here (not read from the logs):
 
@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from benchkit.errors import BenchError
 
 from cpsl.compare import METRICS, format_delta, format_mean_std
 
@@ -35,7 +36,7 @@ def _members_valid(run: Path) -> list[tuple[str, Path, str]]:
 def _results(run: Path) -> dict:
     f = run / "results.json"
     if not f.is_file():
-        raise SystemExit(f"error: {run} is not a finished recipe run (no results.json)")
+        raise BenchError(f"{run} is not a finished recipe run (no results.json)")
     return json.loads(f.read_text())
 
 
@@ -43,14 +44,14 @@ def _fold_runs(run: Path, variant: str) -> list[Path]:
     """The fold run folders of ``variant`` whose scores are the ones ``results.json`` records."""
     kf = _results(run).get("recipe", {}).get("kfold")
     if not kf or variant not in kf["variants"]:
-        raise SystemExit(f"error: {run} has no k-fold of the variant {variant!r} (run the recipe with --kfold K)")
+        raise BenchError(f"{run} has no k-fold of the variant {variant!r} (run the recipe with --kfold K)")
     recorded = [f["MAE"] for f in kf["variants"][variant]["per_fold"]["valid"]]
     for d in sorted(run.glob(f"kfold/{variant}_*")):
         folds = [d / f"fold{i}" for i in range(kf["k"])]
         if all((f / "results.json").is_file() for f in folds) and all(
                 abs(_results(f)["per_seed"][0]["valid"]["MAE"] - m) < 1e-9 for f, m in zip(folds, recorded)):
             return folds
-    raise SystemExit(f"error: {run}/kfold holds no complete set of {variant} fold runs matching its results.json")
+    raise BenchError(f"{run}/kfold holds no complete set of {variant} fold runs matching its results.json")
 
 
 class _Scorer:
@@ -62,9 +63,9 @@ class _Scorer:
     def __call__(self, ckpt: Path, pkl: str) -> dict:
         from cpsl.checkpoint import load_model
         from cpsl.data.mmsa import load_mmsa
-        from cpsl.train import predict
+        from cpsl.evaluation import predict
         if not ckpt.is_file():
-            raise SystemExit(f"error: {ckpt} not found")
+            raise BenchError(f"{ckpt} not found")
         if pkl not in self.data:
             self.data[pkl] = load_mmsa(pkl)["valid"]
         split = self.data[pkl]
@@ -78,7 +79,7 @@ def _combine(members: list[dict], where: str) -> dict:
     first = members[0]
     for m in members[1:]:
         if m["ids"] != first["ids"] or not np.array_equal(m["y"], first["y"]):
-            raise SystemExit(f"error: the members were scored on different rows or labels ({where})")
+            raise BenchError(f"the members were scored on different rows or labels ({where})")
     out = {"ids": first["ids"], "y": first["y"], "fused": np.mean([m["fused"] for m in members], axis=0)}
     has_text = all(m["text"] is not None for m in members)
     out["text"] = np.mean([m["text"] for m in members], axis=0) if has_text else None
@@ -175,10 +176,10 @@ def ensemble_report(runs: list[str], variant: str = "transferred", kfold: bool =
     if kfold:                                   # the runs' k-folds are checked before anything is scored
         folds = [_fold_runs(r, variant) for r in runs]
         if any(len(f) != len(folds[0]) for f in folds):
-            raise SystemExit("error: the runs' k-folds have different k")
+            raise BenchError("the runs' k-folds have different k")
         sigs = {_results(r)["recipe"]["kfold"].get("folds_signature") for r in runs}
         if len(sigs) != 1 or None in sigs:
-            raise SystemExit("error: the runs' k-folds are not on the same recorded folds (folds_signature)")
+            raise BenchError("the runs' k-folds are not on the same recorded folds (folds_signature)")
     score = _Scorer()
     md, valid = _valid_section(runs, score)
     report = {"runs": [str(r) for r in runs], "valid": valid}

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from benchkit import REPO, SKIPPABLE  # bench/ is sys.path[0]
+from benchkit.errors import BenchError, bench_main
 from benchkit.pipeline import Run, run_all
 
 
@@ -110,6 +111,7 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+@bench_main
 def main(argv=None) -> int:
     a = parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -117,15 +119,12 @@ def main(argv=None) -> int:
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     bad = skip - set(SKIPPABLE)
     if bad:
-        print(f"error: --skip accepts {', '.join(SKIPPABLE)}; got {', '.join(sorted(bad))}", file=sys.stderr)
-        return 2
+        raise BenchError(f"--skip accepts {', '.join(SKIPPABLE)}; got {', '.join(sorted(bad))}")
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
-        return 2
+        raise BenchError("--device cuda but torch sees no CUDA GPU")
     for p, what in ((a.ckpt, "--ckpt"), (a.student_ckpt, "--student-ckpt")):
         if p and not Path(p).is_file():
-            print(f"error: {what} {p} not found", file=sys.stderr)
-            return 2
+            raise BenchError(f"{what} {p} not found")
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
@@ -137,15 +136,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log_file = open(work / "bench.log", "w")
     P = Progress(log_file)
-    from cpsl.errors import CPSLError
     try:
         if a.e2e:
             from benchkit.e2e import run_e2e
             return run_e2e(a, out, work, P.say)
         return run_all(Run(a, mode, skip, threads, out, work, log_file, P))
-    except CPSLError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         log_file.close()
         if not keep_work:

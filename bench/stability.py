@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+from benchkit.errors import BenchError, bench_main
 
-from cpsl.ablate import _dirname, _history, plot_valid_curves
+from cpsl.ablate import plot_valid_curves, read_history, variant_dir
 from cpsl.train import jitter
 
 
-def main(argv=None) -> None:
+@bench_main
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="append", required=True, help="ABLATION_DIR:VARIANT[:LABEL]")
     ap.add_argument("--out", required=True)
@@ -27,10 +30,15 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     histories, rows = {}, []
     for spec in a.run:
-        d, v, *lab = spec.split(":")
-        label = lab[0] if lab else v
-        res = json.loads((Path(d) / _dirname(v) / "results.json").read_text())
-        hs = [_history(Path(d) / _dirname(v) / f"seed{s}") for s in res["seeds"]]
+        d, v, *lab = spec.split(":") + [""]
+        if not v:
+            raise BenchError(f"--run {spec!r}: expected ABLATION_DIR:VARIANT[:LABEL]")
+        label = lab[0] or v
+        f = Path(d) / variant_dir(v) / "results.json"
+        if not f.is_file():
+            raise BenchError(f"--run {spec!r}: {f} not found (a finished cpsl ablate folder and one of its variants)")
+        res = json.loads(f.read_text())
+        hs = [read_history(Path(d) / variant_dir(v) / f"seed{s}") for s in res["seeds"]]
         histories[label] = hs
         j = [jitter([h["valid"]["MAE"] for h in hh]) for hh in hs]
         va = res["valid"]["MAE"]["values"]
@@ -45,7 +53,8 @@ def main(argv=None) -> None:
                      f"{', '.join(f'{x:.4f}' for x in va)} | {f(te)} | {', '.join(map(str, be))} |")
     (out / "stability.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

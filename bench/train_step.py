@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
+from benchkit.errors import bench_main
 from benchkit.machine import base_info  # bench/ is sys.path[0]
 
 
@@ -80,7 +82,8 @@ def time_variant(a, dev, data, batches, modulation: str, backend: str, use_arena
     return row
 
 
-def main(argv=None):
+@bench_main
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=30)
@@ -115,8 +118,8 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "rows": results}, f, indent=2)
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+from benchkit.errors import BenchError, bench_main
 
 CELLS = {
     "deficit": {"n_train": 70, "dims": "50,50", "variances": "3,1", "noise": 0.5},
@@ -282,6 +283,7 @@ def parse_seeds(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
+@bench_main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="output folder (default: the scratch folder runs/bench/unimodal_bias; a "
@@ -311,14 +313,9 @@ def main(argv=None) -> int:
                 raise ValueError(f"unknown variant {v!r}")
         make_config("none", a.sets)                 # bad --set: one error line before any run
     except Exception as e:  # noqa: BLE001 - every bad argument ends in one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise BenchError(str(e)) from None
     from benchkit.outdir import output_dir
-    try:
-        out = output_dir(a.out, "unimodal_bias", a.overwrite)
-    except SystemExit as e:                          # its one error line, with the house's exit code
-        print(e, file=sys.stderr)
-        return 2
+    out = output_dir(a.out, "unimodal_bias", a.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [(c, k, v, s, tuple(a.sets), a.epochs) for c, k in cells.items() for v in variants for s in seeds]
     if a.sweep:

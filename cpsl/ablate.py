@@ -79,11 +79,11 @@ def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1,
         check_lengths(c.model, data, data.modalities, f"variant {n}")
     require_splits({k: len(sp) for k, sp in data.splits.items()}, data.path or "the data")
     for n in names:
-        prepare_out(out / _dirname(n), overwrite=overwrite, seeds=base.train.seeds)
-        cfgs[n].save(out / _dirname(n) / "config.json")
+        prepare_out(out / variant_dir(n), overwrite=overwrite, seeds=base.train.seeds)
+        cfgs[n].save(out / variant_dir(n) / "config.json")
     fingerprint = data_fingerprint(data)
     tasks = [(n, int(s)) for n in names for s in base.train.seeds]
-    args = [(cfgs[n].to_dict(), data, s, str(out / _dirname(n) / f"seed{s}"), fingerprint) for n, s in tasks]
+    args = [(cfgs[n].to_dict(), data, s, str(out / variant_dir(n) / f"seed{s}"), fingerprint) for n, s in tasks]
     t0 = time.perf_counter()
     done: dict[tuple, dict] = {}
     if jobs > 1:
@@ -104,13 +104,13 @@ def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1,
     for n in names:
         per_seed = [done[(n, int(s))] for s in base.train.seeds]
         res = aggregate(cfgs[n], data, per_seed, fingerprint)
-        (out / _dirname(n) / "results.json").write_text(json.dumps(res, indent=2))
+        (out / variant_dir(n) / "results.json").write_text(json.dumps(res, indent=2))
         results[n] = res
     costs = step_costs(base, data, names, cost_steps, defined=defined) if cost_steps else None
     summary = summarize(results, data, base, wall, jobs, costs, reference)
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     (out / "ablation.md").write_text(markdown(summary))
-    histories = {n: [_history(out / _dirname(n) / f"seed{s}") for s in base.train.seeds] for n in names}
+    histories = {n: [read_history(out / variant_dir(n) / f"seed{s}") for s in base.train.seeds] for n in names}
     plot_trajectories(histories, out / "balance_trajectories.png")
     plot_valid_curves(histories, out / "valid_curves.png")
     return summary
@@ -213,12 +213,12 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available(), "platform": platform.platform()}
 
 
-def _dirname(name: str) -> str:
+def variant_dir(name: str) -> str:
     """'-CP-SL' → 'no_CP_SL', 'OGM-GE' → 'OGM_GE'."""
     return ("no_" + name.lstrip("-").replace("-", "_")) if name.startswith("-") else name.replace("-", "_")
 
 
-def _history(seed_dir: Path) -> list[dict]:
+def read_history(seed_dir: Path) -> list[dict]:
     p = seed_dir / "log.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
 

@@ -7,7 +7,8 @@ difference across data sets means nothing. The split is ``test`` when every pair
 run has test metrics, else ``valid``. For each run: mean ± std (population, as everywhere in
 cpsl) of the metrics, the paired difference to the reference with its 95 % t-interval
 (:func:`cpsl.ablate.paired_difference`), each unimodal head's MAE where the runs logged them, and
-the config keys that differ from the reference's (what the comparison is about).
+the config keys that differ from the reference's (what the comparison is about; where and how fast
+a run went aside: :func:`cpsl.runs.config_differences`).
 """
 from __future__ import annotations
 
@@ -16,11 +17,9 @@ from pathlib import Path
 
 from .config import flatten
 from .errors import CPSLError
+from .runs import config_differences
 
 METRICS = ("MAE", "Corr", "Non0_acc_2")
-# keys that say where or how fast a run went, not what it learnt
-IGNORED_KEYS = {"train.seeds", "train.num_threads", "train.progress", "train.tensorboard", "data.path",
-                "cp.backend", "cp.diagnostics"}
 
 
 def parse_run(spec: str) -> tuple[str, list[Path]]:
@@ -50,14 +49,10 @@ def load_run(name: str, dirs: list[Path]) -> dict:
         prints.add(res.get("data_fingerprint"))
     cfg = configs[0]
     for other, d in zip(configs[1:], dirs[1:]):
-        diff = differing_keys(cfg, other)
+        diff = config_differences(cfg, other)
         if diff:
             raise CPSLError(f"{name}: {d} was trained with other settings than {dirs[0]} ({', '.join(diff)})")
     return {"seeds": rows, "config": cfg, "fingerprints": prints}
-
-
-def differing_keys(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if k not in IGNORED_KEYS and a.get(k) != b.get(k))
 
 
 def _ms(xs: list[float]) -> dict:
@@ -96,7 +91,8 @@ def compare(specs: list[str], split: str = "auto") -> dict:
         vals = {m: [r["seeds"][s][split][m] for s in seeds] for m in METRICS}
         rec = {"metrics": {m: _ms(v) for m, v in vals.items()},
                "heads_MAE": {h: _ms([r["seeds"][s][aux_key][h]["MAE"] for s in seeds]) for h in heads},
-               "config_vs_reference": {k: r["config"].get(k) for k in differing_keys(runs[ref]["config"], r["config"])}}
+               "config_vs_reference": {k: r["config"].get(k)
+                                       for k in config_differences(runs[ref]["config"], r["config"])}}
         if name != ref:
             rv = {m: [runs[ref]["seeds"][s][split][m] for s in seeds] for m in METRICS}
             rec["vs_reference"] = {m: paired_difference(vals[m], rv[m]) for m in METRICS}

@@ -438,3 +438,13 @@ def build_config(preset_name: str = "teacher", config_file: str | None = None,
 
 def copy_config(cfg: Config) -> Config:
     return Config.from_dict(dataclasses.asdict(cfg))
+
+
+# --- provisional (helper A) ---
+def non_identity_keys() -> frozenset[str]:
+    """The ``section.key`` settings that say where, how fast or how verbosely a run went, not what it
+    learns (threads, device and eval batch size: float rounding only; the CP backend: the same maths).
+    The one list that ``cpsl compare``, ``--resume`` (cpsl.runs), the MOSI recipe and bench/balance.py
+    leave out when they ask whether two runs are the same run."""
+    return frozenset({"train.seeds", "train.num_threads", "train.device", "train.progress", "train.tensorboard",
+                      "data.path", "data.eval_batch_size", "cp.backend", "cp.diagnostics"})

@@ -10,6 +10,9 @@
   the same run (a fingerprint of the data's content, the model, loss and strategy sections,
   the optimizer settings and the batch size); ``--resume`` compares them with the current
   ones and names each difference.
+* :func:`config_differences`: the one comparison of two configs (``cpsl compare``, ``--resume``,
+  the MOSI recipe, bench/balance.py), :func:`cpsl.config.non_identity_keys` aside;
+  :func:`kept_run_differences`: does a finished run match what this command would train.
 """
 from __future__ import annotations
 
@@ -21,15 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, flatten, upgrade_keys
+from .config import Config, flatten, non_identity_keys, upgrade_keys
 from .data.mmsa import MMSAData
 from .errors import CPSLError
 
 RUN_FILES = ("results.json", "config.json")
 SEED_FILES = ("best.pt", "last.pt", "log.jsonl", "curves.png", "balance.png", "best.tmp", "last.tmp")
-# settings a resumed run may change: how long it runs and where, not what it learns
-RESUMABLE = {"train.epochs", "train.patience", "train.progress", "train.num_threads", "train.device",
-             "train.seeds", "train.skip_limit", "data.path", "data.eval_batch_size", "cp.backend", "cp.diagnostics"}
+# settings a resumed run may change: where it runs and how fast (non_identity_keys), and how long
+RESUMABLE = non_identity_keys() | {"train.epochs", "train.patience", "train.skip_limit"}
 
 
 def data_fingerprint(data: MMSAData) -> str:
@@ -74,14 +76,43 @@ def resume_differences(ck: dict, cfg: Config, fingerprint: str) -> list[str]:
         old = {k: v for k, v in run_identity(Config.from_dict(ck["config"]), fingerprint).items() if k in recorded}
     new = run_identity(cfg, fingerprint)
     diffs = []
-    for k in sorted(set(old) | set(new)):
-        was = old[k] if k in old else absent_value(k)
-        if was != new.get(k):
-            if k == "data.fingerprint":
-                diffs.append("the data (content fingerprint differs)")
-            else:
-                diffs.append(f"{k} ({'' if k in old else 'not recorded, ran as '}{was!r} -> {new.get(k)!r})")
+    for k in config_differences(old, new, ignore=RESUMABLE, absent=absent_value):
+        if k == "data.fingerprint":
+            diffs.append("the data (content fingerprint differs)")
+        else:
+            was = old[k] if k in old else absent_value(k)
+            diffs.append(f"{k} ({'' if k in old else 'not recorded, ran as '}{was!r} -> {new.get(k)!r})")
     return diffs
+
+
+def config_differences(a: dict, b: dict, ignore=frozenset(), absent=None) -> list[str]:
+    """The sorted ``section.key`` where the flat configs ``a`` and ``b`` (:func:`cpsl.config.flatten`)
+    differ, leaving out :func:`cpsl.config.non_identity_keys` (where and how fast a run went) and
+    ``ignore``. A key one side lacks counts as ``absent(key)`` (e.g. :func:`absent_value`), else None."""
+    skip = non_identity_keys() | set(ignore)
+
+    def value(d, k):
+        return d[k] if k in d else (absent(k) if absent else None)
+    return sorted(k for k in set(a) | set(b) if k not in skip and value(a, k) != value(b, k))
+
+
+def kept_run_differences(kept: dict, want) -> tuple[list[str], list[str]]:
+    """Does a finished run match what this command would train? ``kept``: the nested config it
+    recorded (``results.json``, ``config.json``); ``want``: this command's (a Config or its dict).
+    Returns ``key = kept (this command: want)`` for each identity key recorded with another value,
+    and the identity keys it did not record (written before they existed: noted, not compared)."""
+    have = flatten(json.loads(json.dumps(upgrade_keys(kept))))
+    now = flatten(json.loads(json.dumps(want.to_dict() if isinstance(want, Config) else want)))
+    diffs = [f"{k} = {have[k]!r} (this command: {now.get(k)!r})" for k in config_differences(have, now) if k in have]
+    return diffs, sorted(k for k in set(now) - set(have) if k not in non_identity_keys())
+
+
+def epoch_times(run_dir: Path) -> list[float]:
+    """The ``time_s`` of every logged epoch of every seed of a ``cpsl train`` folder."""
+    out = []
+    for p in sorted(Path(run_dir).glob("seed*/log.jsonl")):
+        out += [json.loads(x)["time_s"] for x in p.read_text().splitlines()]
+    return out
 
 
 MANIFEST, MANIFEST_FORMAT, LOCK = "cpsl-run.json", "cpsl-run-1", ".cpsl-lock"

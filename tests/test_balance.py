@@ -47,9 +47,9 @@ def test_kfold_cells_chooses_which_mosi_cells_get_the_kfold():
     a = B.parse(["--out", "o", "--cells", "synth_sc1,mosi_frozen,mosi_ft", "--kfold", "5", "--kfold-cells", "mosi_frozen"])
     assert a.kfold_cells == ["mosi_frozen"]
     assert B.parse(["--out", "o", "--cells", "mosi_frozen"]).kfold_cells == []
-    with pytest.raises(B.BalanceError, match="synth_sc1 not among the MOSI cells"):
+    with pytest.raises(B.BenchError, match="synth_sc1 not among the MOSI cells"):
         B.parse(["--out", "o", "--cells", "synth_sc1,mosi_ft", "--kfold", "5", "--kfold-cells", "synth_sc1"])
-    with pytest.raises(B.BalanceError, match="needs --kfold"):
+    with pytest.raises(B.BenchError, match="needs --kfold"):
         B.parse(["--out", "o", "--cells", "mosi_ft", "--kfold-cells", "mosi_ft"])
 
 
@@ -91,13 +91,14 @@ def test_mosi_kfold_folds_are_video_grouped(tmp_path, shared_data_dir):
         pytest.skip("the data pack (../shared/data) is not here")
     import balance as B
     from cpsl.data.mmsa import load_mmsa
+    from cpsl.kfold import fold_pickles
+    from cpsl.recipes.mosi import default_cache
     a = B.parse(["--out", str(tmp_path), "--quick", "--data-dir", str(shared_data_dir), "--threads", "1"])
-    import mosi_recipe
-    cut = B.mosi_pickle(a, mosi_recipe.default_cache())
+    cut = B.mosi_pickle(a, default_cache())
     src = load_mmsa(cut, require_splits=("train", "valid"))
     pool = set(src["train"].ids) | set(src["valid"].ids)
     assert len(src["train"]) == B.QUICK_MOSI[0] and len(src["valid"]) == B.QUICK_MOSI[1]
-    paths = B.fold_pickles(cut, 3, tmp_path / "cache")
+    paths = fold_pickles(cut, 3, tmp_path / "cache")
     folds = [load_mmsa(p, require_splits=("train", "valid")) for p in paths]
     valid_ids = [set(f["valid"].ids) for f in folds]
     assert set().union(*valid_ids) == pool and sum(map(len, valid_ids)) == len(pool)      # a partition
@@ -106,21 +107,21 @@ def test_mosi_kfold_folds_are_video_grouped(tmp_path, shared_data_dir):
         assert not video(f["train"].ids) & video(f["valid"].ids)                         # grouped by video
         assert len(f["test"]) == 0 and len(f["train"]) + len(f["valid"]) == len(pool)
     stamp = paths[0].stat().st_mtime_ns
-    assert B.fold_pickles(cut, 3, tmp_path / "cache") == paths and paths[0].stat().st_mtime_ns == stamp
+    assert fold_pickles(cut, 3, tmp_path / "cache") == paths and paths[0].stat().st_mtime_ns == stamp
 
 
 def _fake_finished_cell(out: Path, argv: list[str]):
     """A finished cell as ``cpsl ablate`` leaves it (ablation.json + each variant's config.json), made
     with the settings of ``argv`` and no training."""
     import balance as B
-    from cpsl.ablate import _dirname, variant_config
-    from cpsl.cli.options import run_config
+    from cpsl.ablate import variant_config, variant_dir
+    from cpsl.config import build_config
     a = B.parse(argv)
     extra = B.synth_sets(a, "synth_sc1")
-    base = run_config("student", None, [*extra, *a.sets, "train.num_threads=1"], epochs=a.epochs, quiet=True)
+    base = build_config("student", None, [*extra, *a.sets, "train.num_threads=1", f"train.epochs={a.epochs}"])
     for n in a.names:
-        (out / _dirname(n)).mkdir(parents=True)
-        variant_config(base, n, {}).save(out / _dirname(n) / "config.json")
+        (out / variant_dir(n)).mkdir(parents=True)
+        variant_config(base, n, {}).save(out / variant_dir(n) / "config.json")
     (out / "ablation.json").write_text(json.dumps({"data": "synth", "seeds": a.seed_list,
                                                    "variants": {n: {} for n in a.names}}))
     return B, a, extra
@@ -135,9 +136,9 @@ def test_finished_cell_with_other_settings_is_refused_not_reused(tmp_path):
     assert B.finished(out / "synth_sc1", a, "synth", extra)                  # same settings (threads aside)
     assert B.finished(out / "synth_sc1", B.parse(argv + ["--threads", "2"]), "synth", extra)
     assert not B.finished(out / "synth_sc1", B.parse(argv[:-4] + ["--variants", "none,cp,-SL"]), "synth", extra)
-    with pytest.raises(B.BalanceError, match=r"data = 'synth' \(this command: 'other.pkl'\)"):
+    with pytest.raises(B.BenchError, match=r"data = 'synth' \(this command: 'other.pkl'\)"):
         B.finished(out / "synth_sc1", a, "other.pkl", extra)
-    with pytest.raises(B.BalanceError, match=r"cp: cp\.alpha = .*\(this command: 3\.0\)"):
+    with pytest.raises(B.BenchError, match=r"cp: cp\.alpha = .*\(this command: 3\.0\)"):
         B.finished(out / "synth_sc1", B.parse(argv + ["--set", "cp.alpha=3"]), "synth", extra)
     stamp = (out / "synth_sc1" / "ablation.json").stat().st_mtime_ns
     r = balance(*argv, "--epochs", "5", check=False)

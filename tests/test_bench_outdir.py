@@ -26,7 +26,8 @@ def test_default_is_the_scratch_folder(outdir):
 def test_a_committed_results_folder_is_refused_unless_overwrite(outdir, tmp_path):
     committed = REPO / "bench" / "results" / "cpu_quick"
     assert any(committed.iterdir())
-    with pytest.raises(SystemExit, match="committed results"):
+    from benchkit.errors import BenchError
+    with pytest.raises(BenchError, match="committed results"):
         outdir.output_dir(committed, "x")
     assert outdir.output_dir(committed, "x", overwrite=True) == committed
     assert outdir.output_dir(tmp_path / "mine", "x") == tmp_path / "mine"             # elsewhere: as given
@@ -35,4 +36,5 @@ def test_a_committed_results_folder_is_refused_unless_overwrite(outdir, tmp_path
 def test_bench_run_refuses_before_any_work():
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out",
                         str(REPO / "bench" / "results" / "cpu_quick")], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "committed results" in r.stderr + r.stdout
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") \
+        and "committed results" in r.stderr

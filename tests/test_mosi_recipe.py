@@ -1,6 +1,7 @@
-"""Issue 14: ``python bench/mosi.py --recipe best`` end to end on a small cut of the real data pack
-(tiny 3-layer BERT as the source encoder, 1 epoch): it builds, transfers, trains, scores the
-``mode == test`` rows, k-folds by video, and a second run reuses the cached pickles and encoder."""
+"""Issue 14: ``cpsl recipe mosi`` (cpsl.recipes.mosi; ``python bench/mosi.py --recipe best`` forwards to it)
+end to end on a small cut of the real data pack (tiny 3-layer BERT as the source encoder, 1 epoch): it
+builds, transfers, trains, scores the ``mode == test`` rows, k-folds by video, and a second run reuses
+the cached pickles and encoder."""
 from __future__ import annotations
 
 import csv
@@ -47,8 +48,15 @@ def bench_mosi(*args, cwd):
                           capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-def recipe(*args, cwd):
-    r = bench_mosi("--recipe", "best", *args, cwd=cwd)
+def cpsl(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "cpsl", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def recipe(*args, cwd, bench=False):
+    """``cpsl recipe mosi ARGS`` (``bench``: through its old name, ``python bench/mosi.py --recipe best``)."""
+    r = bench_mosi("--recipe", "best", *args, cwd=cwd) if bench else cpsl("recipe", "mosi", *args, cwd=cwd)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return r.stdout
 
@@ -84,7 +92,7 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert abs(d["mean"] - (tr["valid"]["MAE"]["mean"] - tr["valid_text_head"]["MAE"]["mean"])) < 1e-9
     assert rec["timing"]["transfer_s"] > 0 and "MOSI recipe" in log
     # a second run: the pickles and the transferred encoder come from the cache
-    log = recipe("--out", tmp_path / "out2", *common, "--seeds", 2, cwd=tmp_path)     # another seed: see --ensemble
+    log = recipe("--out", tmp_path / "out2", *common, "--seeds", 2, cwd=tmp_path, bench=True)  # another seed: --ensemble
     assert "[data] mosi: cached" in log and "[transfer] cached" in log
     r2 = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert r2["recipe"]["encoder"] == str(encoder) and r2["recipe"]["timing"]["transfer_s"] == 0.0
@@ -100,8 +108,11 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert r3["recipe"]["kfold"]["k"] == 2 and r3["valid"] == valid3
     # the same folds (same signature) as the first run's k-fold: --kfold-compare pairs them
     assert r3["recipe"]["kfold"]["folds_signature"] == kf["folds_signature"]
-    out = bench_mosi("--kfold-compare", tmp_path / "out" / "results.json", tmp_path / "out3" / "results.json", cwd=tmp_path)
-    assert out.returncode == 0 and "| Δ MAE |" in out.stdout and str(tmp_path / "out3") in out.stdout, out.stderr
+    for out in (cpsl("recipe", "kfold-compare", tmp_path / "out" / "results.json", tmp_path / "out3" / "results.json",
+                     cwd=tmp_path),
+                bench_mosi("--kfold-compare", tmp_path / "out" / "results.json", tmp_path / "out3" / "results.json",
+                           cwd=tmp_path)):
+        assert out.returncode == 0 and "| Δ MAE |" in out.stdout and str(tmp_path / "out3") in out.stdout, out.stderr
     check_ensemble(tmp_path)
 
 
@@ -142,7 +153,7 @@ def check_ensemble(tmp_path: Path) -> None:
         assert np.allclose(got, [f["MAE"] for f in recorded["per_fold"]["valid"]], atol=1e-5)
     # a run without a k-fold is refused by name
     r = bench_mosi("--ensemble", out, out2, cwd=tmp_path)
-    assert r.returncode != 0 and f"{out2} has no k-fold" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {out2} has no k-fold")
 
 
 def kfold_results(path: Path, maes: list[float], k: int = 3, seed: int = 1, fingerprint: str = "abc",
@@ -157,43 +168,70 @@ def kfold_results(path: Path, maes: list[float], k: int = 3, seed: int = 1, fing
 
 
 def test_kfold_compare_pairs_folds(tmp_path):
-    """--kfold-compare: the fold-paired difference to the first file, and a refusal for other folds."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import mosi_recipe
+    """kfold-compare: the fold-paired difference to the first file, and a refusal for other folds."""
+    from cpsl.errors import CPSLError
+    from cpsl.kfold import compare_kfold
     a = kfold_results(tmp_path / "a.json", [0.70, 0.72, 0.68])
     b = kfold_results(tmp_path / "b.json", [0.68, 0.71, 0.65])     # lower on every fold: −0.02 mean
-    md = mosi_recipe.compare_kfold([str(a), str(b)])
+    md = compare_kfold([str(a), str(b)])
     row = next(line for line in md.splitlines() if line.startswith(f"| `{b}`"))
     assert "0.680 0.710 0.650" in row and "-0.0200 [" in row
     lo, hi = (float(x) for x in row.split("-0.0200 [")[1].split("]")[0].split(","))
     assert abs(lo + 0.0448) < 1e-4 and abs(hi - 0.0048) < 1e-4          # −0.02 ± t(0.975, 2)·0.01/√3
-    with pytest.raises(SystemExit, match="not the same folds"):
-        mosi_recipe.compare_kfold([str(a), str(kfold_results(tmp_path / "c.json", [0.7] * 4, k=4))])
+    with pytest.raises(CPSLError, match="not the same folds"):
+        compare_kfold([str(a), str(kfold_results(tmp_path / "c.json", [0.7] * 4, k=4))])
     # other MOSI features (another machine's frozen states): the fold signatures decide ...
     s1, s2, s3 = (kfold_results(tmp_path / f"s{i}.json", [0.7] * 3, fingerprint=f"fp{i}", signature=sig)
                   for i, sig in enumerate(("folds-1", "folds-1", "folds-2")))
-    assert "Δ MAE" in mosi_recipe.compare_kfold([str(s1), str(s2)])
-    with pytest.raises(SystemExit, match="differ in their folds"):
-        mosi_recipe.compare_kfold([str(s1), str(s3)])
+    assert "Δ MAE" in compare_kfold([str(s1), str(s2)])
+    with pytest.raises(CPSLError, match="differ in their folds"):
+        compare_kfold([str(s1), str(s3)])
     # ... and a run without one is compared only when the user vouches for its folds, with a note
-    with pytest.raises(SystemExit, match="--assume-same-folds"):
-        mosi_recipe.compare_kfold([str(a), str(s1)])
-    assert "assumed to be the same" in mosi_recipe.compare_kfold([str(a), str(s1)], assume_same_folds=True)
-    with pytest.raises(SystemExit, match="no k-fold of the variant"):
-        mosi_recipe.compare_kfold([str(a), str(b)], variant="mosi_only")
+    with pytest.raises(CPSLError, match="--assume-same-folds"):
+        compare_kfold([str(a), str(s1)])
+    assert "assumed to be the same" in compare_kfold([str(a), str(s1)], assume_same_folds=True)
+    with pytest.raises(CPSLError, match="no k-fold of the variant"):
+        compare_kfold([str(a), str(b)], variant="mosi_only")
+    # the command: one error line, exit 2
+    r = cpsl("recipe", "kfold-compare", a, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: a k-fold comparison needs two or more results.json files"
 
 
 def test_kfold_only_checks_the_kept_runs_config():
     """--kfold-only refuses a kept run trained with another config; keys it predates are only noted."""
-    import types
-    sys.path.insert(0, str(ROOT / "bench"))
-    import mosi_recipe
     from cpsl.config import build_config
-    cfg = ROOT / "configs" / "mosi_best.yaml"
+    from cpsl.recipes.mosi import RecipeSettings, kept_run_differences
+    cfg = ROOT / "cpsl" / "configs" / "mosi_best.yaml"
     kept = build_config("teacher", str(cfg), ["model.text_encoder=/enc", "train.num_threads=2"]).to_dict()
     del kept["cp"]["stop"]                                   # a run written before cp.stop existed
-    a = types.SimpleNamespace(config=cfg, sets=[], epochs=None)
-    assert mosi_recipe.kept_run_differences({"config": kept}, a, "/enc") == ([], ["cp.stop"])
-    a.sets, a.epochs = ["train.text_lr=1e-5"], 7
-    diff, _ = mosi_recipe.kept_run_differences({"config": kept}, a, "/enc")
-    assert diff == ["train.epochs (20 -> 7)", "train.text_lr (2e-05 -> 1e-05)"]
+    s = RecipeSettings(data_dir="d", out="o", config=str(cfg))
+    assert kept_run_differences({"config": kept}, s, "/enc") == ([], ["cp.stop"])
+    s.sets, s.epochs = ["train.text_lr=1e-5"], 7
+    diff, _ = kept_run_differences({"config": kept}, s, "/enc")
+    assert diff == ["train.epochs = 20 (this command: 7)", "train.text_lr = 2e-05 (this command: 1e-05)"]
+
+
+def test_bad_recipe_input_is_one_error_line(tmp_path):
+    """``cpsl recipe mosi`` and its old name refuse bad input with one ``error:`` line and exit code 2."""
+    for r, msg in ((cpsl("recipe", "mosi", "--data-dir", tmp_path, "--out", tmp_path / "o", "--kfold-only",
+                         cwd=tmp_path), "error: --kfold-only needs --kfold K"),
+                   (cpsl("recipe", "mosi", "--data-dir", tmp_path / "absent", "--out", tmp_path / "o", cwd=tmp_path),
+                    f"error: {tmp_path / 'absent' / 'mosi' / 'labels.csv'} not found"),
+                   (bench_mosi("--recipe", "best", "--data-dir", tmp_path, "--out", tmp_path / "o", "--kfold", 1,
+                               cwd=tmp_path), "error: --kfold must be >= 2"),
+                   (bench_mosi("--data-dir", tmp_path / "absent", "--out", tmp_path / "b", cwd=tmp_path),
+                    "error: the data pack is not at")):
+        assert r.returncode == 2, r.stdout + r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(msg), r.stderr
+
+
+def test_the_runner_creates_its_log_folder_and_names_a_failure(tmp_path):
+    """A fresh machine has no cache folder: the one runner of cpsl children creates its log's folder."""
+    from cpsl.errors import CPSLError
+    from cpsl.proc import run_cpsl
+    log = tmp_path / "fresh" / "cache" / "build.log"
+    assert run_cpsl(["--version"], log) >= 0
+    assert log.read_text().splitlines()[0] == "cpsl --version" and "cpsl" in log.read_text().splitlines()[1]
+    with pytest.raises(CPSLError, match=r"failed \(2\): cpsl train --no-such-flag; see .*bad\.log"):
+        run_cpsl(["train", "--no-such-flag"], tmp_path / "new" / "bad.log")

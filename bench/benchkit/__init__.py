@@ -1,5 +1,5 @@
-"""The modules of bench/run.py (and the machine info shared by every bench script)."""
-import sys
+"""The modules of bench/run.py (and the machine info shared by every bench script). The bench
+scripts use the installed cpsl (``pip install .``), or the one on ``PYTHONPATH``."""
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -14,10 +14,3 @@ TEACHER_EPOCHS = {"quick": 8, "full": 30}
 STUDENT_EPOCHS = {"quick": 12, "full": 40}
 ITERS = {"quick": 100, "full": 400}
 SKIPPABLE = ("cp_kernel", "train_step", "profiles", "runner", "tensorrt")
-
-try:  # an installed cpsl wins; a plain checkout works too (and the subprocesses get it on PYTHONPATH)
-    import cpsl  # noqa: F401 - only whether it imports
-    EXTRA_PATH = None
-except ImportError:
-    sys.path.insert(0, str(REPO))
-    EXTRA_PATH = str(REPO)

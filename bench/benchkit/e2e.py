@@ -13,9 +13,9 @@ Writes ``OUT/bench.json`` (``summary`` first) and ``OUT/bench.md``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -26,8 +26,16 @@ from cpsl.errors import CPSLError
 from . import REPO
 from .machine import machine_info
 
-sys.path.insert(0, str(REPO / "export"))
-import frontend as fe  # noqa: E402 - export/ is not a package: the device copies it as files
+
+def _load_frontend():
+    """export/frontend.py, loaded from its file: export/ is not a package (the device copies it as files)."""
+    spec = importlib.util.spec_from_file_location("frontend", REPO / "export" / "frontend.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fe = _load_frontend()
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGET_B1_MS = 4.0

@@ -25,7 +25,7 @@ def base_info(device: str = "cpu", threads: int | None = None) -> dict:
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": usable,
             "threads": threads if threads is not None else torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "gpu": None, "loadavg_start": _loadavg()}
+            "numpy": np.__version__, "gpu": None, "loadavg_start": loadavg()}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
@@ -45,7 +45,7 @@ def machine_info(device: str, threads: int) -> dict:
     return info
 
 
-def _loadavg():
+def loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import BATCHES
 from .machine import describe_machine
-from .report import _f
+from .report import fmt_num
 
 
 def _md_head(res: dict) -> list[str]:
@@ -32,7 +32,7 @@ def _md_head(res: dict) -> list[str]:
     L.append("| target | value | threshold | status |")
     L.append("|---|---:|---:|---|")
     for t in res["targets"]:
-        L.append(f"| {t['what']} | {_f(t['value'], t['fmt'])} | {t['op']} {t['fmt'].format(t['threshold'])} | "
+        L.append(f"| {t['what']} | {fmt_num(t['value'], t['fmt'])} | {t['op']} {t['fmt'].format(t['threshold'])} | "
                  f"**{t['status']}** |")
     L.append("")
     for key, ns in res.get("misses", {}).items():
@@ -50,10 +50,10 @@ def _md_latency(res: dict) -> list[str]:
     for r in res["rows"]:
         a, b = r["latency"].get("b1", {}), r["latency"].get("b32", {})
         thr = 32 / (b["p50_ms"] / 1e3) if b.get("p50_ms") else None
-        L.append(f"| {r['name']} | {r['device']} | {_f(a.get('p50_ms'))} | {_f(a.get('p90_ms'))} | "
-                 f"{_f(a.get('p99_ms'))} | {_f(a.get('cpu_p50_ms'))} | {_f(b.get('p50_ms'))} | {_f(b.get('p90_ms'))} | "
-                 f"{_f(b.get('p99_ms'))} | {_f(b.get('cpu_p50_ms'))} | {_f(thr, '{:,.0f}')} | "
-                 f"{_f(a.get('wall_over_cpu'), '{:.2f}')}, {_f(b.get('wall_over_cpu'), '{:.2f}')} | "
+        L.append(f"| {r['name']} | {r['device']} | {fmt_num(a.get('p50_ms'))} | {fmt_num(a.get('p90_ms'))} | "
+                 f"{fmt_num(a.get('p99_ms'))} | {fmt_num(a.get('cpu_p50_ms'))} | {fmt_num(b.get('p50_ms'))} | {fmt_num(b.get('p90_ms'))} | "
+                 f"{fmt_num(b.get('p99_ms'))} | {fmt_num(b.get('cpu_p50_ms'))} | {fmt_num(thr, '{:,.0f}')} | "
+                 f"{fmt_num(a.get('wall_over_cpu'), '{:.2f}')}, {fmt_num(b.get('wall_over_cpu'), '{:.2f}')} | "
                  f"{a.get('iters', '—')}/{b.get('iters', '—')} |")
     L.append("\np50/p90/p99: wall time of one call, host inputs to host output (CUDA rows: inputs already on the "
              "GPU). CPU p50: process CPU time of the same calls (all threads). wall/CPU: median ratio per call; "
@@ -64,7 +64,7 @@ def _md_latency(res: dict) -> list[str]:
     if s.get("speedup_int8_vs_teacher_b1_cpu_time"):
         L.append(f"CPU-time speed-up (teacher eager / int8 ORT, batch 1): "
                  f"{s['speedup_int8_vs_teacher_b1_cpu_time']:.2f}x "
-                 f"(wall-clock: {_f(s['speedup_int8_vs_teacher_b1'], '{:.2f}x')}).\n")
+                 f"(wall-clock: {fmt_num(s['speedup_int8_vs_teacher_b1'], '{:.2f}x')}).\n")
     return L
 
 
@@ -78,11 +78,11 @@ def _md_accuracy(res: dict) -> list[str]:
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in res["rows"]:
         m, rt = r.get("metrics") or {}, r.get("retention") or {}
-        L.append(f"| {r['name']} | {r['device']} | {_f(m.get('MAE'), '{:.4f}')} | {_f(m.get('Corr'), '{:.4f}')} | "
-                 f"{_f(m.get('Non0_acc_2'), '{:.4f}')} | {_f(m.get('Has0_acc_2'), '{:.4f}')} | "
-                 f"{_f(m.get('Mult_acc_7'), '{:.4f}')} | {_f(rt.get('Non0_acc_2'), '{:.2%}')} | "
-                 f"{_f(rt.get('MAE_increase_rel'), '{:+.2%}')} | {_f(r.get('params'), '{:,}')} | "
-                 f"{_f(r.get('graph_params'), '{:,}')} | {r.get('file') or '—'} | {_f(r.get('bytes'), '{:,}')} |")
+        L.append(f"| {r['name']} | {r['device']} | {fmt_num(m.get('MAE'), '{:.4f}')} | {fmt_num(m.get('Corr'), '{:.4f}')} | "
+                 f"{fmt_num(m.get('Non0_acc_2'), '{:.4f}')} | {fmt_num(m.get('Has0_acc_2'), '{:.4f}')} | "
+                 f"{fmt_num(m.get('Mult_acc_7'), '{:.4f}')} | {fmt_num(rt.get('Non0_acc_2'), '{:.2%}')} | "
+                 f"{fmt_num(rt.get('MAE_increase_rel'), '{:+.2%}')} | {fmt_num(r.get('params'), '{:,}')} | "
+                 f"{fmt_num(r.get('graph_params'), '{:,}')} | {r.get('file') or '—'} | {fmt_num(r.get('bytes'), '{:,}')} |")
     L.append("\nparams: trainable parameters of the checkpoint (all heads); graph elems: elements of the ONNX "
              "initializers (the deployment path only: fused prediction, no auxiliary heads). PyTorch files "
              "hold the state_dict only (no optimizer).\n")
@@ -97,9 +97,9 @@ def _md_accuracy(res: dict) -> list[str]:
         L.append("|---|---:|---:|")
         for k, lab in (("teacher", "teacher fp32"), ("student_fp32", "student fp32 (distillation)"),
                        ("student_int8", "student int8 (quantization)")):
-            L.append(f"| {lab} | {_f(b.get(f'{k}_Non0_acc_2'), '{:.4f}')} | {_f(b.get(f'{k}_MAE'), '{:.4f}')} |")
+            L.append(f"| {lab} | {fmt_num(b.get(f'{k}_Non0_acc_2'), '{:.4f}')} | {fmt_num(b.get(f'{k}_MAE'), '{:.4f}')} |")
         L.append(f"\nint8 vs fp32 student predictions on {st['eval_split']}: mean |Δ| "
-                 f"{_f(b.get('int8_vs_fp32_mean_abs'), '{:.4f}')}, max |Δ| {_f(b.get('int8_vs_fp32_max_abs'), '{:.4f}')}. "
+                 f"{fmt_num(b.get('int8_vs_fp32_mean_abs'), '{:.4f}')}, max |Δ| {fmt_num(b.get('int8_vs_fp32_max_abs'), '{:.4f}')}. "
                  f"Largest loss: {b.get('dominant_loss') or '—'}.\n")
     return L
 
@@ -114,7 +114,7 @@ def _md_profiles(res: dict) -> list[str]:
             un = next((r["latency"].get("b1", {}).get("p50_ms") for r in res["rows"]
                        if r["name"] == "student ort-int8" and r["device"] == "cpu"), None)
             L.append(f"ONNX Runtime, student int8 (`SessionOptions.enable_profiling`, {op['runs']} runs): "
-                     f"{op['run_ms']:.3f} ms per run under the profiler ({_f(un)} ms p50 without it), "
+                     f"{op['run_ms']:.3f} ms per run under the profiler ({fmt_num(un)} ms p50 without it), "
                      f"{op['node_ms']:.3f} ms of it in kernels. Shares are of the kernel time.\n")
             L.append("| op | ms/run | calls/run | share |")
             L.append("|---|---:|---:|---:|")
@@ -203,10 +203,10 @@ def _train_step_table(ts: dict) -> list[str]:
     L = [f"`{ts.get('command')}` (teacher model, batch {ts.get('meta', {}).get('batch_size')})\n",
          "| variant | ms/step (median) | overhead vs none | steps |", "|---|---:|---:|---:|"]
     for r in ts["rows"]:
-        L.append(f"| {r['variant']} | {r['ms_median']:.2f} | {_f(r.get('overhead_pct'), '{:+.1f}%')} | {r['steps']} |")
+        L.append(f"| {r['variant']} | {r['ms_median']:.2f} | {fmt_num(r.get('overhead_pct'), '{:+.1f}%')} | {r['steps']} |")
     spread = max(((r["ms_median"] - r["ms_p10"]) / r["ms_median"] for r in ts["rows"] if r.get("ms_p10")), default=None)
     return L + [f"\n{min(r['steps'] for r in ts['rows'])} timed steps per variant; the median is up to "
-                f"{_f(spread, '{:.1%}')} above the 10th percentile, so smaller overheads are within the noise.\n"]
+                f"{fmt_num(spread, '{:.1%}')} above the 10th percentile, so smaller overheads are within the noise.\n"]
 
 
 def _md_cp_kernel(res: dict) -> list[str]:
@@ -220,8 +220,8 @@ def _md_run(res: dict) -> list[str]:
     L.append("## Run\n")
     t, sd = res["teacher"], res["student"]
     L.append(f"Teacher: {t['source']} ({t.get('epochs_run', '—')} epochs, best {t.get('best_epoch', '—')}), "
-             f"{_f(t.get('params'), '{:,}')} parameters. Student: {sd['source']} ({sd.get('epochs_run', '—')} epochs, "
-             f"best {sd.get('best_epoch', '—')}), {_f(sd.get('params'), '{:,}')} parameters.  ")
+             f"{fmt_num(t.get('params'), '{:,}')} parameters. Student: {sd['source']} ({sd.get('epochs_run', '—')} epochs, "
+             f"best {sd.get('best_epoch', '—')}), {fmt_num(sd.get('params'), '{:,}')} parameters.  ")
     L.append("Stages: " + ", ".join(f"{x['stage']} {x['seconds']:.0f} s" for x in res["stages"]) + ".\n")
     return L
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import REPO
+from .errors import BenchError
 
 SCRATCH = REPO / "runs" / "bench"          # git-ignored (runs/)
 COMMITTED = REPO / "bench" / "results"
@@ -15,6 +16,6 @@ def output_dir(out: str | Path | None, name: str, overwrite: bool = False) -> Pa
     p = Path(out) if out else SCRATCH / name
     inside = p.resolve() == COMMITTED.resolve() or COMMITTED.resolve() in p.resolve().parents
     if inside and p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise SystemExit(f"error: {p} holds committed results: pass --overwrite to replace them "
+        raise BenchError(f"{p} holds committed results: pass --overwrite to replace them "
                          f"(or choose another --out; without --out the scratch folder {SCRATCH / name} is used)")
     return p

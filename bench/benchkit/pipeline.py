@@ -16,10 +16,10 @@ import torch
 from cpsl.errors import CPSLError
 
 from . import BATCHES, ITERS, REPO, STUDENT_EPOCHS, TEACHER_EPOCHS
-from .machine import _loadavg, describe_machine, machine_info
+from .machine import describe_machine, loadavg, machine_info
 from .markdown import write_markdown
-from .profiling import _stderr_to, ort_profile, run_cp_kernel, run_runner, run_train_step, torch_profile
-from .report import _f, _rel, compute_summary, misses, write_pareto
+from .profiling import ort_profile, run_cp_kernel, run_runner, run_train_step, stderr_to, torch_profile
+from .report import compute_summary, fmt_num, misses, rel_path, write_pareto
 from .stages import (artefact_plan, bench_inputs, bench_lengths, distill_student, eval_split_name, export_all,
                      load_bench_data, size_breakdown, torch_inputs, train_teacher)
 from .timing import Variant, cuda_graph_variant, measure_all, ort_variant, torch_variant
@@ -190,7 +190,7 @@ def _trt_one(R: Run, key: str, prec: str, build_engine) -> tuple[dict | None, st
     if key not in R.v["manifests"]:
         return None, f"{key}: no ONNX artefact"
     try:
-        with _stderr_to(R.log_file):
+        with stderr_to(R.log_file):
             build_engine(arts / f"{key}.onnx", plan_path, R.v["manifests"][key]["engine_profile"], prec)
     except Exception as e:  # noqa: BLE001 - recorded
         why = str(e).splitlines()[0] if str(e) else ""
@@ -316,13 +316,13 @@ def _settings(R: Run) -> dict:
 def _model_entry(R: Run, kind: str, given) -> dict:
     d = {k: (str(v) if isinstance(v, Path) else v) for k, v in R.v[f"{kind}_info"].items()}
     ck = R.v[f"{kind}_info"]["ckpt"]
-    d["ckpt"] = _rel(ck) if given else f"<work>/{Path(ck).relative_to(R.work)}"
+    d["ckpt"] = rel_path(ck) if given else f"<work>/{Path(ck).relative_to(R.work)}"
     return d
 
 
 def stage_report(R: Run, info: dict) -> int:
     """bench.json (written once, after the figure and the Markdown report are made from it)."""
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
     rows = R.v["rows"]
     summary, targets = compute_summary(rows, info, R.v["ev_name"])
     # other jobs: load before we started, or calls that waited for the CPU (single-threaded runs)
@@ -351,9 +351,9 @@ def stage_report(R: Run, info: dict) -> int:
         R.log(traceback.format_exc())
     write_markdown(R.out / "bench.md", res)
     (R.out / "bench.json").write_text(json.dumps(res, indent=2, default=str))
-    R.P.say(f"summary: speed-up int8 vs teacher b1 {_f(summary['speedup_int8_vs_teacher_b1'], '{:.2f}x')}, "
-            f"Non0_acc_2 retention {_f(summary['retention_non0_acc2'], '{:.2%}')}, MAE change "
-            f"{_f(summary['mae_increase'], '{:+.2%}')}, int8 {_f(summary['student_int8_bytes'], '{:,}')} bytes")
+    R.P.say(f"summary: speed-up int8 vs teacher b1 {fmt_num(summary['speedup_int8_vs_teacher_b1'], '{:.2f}x')}, "
+            f"Non0_acc_2 retention {fmt_num(summary['retention_non0_acc2'], '{:.2%}')}, MAE change "
+            f"{fmt_num(summary['mae_increase'], '{:+.2%}')}, int8 {fmt_num(summary['student_int8_bytes'], '{:,}')} bytes")
     R.P.say("targets: " + ", ".join(f"{t['key']} {t['status']}" for t in targets))
     R.P.say(f"wrote {R.out / 'bench.json'}, {R.out / 'bench.md'}, {R.out / 'pareto.png'}")
     return 0

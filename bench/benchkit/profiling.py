@@ -10,17 +10,15 @@ import time
 from pathlib import Path
 
 
-from . import BATCHES, EXTRA_PATH as _EXTRA_PATH
-from .report import _rel
+from cpsl.proc import child_env
 
-
+from . import BATCHES
+from .report import rel_path
 
 
 def _subprocess_env(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    if _EXTRA_PATH:
-        env["PYTHONPATH"] = _EXTRA_PATH + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    """A bench child's environment: this cpsl on PYTHONPATH, ``threads`` OpenMP threads."""
+    return dict(child_env(), OMP_NUM_THREADS=str(threads))
 
 
 def _tail(text: str, n: int = 6) -> str:
@@ -69,7 +67,7 @@ def ort_profile(path: Path, feeds: dict, mods, threads: int, runs: int, prefix: 
 
 
 @contextlib.contextmanager
-def _stderr_to(f):
+def stderr_to(f):
     """Redirect file descriptor 2 (the profiler's native library prints there) into ``f``."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -87,7 +85,7 @@ def torch_profile(fn, runs: int, log_file, top: int = 10) -> dict:
     for _ in range(3):
         fn()
     log_file.flush()
-    with _stderr_to(log_file):
+    with stderr_to(log_file):
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(runs):
@@ -120,7 +118,7 @@ def run_cp_kernel(script: Path, device: str, threads: int, work: Path, timeout: 
     cmd = [sys.executable, str(script), "--quick", "--json", str(out), "--device", device]
     if device == "cpu":
         cmd += ["--threads", str(threads)]
-    res = {"command": " ".join(["python", _rel(script), "--quick", "--device", device]
+    res = {"command": " ".join(["python", rel_path(script), "--quick", "--device", device]
                                + (["--threads", str(threads)] if device == "cpu" else []))}
     p = _run_script(cmd, res, timeout, threads)
     if p is None:
@@ -145,7 +143,7 @@ def run_train_step(script: Path, device: str, threads: int, steps: int, warmup: 
     out = work / "train_step.json"
     cmd = [sys.executable, str(script), "--device", device, "--steps", str(steps), "--warmup", str(warmup),
            "--json", str(out)]
-    res = {"command": f"OMP_NUM_THREADS={threads} python {_rel(script)} --device {device} --steps {steps} "
+    res = {"command": f"OMP_NUM_THREADS={threads} python {rel_path(script)} --device {device} --steps {steps} "
                       f"--warmup {warmup}"}
     p = _run_script(cmd, res, timeout, threads)
     if p is None:

@@ -11,7 +11,7 @@ from .machine import describe_machine
 
 
 
-def _rel(p: Path) -> str:
+def rel_path(p: Path) -> str:
     try:
         return str(Path(p).resolve().relative_to(REPO))
     except ValueError:
@@ -19,7 +19,7 @@ def _rel(p: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- report
-def _f(v, fmt="{:.3f}", none="—"):
+def fmt_num(v, fmt="{:.3f}", none="—"):
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return none
     return fmt.format(v)
@@ -120,13 +120,13 @@ def _accuracy_miss(b: dict) -> dict:
     """Where the accuracy went: the distillation and quantization steps, as measured."""
     if not b:
         return {"explanation": [], "next_step": "the accuracy breakdown could not be measured."}
-    lines = [f"Non0_acc_2 teacher {_f(b.get('teacher_Non0_acc_2'), '{:.4f}')} → student fp32 "
-             f"{_f(b.get('student_fp32_Non0_acc_2'), '{:.4f}')} (distillation) → int8 "
-             f"{_f(b.get('student_int8_Non0_acc_2'), '{:.4f}')} (quantization); MAE "
-             f"{_f(b.get('teacher_MAE'), '{:.4f}')} → {_f(b.get('student_fp32_MAE'), '{:.4f}')} → "
-             f"{_f(b.get('student_int8_MAE'), '{:.4f}')}.",
-             f"int8 vs student fp32 predictions: mean |Δ| {_f(b.get('int8_vs_fp32_mean_abs'), '{:.4f}')}, "
-             f"max |Δ| {_f(b.get('int8_vs_fp32_max_abs'), '{:.4f}')}."]
+    lines = [f"Non0_acc_2 teacher {fmt_num(b.get('teacher_Non0_acc_2'), '{:.4f}')} → student fp32 "
+             f"{fmt_num(b.get('student_fp32_Non0_acc_2'), '{:.4f}')} (distillation) → int8 "
+             f"{fmt_num(b.get('student_int8_Non0_acc_2'), '{:.4f}')} (quantization); MAE "
+             f"{fmt_num(b.get('teacher_MAE'), '{:.4f}')} → {fmt_num(b.get('student_fp32_MAE'), '{:.4f}')} → "
+             f"{fmt_num(b.get('student_int8_MAE'), '{:.4f}')}.",
+             f"int8 vs student fp32 predictions: mean |Δ| {fmt_num(b.get('int8_vs_fp32_mean_abs'), '{:.4f}')}, "
+             f"max |Δ| {fmt_num(b.get('int8_vs_fp32_max_abs'), '{:.4f}')}."]
     steps = {"distillation": ("teacher", "student_fp32"), "quantization": ("student_fp32", "student_int8")}
     dom = b.get("dominant_loss")
     if dom in steps:

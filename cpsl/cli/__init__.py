@@ -50,9 +50,9 @@ def main():
     """
 
 
-from . import config_cmd, data, diagnose, distill, export, info, predict, train, transfer  # noqa: E402 - the command modules attach to `main`
+from . import config_cmd, data, diagnose, distill, export, info, predict, recipe, train, transfer  # noqa: E402 - the command modules attach to `main`
 
-for _mod in (info, data, config_cmd, train, diagnose, transfer, distill, export, predict):
+for _mod in (info, data, config_cmd, train, diagnose, transfer, distill, export, predict, recipe):
     for _cmd in _mod.COMMANDS:
         main.add_command(_cmd)
 

@@ -1,0 +1,1 @@
+"""Workflows that chain cpsl commands into one result: ``cpsl recipe mosi`` (:mod:`cpsl.recipes.mosi`)."""
