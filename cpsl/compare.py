@@ -20,7 +20,7 @@ from .errors import CPSLError
 METRICS = ("MAE", "Corr", "Non0_acc_2")
 # keys that say where or how fast a run went, not what it learnt
 IGNORED_KEYS = {"train.seeds", "train.num_threads", "train.progress", "train.tensorboard", "data.path",
-                "cp.backend", "cp.diagnostics"}
+                "cp.backend", "groups.diagnostics"}
 
 
 def parse_run(spec: str) -> tuple[str, list[Path]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, flatten, upgrade_keys
+from .config import Config, flatten, upgrade_flat, upgrade_keys
 from .data.mmsa import MMSAData
 from .errors import CPSLError
 
@@ -29,7 +29,7 @@ RUN_FILES = ("results.json", "config.json")
 SEED_FILES = ("best.pt", "last.pt", "log.jsonl", "curves.png", "balance.png", "best.tmp", "last.tmp")
 # settings a resumed run may change: how long it runs and where, not what it learns
 RESUMABLE = {"train.epochs", "train.patience", "train.progress", "train.num_threads", "train.device",
-             "train.seeds", "train.skip_limit", "data.path", "data.eval_batch_size", "cp.backend", "cp.diagnostics"}
+             "train.seeds", "train.skip_limit", "data.path", "data.eval_batch_size", "cp.backend", "groups.diagnostics"}
 
 
 def data_fingerprint(data: MMSAData) -> str:
@@ -72,6 +72,7 @@ def resume_differences(ck: dict, cfg: Config, fingerprint: str) -> list[str]:
     if not isinstance(old, dict):   # older checkpoints: the config alone (only the keys it recorded)
         recorded = set(flatten(upgrade_keys(ck["config"]))) | {"data.fingerprint"}
         old = {k: v for k, v in run_identity(Config.from_dict(ck["config"]), fingerprint).items() if k in recorded}
+    old = upgrade_flat(old)         # keys that moved since (cp.groups -> groups.prefixes, ...)
     new = run_identity(cfg, fingerprint)
     diffs = []
     for k in sorted(set(old) | set(new)):

@@ -51,7 +51,7 @@ def _modified() -> Config:
     c.loss.aux = 0.25
     c.cp.normalize = True
     c.cp.mode = "grad"
-    c.cp.groups = {"text": ["encoders.text"], "audio": ["encoders.audio", "extra"]}
+    c.groups.prefixes = {"text": ["encoders.text"], "audio": ["encoders.audio", "extra"]}
     c.train.seeds = [1, 2, 3]
     c.train.epochs = 7
     c.data.path = "some/file.pkl"
@@ -85,7 +85,7 @@ def test_partial_file_and_precedence(tmp_path):
 def test_override_coercion():
     c = apply_overrides(Config(), [
         "train.epochs=5.0", "loss.aux=1e-3", "cp.tau=2", "cp.normalize=yes", "model.ame=false",
-        "train.seeds=1,2,3", "model.fusion=concat", "data.path=123", "cp.groups={\"text\": [\"enc\"]}",
+        "train.seeds=1,2,3", "model.fusion=concat", "data.path=123", "groups.prefixes={\"text\": [\"enc\"]}",
     ])
     assert c.train.epochs == 5 and type(c.train.epochs) is int
     assert c.loss.aux == 1e-3 and type(c.loss.aux) is float       # YAML reads "1e-3" as a string
@@ -94,7 +94,7 @@ def test_override_coercion():
     assert c.train.seeds == [1, 2, 3]
     assert c.model.fusion == "concat"
     assert c.data.path == "123"
-    assert c.cp.groups == {"text": ["enc"]}
+    assert c.groups.prefixes == {"text": ["enc"]}
     assert apply_overrides(Config(), ["train.seeds=[4, 5]"]).train.seeds == [4, 5]
     assert apply_overrides(Config(), ["train.seeds=7"]).train.seeds == [7]
     assert apply_overrides(Config(), ["cp.normalize=0"]).cp.normalize is False
@@ -124,7 +124,7 @@ def test_overrides_validated_together():
     ("data.bucket=-1", "data.bucket"),
     ("cp.tau=high", "cp.tau"),
     ("cp.normalize=maybe", "cp.normalize"),
-    ("cp.groups=[1]", "cp.groups"),
+    ("groups.prefixes=[1]", "groups.prefixes"),
     ("epochs=3", "section.key=value"),
     ("train.epochs", "section.key=value"),
 ])
@@ -165,5 +165,5 @@ def test_copy_config_is_deep():
     d = copy_config(c)
     assert d.to_dict() == c.to_dict()
     d.train.seeds.append(4)
-    d.cp.groups["vision"] = ["v"]
-    assert c.train.seeds == [1, 2, 3] and "vision" not in c.cp.groups
+    d.groups.prefixes["vision"] = ["v"]
+    assert c.train.seeds == [1, 2, 3] and "vision" not in c.groups.prefixes
