@@ -10,6 +10,7 @@ from typing import Any
 
 from .config_rules import BOOL, DECAY, FRACTION, MAPPING, MAX_LAYERS, MAX_SEED, MAX_WIDTH, NONNEG, STR
 from .config_rules import check as _check
+from .config_rules import coerce as _coerce
 from .config_rules import device, integer, number, seeds
 from .errors import CPSLError
 
@@ -317,59 +318,6 @@ def load_mapping(path: str | Path) -> dict:
     if not isinstance(d, dict):
         raise CPSLError(f"config {path} must hold a mapping of sections")
     return d
-
-
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Coerce ``value`` to the type of the field's current value."""
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        raise CPSLError(f"config key {key}: expected true/false, got {value!r}")
-    if isinstance(current, (int, float)) and isinstance(value, bool):
-        raise CPSLError(f"config key {key}: expected a number, got {value!r}")
-    if isinstance(current, int) and not isinstance(current, bool):
-        try:
-            f = float(value)
-            if f != int(f):
-                raise ValueError
-            return int(f)
-        except (TypeError, ValueError, OverflowError):
-            raise CPSLError(f"config key {key}: expected an integer, got {value!r}") from None
-    if isinstance(current, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise CPSLError(f"config key {key}: expected a number, got {value!r}") from None
-    if isinstance(current, list):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-            try:
-                return [int(v) for v in value]
-            except ValueError:
-                return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return [value]            # train.seeds=7 -> [7]
-        if not isinstance(value, (list, tuple)):
-            raise CPSLError(f"config key {key}: expected a list, got {value!r}")
-        return list(value)
-    if isinstance(current, dict):
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise CPSLError(f"config key {key}: expected a JSON mapping, got {value!r}") from None
-        if not isinstance(value, dict):
-            raise CPSLError(f"config key {key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if isinstance(current, str):
-        return str(value)
-    return value
 
 
 # keys that moved (old configs, --set keys, saved runs and checkpoints still load): when strategies

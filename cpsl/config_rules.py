@@ -1,4 +1,5 @@
-"""The rule builders of config values, and :func:`check`, which applies them.
+"""The rule builders of config values, :func:`coerce` (a file's or ``--set``'s value as the key's
+type) and :func:`check`, which applies the rules.
 
 A config key declares its rule once, beside its default, in the ``check`` metadata of its field
 (``cpsl/config.py``, or a plug-in strategy's own section): ``field(default=1.2,
@@ -10,9 +11,11 @@ checkpoint configs all pass through it).
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import fields
+from typing import Any
 
 from .errors import CPSLError
 from .limits import gib, limit
@@ -52,6 +55,59 @@ def _range(what, lo, hi, lo_open=False, hi_open=False) -> str:
     if lo == -INF:
         return f"{what} {'<' if hi_open else '<='} {hi_s}"
     return f"{what} in {'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
+
+
+def coerce(value: Any, current: Any, key: str) -> Any:
+    """``value`` (from a file or ``--set``) as the type of the field's current value, or CPSLError naming ``key``."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise CPSLError(f"config key {key}: expected true/false, got {value!r}")
+    if isinstance(current, (int, float)) and isinstance(value, bool):
+        raise CPSLError(f"config key {key}: expected a number, got {value!r}")
+    if isinstance(current, int) and not isinstance(current, bool):
+        try:
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        except (TypeError, ValueError, OverflowError):
+            raise CPSLError(f"config key {key}: expected an integer, got {value!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise CPSLError(f"config key {key}: expected a number, got {value!r}") from None
+    if isinstance(current, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+            try:
+                return [int(v) for v in value]
+            except ValueError:
+                return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [value]            # train.seeds=7 -> [7]
+        if not isinstance(value, (list, tuple)):
+            raise CPSLError(f"config key {key}: expected a list, got {value!r}")
+        return list(value)
+    if isinstance(current, dict):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise CPSLError(f"config key {key}: expected a JSON mapping, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise CPSLError(f"config key {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(current, str):
+        return str(value)
+    return value
 
 
 def _type(t, name):
