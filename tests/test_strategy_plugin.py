@@ -133,3 +133,14 @@ def test_toy_strategy_through_bench_balance(tmp_path, toy, monkeypatch):
     res = json.loads((out / "synth_sc0" / "toy_small" / "results.json").read_text())
     assert res["config"]["toy"] == {"knob": 0.125} and res["per_seed"][0]["toy_knob"] == 0.125
     assert "toy" in (out / "balance.md").read_text()
+
+
+def test_builtin_strategies_say_what_the_loop_and_cli_used_to():
+    cfg = Config()
+    cfg.cp.backend, cfg.cp.mode = "foreach", "grad"
+    assert strategies.get("cp").describe(cfg) == "modulation: cp (backend foreach, mode grad)"
+    assert strategies.get("cp").start_warnings(cfg) == []               # an explicit backend never falls back
+    assert strategies.get("ogm_ge").describe(cfg) == "modulation: ogm_ge"
+    per_seed = [{"cp_stopped_epoch": 3}, {"cp_stopped_epoch": None}]
+    assert strategies.get("cp").aggregate(per_seed) == {"cp_stopped_epoch": [3, None]}
+    assert strategies.get("none").aggregate(per_seed) == {}
