@@ -34,7 +34,7 @@ def time_variant(a, dev, data, batches, modulation: str, backend: str, use_arena
     cfg = preset(a.preset)
     cfg.train.modulation = modulation
     cfg.cp.backend = backend if modulation == "cp" else "auto"
-    cfg.cp.diagnostics = False  # the baseline step measures nothing
+    cfg.groups.diagnostics = False  # the baseline step measures nothing
     cfg.train.device = a.device
     set_seed(0)
     model = build_model(cfg, data).to(dev).train()

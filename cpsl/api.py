@@ -39,7 +39,7 @@ def configure(preset: str = "teacher", file: str | Path | None = None, sets: Seq
     from .config import apply_overrides, build_config
     short = {"epochs": "train.epochs", "seeds": "train.seeds", "modulation": "train.modulation",
              "device": "train.device"}
-    cfg = build_config(preset, str(file) if file else None, list(sets))
+    cfg = build_config(preset, str(file) if file else None, list(sets), check=False)
     more = []
     for k, v in keys.items():
         path = short.get(k, k)
@@ -47,7 +47,7 @@ def configure(preset: str = "teacher", file: str | Path | None = None, sets: Seq
             cfg.train.seeds = [int(s) for s in ([v] if isinstance(v, int) else v)]
         else:
             more.append(f"{path}={json.dumps(v) if isinstance(v, (dict, bool, list)) else v}")
-    apply_overrides(cfg, more)                       # also validates the whole config
+    apply_overrides(cfg, more)                       # validates the whole config, once
     return cfg
 
 

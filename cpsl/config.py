@@ -8,203 +8,226 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .config_rules import BOOL, DECAY, FRACTION, MAPPING, MAX_LAYERS, MAX_SEED, MAX_WIDTH, NONNEG, STR
+from .config_rules import check as _check
+from .config_rules import coerce as _coerce
+from .config_rules import device, integer, number, seeds
 from .errors import CPSLError
 
 MODALITIES = ("text", "audio", "vision")
 
 
-@dataclass
+def key(default: Any = dataclasses.MISSING, check=None, *, factory=None, **meta) -> Any:
+    """A config field, declared once: its default (``factory`` for a list or a mapping), its rule
+    (``check``: a builder of cpsl/config_rules.py; a string key gives ``choices=`` instead) and its
+    other metadata: ``help``, ``at_least`` (a key of the section it must not be below) and
+    ``identity=False`` for a key that does not change what a run learns (:func:`non_identity_keys`)."""
+    if check is not None:
+        meta["check"] = check
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(slots=True)
 class DataConfig:
-    path: str = "synth"           # "synth" (embedded generator) or an MMSA .pkl path
-    batch_size: int = field(default=32, metadata={"help": "Training batch size (0: the whole training split, full-batch)."})
-    eval_batch_size: int = 128
-    bucket: int = field(default=0, metadata={
-        "help": "Batch rows of similar length: sort each window of bucket x batch_size shuffled rows by length, "
-                "then shuffle the batches (0: plain shuffle). Removes most padding, so a fine-tuned text encoder "
-                "trains faster; the batches differ, so results are not bit-identical to bucket 0."})
-    synth_seed: int = 0           # seed of the embedded generator when path == "synth"
-    synth: dict = field(default_factory=dict)  # SynthSpec knob overrides, e.g. {"text_memo": 0}
+    path: str = key("synth", STR, identity=False)     # "synth" (embedded generator) or an MMSA .pkl path
+    batch_size: int = key(32, integer(0), help="Training batch size (0: the whole training split, full-batch).")
+    eval_batch_size: int = key(128, integer(1), identity=False)
+    bucket: int = key(0, integer(0), help=(
+        "Batch rows of similar length: sort each window of bucket x batch_size shuffled rows by length, "
+        "then shuffle the batches (0: plain shuffle). Removes most padding, so a fine-tuned text encoder "
+        "trains faster; the batches differ, so results are not bit-identical to bucket 0."))
+    synth_seed: int = key(0, integer(0, MAX_SEED))    # seed of the embedded generator when path == "synth"
+    synth: dict = key(check=MAPPING, factory=dict)    # SynthSpec knob overrides, e.g. {"text_memo": 0}
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelConfig:
-    d: int = 128                  # hidden size
-    heads: int = 4
-    dropout: float = 0.1
-    text_layers: int = 1          # AME temporal encoder depth per modality
-    audio_layers: int = 2
-    vision_layers: int = 2
-    text_kernel: int = 1          # AME projection conv kernel per modality
-    audio_kernel: int = 3
-    vision_kernel: int = 3
-    norm_momentum: float = 0.1    # running statistics of the adaptive input normalisation
-    max_len: int = 512            # longest sequence the positional encoding covers
-    ame: bool = True              # False: plain projection + mean pooling
-    fusion: str = field(default="gcf", metadata={"choices": ("gcf", "concat"),
-                                                "help": "gcf (gated cross-modal fusion) or concat."})
-    head_hidden: int = 0          # hidden width of the heads (0: = d)
+    d: int = key(128, integer(1, MAX_WIDTH))          # hidden size
+    heads: int = key(4, integer(1, MAX_WIDTH))
+    dropout: float = key(0.1, number(0.0, 1.0, hi_open=True))
+    text_layers: int = key(1, integer(0, MAX_LAYERS))  # AME temporal encoder depth per modality
+    audio_layers: int = key(2, integer(0, MAX_LAYERS))
+    vision_layers: int = key(2, integer(0, MAX_LAYERS))
+    text_kernel: int = key(1, integer(1, odd=True))   # AME projection conv kernel per modality
+    audio_kernel: int = key(3, integer(1, odd=True))
+    vision_kernel: int = key(3, integer(1, odd=True))
+    norm_momentum: float = key(0.1, FRACTION)         # running statistics of the adaptive input normalisation
+    max_len: int = key(512, integer(1, 1 << 24))      # longest sequence the positional encoding covers
+    ame: bool = key(True, BOOL)                       # False: plain projection + mean pooling
+    fusion: str = key("gcf", choices=("gcf", "concat"), help="gcf (gated cross-modal fusion) or concat.")
+    head_hidden: int = key(0, integer(0, MAX_WIDTH))  # hidden width of the heads (0: = d)
     # End-to-end text: run a pretrained encoder on text_bert ids ("" = use the text features).
-    text_encoder: str = ""        # "", "minilm" or a local Hugging Face folder
-    finetune_text: bool = False   # fine-tune the encoder (else frozen)
+    text_encoder: str = key("", STR)                  # "", "minilm" or a local Hugging Face folder
+    finetune_text: bool = key(False, BOOL)            # fine-tune the encoder (else frozen)
     # the model class: the CPSL model, or the deep linear/ReLU fusion networks of the unimodal-bias
     # theory (cpsl/model/linear.py; presets linear_late / linear_early); linear_* keys only for "linear"
-    arch: str = field(default="cpsl", metadata={
-        "choices": ("cpsl", "linear"),
-        "help": "cpsl (AME + gated fusion + heads) or linear (deep linear/ReLU network fusing at model.fusion_layer)."})
-    linear_width: int = field(default=100, metadata={"help": "arch=linear: hidden width H."})
-    linear_depth: int = field(default=2, metadata={"help": "arch=linear: number of weight layers."})
-    fusion_layer: int = field(default=1, metadata={
-        "help": "arch=linear: layers each modality has to itself before they meet (0: early fusion; "
-                "linear_depth: sum of per-modality scalar outputs)."})
-    activation: str = field(default="linear", metadata={"choices": ("linear", "relu"),
-                                                       "help": "arch=linear: activation between layers."})
-    init_std: float = field(default=1e-3, metadata={"help": "arch=linear: std of every initial weight (small: the theory's regime)."})
+    arch: str = key("cpsl", choices=("cpsl", "linear"), help=(
+        "cpsl (AME + gated fusion + heads) or linear (deep linear/ReLU network fusing at model.fusion_layer)."))
+    linear_width: int = key(100, integer(1, MAX_WIDTH), help="arch=linear: hidden width H.")
+    linear_depth: int = key(2, integer(1, MAX_LAYERS), help="arch=linear: number of weight layers.")
+    fusion_layer: int = key(1, integer(0, MAX_LAYERS), help=(
+        "arch=linear: layers each modality has to itself before they meet (0: early fusion; "
+        "linear_depth: sum of per-modality scalar outputs)."))
+    activation: str = key("linear", choices=("linear", "relu"), help="arch=linear: activation between layers.")
+    init_std: float = key(1e-3, number(0.0, lo_open=True),
+                          help="arch=linear: std of every initial weight (small: the theory's regime).")
 
 
-@dataclass
+@dataclass(slots=True)
 class LossConfig:
-    task: str = field(default="l1", metadata={"choices": ("l1", "mse", "smoothl1", "half_mse"),
-                                              "help": "Task loss (half_mse: 0.5 * MSE, the linear theory's loss)."})
-    aux: float = 0.1
-    rec: float = 0.1
-    sl: float = 0.05
-    div: float = 0.01
-    sl_out: float = 0.1           # λ_out: batch statistics of predictions vs labels
-    warmup_epochs: int = 3        # λ_SL and λ_div ramp linearly from 0 over these epochs
-    eps: float = 1e-4
+    task: str = key("l1", choices=("l1", "mse", "smoothl1", "half_mse"),
+                    help="Task loss (half_mse: 0.5 * MSE, the linear theory's loss).")
+    aux: float = key(0.1, NONNEG)
+    rec: float = key(0.1, NONNEG)
+    sl: float = key(0.05, NONNEG)
+    div: float = key(0.01, NONNEG)
+    sl_out: float = key(0.1, NONNEG)                  # λ_out: batch statistics of predictions vs labels
+    warmup_epochs: int = key(3, integer(0))           # λ_SL and λ_div ramp linearly from 0 over these epochs
+    eps: float = key(1e-4, number(0.0, lo_open=True))
 
 
-@dataclass
+@dataclass(slots=True)
+class GroupsConfig:
+    """The modality parameter groups every strategy acts on (formerly cp.groups, cp.scope, cp.diagnostics)."""
+    prefixes: dict = key(check=MAPPING, factory=dict, help=(
+        "Parameter groups: modality -> module-name prefixes (\"\" = the modality's AME encoder; empty: "
+        "the default of groups.scope)."))
+    scope: str = key("encoder", choices=("encoder", "path"), help=(
+        "Default parameter groups: each modality's encoder, or its whole path into the fusion "
+        "(encoder + its cross-attention, gate and fusion LayerNorm)."))
+    diagnostics: bool = key(True, BOOL, identity=False, help=(
+        "Modulation none: still measure CP's ĝ/r/conflicts for the balance plots."))
+
+
+@dataclass(slots=True)
 class CPConfig:
-    backend: str = field(default="auto", metadata={"choices": ("auto", "native", "foreach", "reference"),
-                                                   "help": "CP backend (auto: native when built, else foreach)."})
-    mode: str = field(default="update", metadata={"choices": ("update", "grad"),
-                                                  "help": "update (per-group lr, default with AdamW) or grad."})
-    tau: float = 1.2
-    penalty: str = field(default="tanh", metadata={"choices": ("tanh", "fixed", "ratio"), "help": "Penalty rule."})
-    alpha: float = 0.5
-    k_min: float = 0.1
-    beta: float = 0.5
-    normalize: bool = False
-    start_epoch: int = 0
-    ramp_epochs: int = 0
-    end_epoch: int = 1_000_000
-    ge_noise: float = 0.0         # σ_GE of the optional generalisation noise (0 = off)
-    diagnostics: bool = True      # other strategies: still measure CP's ĝ/r/conflicts for the balance plots
-    # parameter groups of every strategy: modality -> module-name prefixes ("" = the modality's AME encoder)
-    groups: dict = field(default_factory=dict)
-    scope: str = field(default="encoder", metadata={
-        "choices": ("encoder", "path"),
-        "help": "Default parameter groups: each modality's encoder, or its whole path into the fusion "
-                "(encoder + its cross-attention, gate and fusion LayerNorm)."})
+    backend: str = key("auto", choices=("auto", "native", "foreach", "reference"), identity=False,
+                       option="--cp-backend", help="CP backend (auto: native when built, else foreach).")
+    mode: str = key("update", choices=("update", "grad"), help="update (per-group lr, default with AdamW) or grad.")
+    tau: float = key(1.2, number(0.0, lo_open=True))
+    penalty: str = key("tanh", choices=("tanh", "fixed", "ratio"), help="Penalty rule.")
+    alpha: float = key(0.5, NONNEG)
+    k_min: float = key(0.1, FRACTION)
+    beta: float = key(0.5, FRACTION)
+    normalize: bool = key(False, BOOL)
+    start_epoch: int = key(0, integer(0))
+    ramp_epochs: int = key(0, integer(0))
+    end_epoch: int = key(1_000_000, integer(0), at_least="start_epoch")
+    ge_noise: float = key(0.0, NONNEG)                # σ_GE of the optional generalisation noise (0 = off)
     # rules of issue 13 (docs/cp_rules.md); the defaults are the original rule
-    signal: str = field(default="step", metadata={
-        "choices": ("step", "ema"),
-        "help": "Conflict signal: step (r of this step's gradients) or ema (bias-corrected EMA of r over "
-                "steps, per group; conflict and k use it)."})
-    signal_beta: float = field(default=0.9, metadata={
-        "help": "β of cp.signal=ema: r̃ ← β r̃ + (1 − β) r, in [0, 1)."})
-    stop: str = field(default="plateau", metadata={
-        "choices": ("never", "plateau"),
-        "help": "Stop rule: plateau (default: switch the penalty off for the rest of the run once the valid "
-                "losses of the unpenalised modalities' unimodal predictions stop improving; needs them: "
-                "loss.aux > 0 or model.arch=linear) or never."})
-    stop_patience: int = field(default=3, metadata={
-        "help": "cp.stop=plateau: epochs without improvement (> cp.stop_delta) before the penalty stops."})
-    stop_delta: float = field(default=0.0, metadata={
-        "help": "cp.stop=plateau: an aux valid loss improves when it beats its best by more than this."})
+    signal: str = key("step", choices=("step", "ema"), help=(
+        "Conflict signal: step (r of this step's gradients) or ema (bias-corrected EMA of r over "
+        "steps, per group; conflict and k use it)."))
+    signal_beta: float = key(0.9, DECAY, help="β of cp.signal=ema: r̃ ← β r̃ + (1 − β) r, in [0, 1).")
+    stop: str = key("plateau", choices=("never", "plateau"), help=(
+        "Stop rule: plateau (default: switch the penalty off for the rest of the run once the valid "
+        "losses of the unpenalised modalities' unimodal predictions stop improving; needs them: "
+        "loss.aux > 0 or model.arch=linear) or never."))
+    stop_patience: int = key(3, integer(1), help=(
+        "cp.stop=plateau: epochs without improvement (> cp.stop_delta) before the penalty stops."))
+    stop_delta: float = key(0.0, NONNEG, help=(
+        "cp.stop=plateau: an aux valid loss improves when it beats its best by more than this."))
 
 
-_SCALE_MODE = {"choices": ("update", "grad"),
-               "help": "update (scale the group's learning rate: survives AdamW) or grad (published; SGD)."}
+def _scale_mode():
+    return key("update", choices=("update", "grad"),
+               help="update (scale the group's learning rate: survives AdamW) or grad (published; SGD).")
 
 
-@dataclass
+@dataclass(slots=True)
 class OGMGEConfig:
-    alpha: float = 0.1            # OGM-GE's α
-    ge: bool = True               # generalisation-enhancement noise
-    mode: str = field(default="update", metadata=_SCALE_MODE)
+    alpha: float = key(0.1, NONNEG)                   # OGM-GE's α
+    ge: bool = key(True, BOOL)                        # generalisation-enhancement noise
+    mode: str = _scale_mode()
 
 
-@dataclass
+@dataclass(slots=True)
 class CGGMConfig:
-    rho: float = 1.0              # ρ: the magnitude factor is ρ · c_m
-    lam: float = 0.1              # λ of the direction term L_gm
-    ema: float = 0.9              # EMA of the unimodal losses before differencing (0 = published per batch)
-    mode: str = field(default="update", metadata=_SCALE_MODE)
+    rho: float = key(1.0, NONNEG)                     # ρ: the magnitude factor is ρ · c_m
+    lam: float = key(0.1, NONNEG)                     # λ of the direction term L_gm
+    ema: float = key(0.9, DECAY)                      # EMA of the unimodal losses before differencing (0 = published per batch)
+    mode: str = _scale_mode()
 
 
-@dataclass
+@dataclass(slots=True)
 class AGSConfig:
-    alpha: float = 0.5            # α of k = 1 − tanh(α · ratio / (1 + ratio))
-    end_epoch: int = 1_000_000    # scale until this epoch (inclusive)
-    mode: str = field(default="update", metadata=_SCALE_MODE)
+    alpha: float = key(0.5, NONNEG)                   # α of k = 1 − tanh(α · ratio / (1 + ratio))
+    end_epoch: int = key(1_000_000, integer(0))       # scale until this epoch (inclusive)
+    mode: str = _scale_mode()
 
 
-@dataclass
+@dataclass(slots=True)
 class MMParetoConfig:
-    gamma: float = 1.5            # γ of the published code
-    uni_weight: float = 1.0       # weight of the unimodal loss in the Pareto pair (published: 1)
+    gamma: float = key(1.5, number(0.0, lo_open=True))  # γ of the published code
+    uni_weight: float = key(1.0, NONNEG)              # weight of the unimodal loss in the Pareto pair (published: 1)
 
 
-@dataclass
+@dataclass(slots=True)
 class InfoRegConfig:
-    beta: float = 0.95            # β of β exp(tanh(s_d − s_other))
-    threshold: float = 0.04       # the prime learning window is open while κ > threshold
-    horizon: int = 10             # epochs averaged in κ's trace means
+    beta: float = key(0.95, NONNEG)                   # β of β exp(tanh(s_d − s_other))
+    threshold: float = key(0.04, number())            # the prime learning window is open while κ > threshold
+    horizon: int = key(10, integer(1))                # epochs averaged in κ's trace means
 
 
-@dataclass
+@dataclass(slots=True)
 class ModDropConfig:
-    p: float = 0.1                # drop probability of a non-dominant modality
-    p_dominant: float = 0.3       # drop probability of the dominant modality
-    ema: float = 0.9              # EMA of the unimodal losses that picks the dominant modality
+    p: float = key(0.1, FRACTION)                     # drop probability of a non-dominant modality
+    p_dominant: float = key(0.3, FRACTION)            # drop probability of the dominant modality
+    ema: float = key(0.9, DECAY)                      # EMA of the unimodal losses that picks the dominant modality
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainConfig:
-    modulation: str = field(default="cp", metadata={
-        "registry": "cpsl.strategies", "help": "Modulation strategy (a registered name; its knobs are its config section)."})
-    epochs: int = field(default=30, metadata={"help": "Maximum epochs (early stopping on valid loss still applies)."})
-    patience: int = 8
-    lr: float = 1e-3
-    text_lr: float = 2e-5         # learning rate of a fine-tuned pretrained text encoder
-    weight_decay: float = 1e-4
-    clip: float = 1.0             # max grad norm (0 = off)
-    seeds: list = field(default_factory=lambda: [1])
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
-    num_threads: int = 0          # torch CPU threads (0 = leave torch's default)
-    progress: bool = True
-    tensorboard: bool = field(default=False, metadata={
-        "help": "Also write every logged scalar to OUT/seed*/tb (needs the tensorboard package)."})
-    skip_limit: int = field(default=20, metadata={
-        "help": "Stop after this many consecutive training steps skipped as non-finite."})
+    modulation: str = key("cp", STR, registry="cpsl.strategies",
+                          help="Modulation strategy (a registered name; its knobs are its config section).")
+    epochs: int = key(30, integer(1), help="Maximum epochs (early stopping on valid loss still applies).")
+    patience: int = key(8, integer(1))
+    lr: float = key(1e-3, number(0.0, lo_open=True))
+    text_lr: float = key(2e-5, NONNEG)                # learning rate of a fine-tuned pretrained text encoder
+    weight_decay: float = key(1e-4, NONNEG)
+    clip: float = key(1.0, NONNEG)                    # max grad norm (0 = off)
+    seeds: list = key(check=seeds, factory=lambda: [1], identity=False)  # which replicas, not what each learns
+    device: str = key("cpu", device, identity=False, help="cpu or cuda.")
+    num_threads: int = key(0, integer(0, 1024), identity=False)   # torch CPU threads (0 = leave torch's default)
+    progress: bool = key(True, BOOL, identity=False)
+    tensorboard: bool = key(False, BOOL, identity=False,
+                            help="Also write every logged scalar to OUT/seed*/tb (needs the tensorboard package).")
+    skip_limit: int = key(20, integer(1), identity=False,
+                          help="Stop after this many consecutive training steps skipped as non-finite.")
     # stability (cpsl/stability.py, docs/stability.md)
-    lr_schedule: str = field(default="constant", metadata={
-        "choices": ("constant", "cosine"), "help": "Learning-rate schedule: constant, or warm-up + cosine decay."})
-    warmup_epochs: float = 1.0    # cosine: linear warm-up over these epochs
-    lr_horizon: float = 30.0      # cosine: epochs to reach lr_min (its own key: resume-safe, not train.epochs)
-    lr_min: float = 0.05          # cosine: final lr as a fraction of lr / text_lr
-    ema: float = field(default=0.99, metadata={
-        "help": "Decay of an EMA of the weights used for validation and checkpoints (0 = off)."})
-    optimizer: str = field(default="adamw", metadata={
-        "choices": ("adamw", "sgd"), "help": "adamw (fused, per-group tensor learning rates) or sgd (plain gradient descent)."})
-    eval_every: int = field(default=1, metadata={
-        "help": "Validate (log, checkpoint, early-stopping count) every N epochs; the last epoch always."})
-    select: str = field(default="best", metadata={
-        "choices": ("best", "last"),
-        "help": "best.pt = the best validation epoch (best) or the final weights (last: no selection on valid)."})
-    amp: str = field(default="off", metadata={
-        "choices": ("off", "bf16", "fp16"),
-        "help": "Mixed precision: autocast forward/loss in bf16 (CUDA or CPU) or fp16 (CUDA, with a GradScaler; "
-                "gradients are unscaled before the modulator reads them)."})
+    lr_schedule: str = key("constant", choices=("constant", "cosine"),
+                           help="Learning-rate schedule: constant, or warm-up + cosine decay.")
+    warmup_epochs: float = key(1.0, NONNEG)           # cosine: linear warm-up over these epochs
+    lr_horizon: float = key(30.0, number(0.0, lo_open=True))  # cosine: epochs to reach lr_min (its own key: resume-safe, not train.epochs)
+    lr_min: float = key(0.05, FRACTION)               # cosine: final lr as a fraction of lr / text_lr
+    ema: float = key(0.99, DECAY, help="Decay of an EMA of the weights used for validation and checkpoints (0 = off).")
+    optimizer: str = key("adamw", choices=("adamw", "sgd"),
+                         help="adamw (fused, per-group tensor learning rates) or sgd (plain gradient descent).")
+    eval_every: int = key(1, integer(1),
+                          help="Validate (log, checkpoint, early-stopping count) every N epochs; the last epoch always.")
+    select: str = key("best", choices=("best", "last"),
+                      help="best.pt = the best validation epoch (best) or the final weights (last: no selection on valid).")
+    amp: str = key("off", choices=("off", "bf16", "fp16"), help=(
+        "Mixed precision: autocast forward/loss in bf16 (CUDA or CPU) or fp16 (CUDA, with a GradScaler; "
+        "gradients are unscaled before the modulator reads them)."))
 
 
-@dataclass
+# sections registered by plug-ins (a strategy's knobs: cpsl.strategies.register), beyond the fields of Config
+_PLUGIN_SECTIONS: dict[str, type] = {}
+
+
+def _plugin_sections() -> dict:
+    return {name: cls() for name, cls in _PLUGIN_SECTIONS.items()}
+
+
+@dataclass(slots=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
     cp: CPConfig = field(default_factory=CPConfig)
     ogm_ge: OGMGEConfig = field(default_factory=OGMGEConfig)
     cggm: CGGMConfig = field(default_factory=CGGMConfig)
@@ -213,10 +236,18 @@ class Config:
     inforeg: InfoRegConfig = field(default_factory=InfoRegConfig)
     moddrop: ModDropConfig = field(default_factory=ModDropConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plugins: dict = field(default_factory=_plugin_sections, repr=False, metadata={"plugins": True})
+
+    def __getattr__(self, name: str):
+        """A plug-in's section (``cfg.<name>``), registered with :func:`register_section`."""
+        try:
+            return object.__getattribute__(self, "plugins")[name]
+        except (AttributeError, KeyError):
+            raise AttributeError(f"config has no section {name!r}") from None
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {name: asdict(obj) for name, obj in sections(self)}
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -261,10 +292,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str) -> Config:
+def preset(name: str, check: bool = True) -> Config:
     if name not in PRESETS:
         raise CPSLError(f"unknown preset {name!r} (choose from: {', '.join(PRESETS)})")
-    return Config.from_dict(PRESETS[name])
+    return merge(Config(), PRESETS[name], check)
 
 
 def load_mapping(path: str | Path) -> dict:
@@ -289,79 +320,40 @@ def load_mapping(path: str | Path) -> dict:
     return d
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Coerce ``value`` to the type of the field's current value."""
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        raise CPSLError(f"config key {key}: expected true/false, got {value!r}")
-    if isinstance(current, (int, float)) and isinstance(value, bool):
-        raise CPSLError(f"config key {key}: expected a number, got {value!r}")
-    if isinstance(current, int) and not isinstance(current, bool):
-        try:
-            f = float(value)
-            if f != int(f):
-                raise ValueError
-            return int(f)
-        except (TypeError, ValueError, OverflowError):
-            raise CPSLError(f"config key {key}: expected an integer, got {value!r}") from None
-    if isinstance(current, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise CPSLError(f"config key {key}: expected a number, got {value!r}") from None
-    if isinstance(current, list):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-            try:
-                return [int(v) for v in value]
-            except ValueError:
-                return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return [value]            # train.seeds=7 -> [7]
-        if not isinstance(value, (list, tuple)):
-            raise CPSLError(f"config key {key}: expected a list, got {value!r}")
-        return list(value)
-    if isinstance(current, dict):
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise CPSLError(f"config key {key}: expected a JSON mapping, got {value!r}") from None
-        if not isinstance(value, dict):
-            raise CPSLError(f"config key {key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if isinstance(current, str):
-        return str(value)
-    return value
-
-
-# keys that moved when strategies became plug-ins (old configs and checkpoints still load)
-_MOVED = {("cp", "modulation"): ("train", "modulation"), ("cp", "ogm_alpha"): ("ogm_ge", "alpha")}
+# keys that moved (old configs, --set keys, saved runs and checkpoints still load): when strategies
+# became plug-ins, and when the parameter groups every strategy uses left CP's section
+_MOVED = {("cp", "modulation"): ("train", "modulation"), ("cp", "ogm_alpha"): ("ogm_ge", "alpha"),
+          ("cp", "groups"): ("groups", "prefixes"), ("cp", "scope"): ("groups", "scope"),
+          ("cp", "diagnostics"): ("groups", "diagnostics")}
 
 
 def upgrade_keys(d: dict) -> dict:
     """A copy of a config mapping with the keys of ``_MOVED`` at their new places (old configs, checkpoints)."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
-    for (sec, key), (new_sec, new_key) in _MOVED.items():
-        if isinstance(d.get(sec), dict) and key in d[sec]:
-            v = d[sec].pop(key)
+    for (sec, old), (new_sec, new_key) in _MOVED.items():
+        if isinstance(d.get(sec), dict) and old in d[sec]:
+            v = d[sec].pop(old)
             tgt = d.setdefault(new_sec, {})
             if isinstance(tgt, dict):
                 tgt.setdefault(new_key, v)
     return d
 
 
+def upgrade_flat(d: dict) -> dict:
+    """:func:`upgrade_keys` for a flat ``{"section.key": value}`` mapping (a checkpoint's run identity)."""
+    moved = {f"{s}.{k}": f"{ns}.{nk}" for (s, k), (ns, nk) in _MOVED.items()}
+    out = {k: v for k, v in d.items() if k not in moved}
+    for k, v in d.items():
+        if k in moved:
+            out.setdefault(moved[k], v)
+    return out
+
+
 def flatten(cfg: dict) -> dict:
-    """``section.key -> value`` of a config dict; nested values (``data.synth``, ``cp.groups``) stay whole."""
+    """``section.key -> value`` of a config dict (old key names at their new places); nested values
+    (``data.synth``, ``groups.prefixes``) stay whole."""
     out = {}
-    for section, keys in cfg.items():
+    for section, keys in upgrade_keys(cfg).items():
         if isinstance(keys, dict):
             out.update({f"{section}.{k}": v for k, v in keys.items()})
         else:
@@ -369,29 +361,49 @@ def flatten(cfg: dict) -> dict:
     return out
 
 
-def merge(cfg: Config, d: dict) -> Config:
-    """Merge a nested mapping into ``cfg`` in place; unknown sections/keys raise CPSLError."""
-    sections = {f.name for f in fields(cfg)}
+def sections(cfg: Config) -> list[tuple[str, Any]]:
+    """``[(name, section object), ...]`` of ``cfg``: its fields, then the plug-ins' sections."""
+    out = [(f.name, getattr(cfg, f.name)) for f in fields(cfg) if not f.metadata.get("plugins")]
+    return out + list(cfg.plugins.items())
+
+
+def register_section(name: str, cls: type) -> None:
+    """Add a config section ``name`` (a dataclass of knobs, rules in field metadata) to every
+    :class:`Config` made from now on: ``cfg.<name>.<key>``, ``--set name.key=value``."""
+    if name in {f.name for f in fields(Config)} or name in _PLUGIN_SECTIONS or not dataclasses.is_dataclass(cls):
+        raise ValueError(f"config section {name!r} exists already, or {cls!r} is not a dataclass")
+    _PLUGIN_SECTIONS[name] = cls
+
+
+def unregister_section(name: str) -> None:
+    _PLUGIN_SECTIONS.pop(name, None)
+
+
+def merge(cfg: Config, d: dict, check: bool = True) -> Config:
+    """Merge a nested mapping into ``cfg`` in place; unknown sections/keys raise CPSLError. ``check``:
+    validate the result (False when more settings follow; the last step validates once)."""
+    known = dict(sections(cfg))
     for sec, vals in upgrade_keys(d).items():
-        if sec not in sections:
-            raise CPSLError(f"unknown config section {sec!r} (known: {', '.join(sorted(sections))})")
+        if sec not in known:
+            raise CPSLError(f"unknown config section {sec!r} (known: {', '.join(sorted(known))})")
         if not isinstance(vals, dict):
             raise CPSLError(f"config section {sec!r} must be a mapping")
-        obj = getattr(cfg, sec)
+        obj = known[sec]
         keys = {f.name for f in fields(obj)}
         for k, v in vals.items():
             if k not in keys:
                 raise CPSLError(f"unknown config key {sec}.{k}")
             setattr(obj, k, _coerce(v, getattr(obj, k), f"{sec}.{k}"))
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], check: bool = True) -> Config:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars).
 
     All overrides are merged before validation, so ``model.d=30 model.heads=3`` works in any order."""
-    merge(cfg, parse_overrides(overrides))
+    merge(cfg, parse_overrides(overrides), check)
     return cfg
 
 
@@ -402,8 +414,8 @@ def parse_overrides(overrides) -> dict[str, dict]:
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise CPSLError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        sec, k = key.strip().split(".", 1)
+        name, raw = item.split("=", 1)
+        sec, k = name.strip().split(".", 1)
         try:
             val = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -417,34 +429,36 @@ def field_choices(section_cls) -> dict[str, tuple]:
     return {f.name: f.metadata["choices"] for f in fields(section_cls) if "choices" in f.metadata}
 
 
-# the allowed values of every string option, declared once on the fields above
-_CHOICES = {(f.name, k): c for f in fields(Config) for k, c in field_choices(f.default_factory).items()}
+# the allowed values of every string option of the core sections, declared once on the fields above
+_CHOICES = {(f.name, k): c for f in fields(Config) if not f.metadata.get("plugins")
+            for k, c in field_choices(f.default_factory).items()}
+
+
+def non_identity_keys() -> frozenset[str]:
+    """``section.key`` of every key declared ``identity=False``: where, how fast or how verbosely a run
+    goes (data path, device, threads, progress, TensorBoard, the CP backend, diagnostics), not what it
+    learns. Compared runs, resumed runs and reused benchmark cells may differ in these."""
+    return frozenset(f"{name}.{f.name}" for name, obj in sections(Config()) for f in fields(obj)
+                     if f.metadata.get("identity") is False)
 
 
 def validate(cfg: Config) -> None:
-    """Every value's type, range or choices: the rules live in cpsl/config_rules.py."""
-    from .config_rules import check
-    check(cfg, _CHOICES)
+    """Every value's type, range or choices (the ``check``/``choices`` metadata of its field) and the
+    rules across keys of cpsl/config_rules.py."""
+    _check(cfg, sections(cfg))
 
 
 def build_config(preset_name: str = "teacher", config_file: str | None = None,
-                 overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    cfg = preset(preset_name)
+                 overrides: tuple[str, ...] | list[str] = (), check: bool = True) -> Config:
+    """preset ← config file ← overrides, validated once at the end (``check=False``: left to the caller)."""
+    cfg = preset(preset_name, check=False)
     if config_file:
-        merge(cfg, load_mapping(config_file))
-    apply_overrides(cfg, overrides)
+        merge(cfg, load_mapping(config_file), check=False)
+    apply_overrides(cfg, overrides, check=False)
+    if check:
+        validate(cfg)
     return cfg
 
 
 def copy_config(cfg: Config) -> Config:
-    return Config.from_dict(dataclasses.asdict(cfg))
-
-
-# --- provisional (helper A) ---
-def non_identity_keys() -> frozenset[str]:
-    """The ``section.key`` settings that say where, how fast or how verbosely a run went, not what it
-    learns (threads, device and eval batch size: float rounding only; the CP backend: the same maths).
-    The one list that ``cpsl compare``, ``--resume`` (cpsl.runs), the MOSI recipe and bench/balance.py
-    leave out when they ask whether two runs are the same run."""
-    return frozenset({"train.seeds", "train.num_threads", "train.device", "train.progress", "train.tensorboard",
-                      "data.path", "data.eval_batch_size", "cp.backend", "cp.diagnostics"})
+    return Config.from_dict(cfg.to_dict())

@@ -9,7 +9,7 @@ import inspect
 import io
 import tokenize
 
-from .config import Config
+from .config import Config, sections
 
 
 # keys whose field in cpsl/config.py carries neither metadata help nor a comment (docs/method.md names them)
@@ -26,7 +26,7 @@ FALLBACK = {
     "cp.k_min": "smallest penalty factor", "cp.beta": "k of the fixed penalty",
     "cp.normalize": "ĝ = g / sqrt(n) (per-parameter RMS) instead of the raw norm",
     "cp.start_epoch": "first epoch CP acts", "cp.ramp_epochs": "epochs of the linear ramp of the penalty",
-    "cp.end_epoch": "CP stops after this epoch", "cp.groups": "parameter groups: modality -> module-name prefixes",
+    "cp.end_epoch": "CP stops after this epoch",
     "train.patience": "early stopping: epochs without a better valid loss", "train.lr": "learning rate (AdamW)",
     "train.weight_decay": "AdamW weight decay", "train.seeds": "seeds, one run each (mean ± std reported)",
     "train.progress": "progress bars",
@@ -53,14 +53,14 @@ def _comments(cls) -> dict[str, str]:
 def keys(cfg: Config) -> list[dict]:
     """``[{key, value, default, help}]`` for every ``section.key`` of ``cfg``, in declaration order."""
     base, rows = Config(), []
-    for sec in dataclasses.fields(cfg):
-        obj, dflt = getattr(cfg, sec.name), getattr(base, sec.name)
+    for name, obj in sections(cfg):
+        dflt = getattr(base, name)
         comments = _comments(type(obj))
         for f in dataclasses.fields(obj):
-            rows.append({"key": f"{sec.name}.{f.name}", "value": getattr(obj, f.name),
+            rows.append({"key": f"{name}.{f.name}", "value": getattr(obj, f.name),
                          "default": getattr(dflt, f.name),
                          "help": f.metadata.get("help") or comments.get(f.name)
-                         or FALLBACK.get(f"{sec.name}.{f.name}", "")})
+                         or FALLBACK.get(f"{name}.{f.name}", "")})
     return rows
 
 

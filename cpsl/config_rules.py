@@ -1,14 +1,21 @@
-"""Every config value's type, range or choices, checked in one place.
+"""The rule builders of config values, :func:`coerce` (a file's or ``--set``'s value as the key's
+type) and :func:`check`, which applies the rules.
 
-:func:`check` raises :class:`CPSLError` with one line that names the key (``section.key``) and
-says what it must be. ``cpsl.config.validate`` calls it after every merge, so presets, config
-files, ``--set`` overrides and checkpoint configs all pass through the same rules.
+A config key declares its rule once, beside its default, in the ``check`` metadata of its field
+(``cpsl/config.py``, or a plug-in strategy's own section): ``field(default=1.2,
+metadata={"check": number(0.0, lo_open=True)})``; a string key declares ``choices`` instead. A
+rule takes the value and returns ``None`` (fine) or what the value must be. :func:`check` raises
+:class:`CPSLError` with one line that names the key (``section.key``). ``cpsl.config.validate``
+calls it once per config that enters a run (presets, config files, ``--set`` overrides and
+checkpoint configs all pass through it).
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import fields
+from typing import Any
 
 from .errors import CPSLError
 from .limits import gib, limit
@@ -19,7 +26,8 @@ MAX_WIDTH = 1 << 16             # model.d, head_hidden: beyond any model this pa
 MAX_LAYERS = 256
 
 
-def _int(lo=-INF, hi=INF, odd=False):
+def integer(lo=-INF, hi=INF, odd=False):
+    """An integer in [lo, hi] (odd: and odd)."""
     def chk(v):
         if isinstance(v, bool) or not isinstance(v, int):
             return "an integer"
@@ -29,7 +37,8 @@ def _int(lo=-INF, hi=INF, odd=False):
     return chk
 
 
-def _float(lo=-INF, hi=INF, lo_open=False, hi_open=False):
+def number(lo=-INF, hi=INF, lo_open=False, hi_open=False):
+    """A finite number in the interval from lo to hi (each end closed unless ``*_open``)."""
     def chk(v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return "a finite number"
@@ -48,11 +57,64 @@ def _range(what, lo, hi, lo_open=False, hi_open=False) -> str:
     return f"{what} in {'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
 
 
+def coerce(value: Any, current: Any, key: str) -> Any:
+    """``value`` (from a file or ``--set``) as the type of the field's current value, or CPSLError naming ``key``."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise CPSLError(f"config key {key}: expected true/false, got {value!r}")
+    if isinstance(current, (int, float)) and isinstance(value, bool):
+        raise CPSLError(f"config key {key}: expected a number, got {value!r}")
+    if isinstance(current, int) and not isinstance(current, bool):
+        try:
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        except (TypeError, ValueError, OverflowError):
+            raise CPSLError(f"config key {key}: expected an integer, got {value!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise CPSLError(f"config key {key}: expected a number, got {value!r}") from None
+    if isinstance(current, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+            try:
+                return [int(v) for v in value]
+            except ValueError:
+                return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [value]            # train.seeds=7 -> [7]
+        if not isinstance(value, (list, tuple)):
+            raise CPSLError(f"config key {key}: expected a list, got {value!r}")
+        return list(value)
+    if isinstance(current, dict):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise CPSLError(f"config key {key}: expected a JSON mapping, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise CPSLError(f"config key {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(current, str):
+        return str(value)
+    return value
+
+
 def _type(t, name):
     return lambda v: None if isinstance(v, t) else name
 
 
-def _seeds(v):
+def seeds(v):
     if not isinstance(v, list) or not v:
         return "a non-empty list of integers (e.g. 1,2,3)"
     if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in v):
@@ -62,63 +124,44 @@ def _seeds(v):
     return None
 
 
-def _device(v):
+def device(v):
     if isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v):
         return None
     return "cpu, cuda or cuda:N"
 
 
-_BOOL, _STR, _DICT = _type(bool, "true or false"), _type(str, "a string"), _type(dict, "a mapping")
-_NONNEG = _float(0.0)
-
-RULES = {
-    "data": {"path": _STR, "batch_size": _int(0), "eval_batch_size": _int(1), "bucket": _int(0),
-             "synth_seed": _int(0, MAX_SEED), "synth": _DICT},
-    "model": {"d": _int(1, MAX_WIDTH), "heads": _int(1, MAX_WIDTH), "dropout": _float(0.0, 1.0, hi_open=True),
-              "text_layers": _int(0, MAX_LAYERS), "audio_layers": _int(0, MAX_LAYERS),
-              "vision_layers": _int(0, MAX_LAYERS),
-              "text_kernel": _int(1, odd=True), "audio_kernel": _int(1, odd=True), "vision_kernel": _int(1, odd=True),
-              "norm_momentum": _float(0.0, 1.0), "max_len": _int(1, 1 << 24), "ame": _BOOL,
-              "head_hidden": _int(0, MAX_WIDTH),
-              "text_encoder": _STR, "finetune_text": _BOOL, "linear_width": _int(1, MAX_WIDTH),
-              "linear_depth": _int(1, MAX_LAYERS), "fusion_layer": _int(0, MAX_LAYERS), "init_std": _float(0.0, lo_open=True)},
-    "loss": {"aux": _NONNEG, "rec": _NONNEG, "sl": _NONNEG, "div": _NONNEG, "sl_out": _NONNEG,
-             "warmup_epochs": _int(0), "eps": _float(0.0, lo_open=True)},
-    "cp": {"tau": _float(0.0, lo_open=True), "alpha": _NONNEG, "k_min": _float(0.0, 1.0), "beta": _float(0.0, 1.0),
-           "normalize": _BOOL, "start_epoch": _int(0), "ramp_epochs": _int(0), "end_epoch": _int(0),
-           "ge_noise": _NONNEG, "diagnostics": _BOOL, "groups": _DICT,
-           "signal_beta": _float(0.0, 1.0, hi_open=True), "stop_patience": _int(1), "stop_delta": _NONNEG},
-    # the strategies' sections (cpsl/strategies/; train.modulation is checked against their registry)
-    "ogm_ge": {"alpha": _NONNEG, "ge": _BOOL},
-    "cggm": {"rho": _NONNEG, "lam": _NONNEG, "ema": _float(0.0, 1.0, hi_open=True)},
-    "ags": {"alpha": _NONNEG, "end_epoch": _int(0)},
-    "mmpareto": {"gamma": _float(0.0, lo_open=True), "uni_weight": _NONNEG},
-    "inforeg": {"beta": _NONNEG, "threshold": _float(), "horizon": _int(1)},
-    "moddrop": {"p": _float(0.0, 1.0), "p_dominant": _float(0.0, 1.0), "ema": _float(0.0, 1.0, hi_open=True)},
-    "train": {"epochs": _int(1), "patience": _int(1), "lr": _float(0.0, lo_open=True), "text_lr": _NONNEG,
-              "weight_decay": _NONNEG, "clip": _NONNEG, "seeds": _seeds, "device": _device,
-              "num_threads": _int(0, 1024), "progress": _BOOL, "modulation": _STR, "skip_limit": _int(1), "tensorboard": _BOOL,
-              "warmup_epochs": _NONNEG, "lr_horizon": _float(0.0, lo_open=True), "lr_min": _float(0.0, 1.0),
-              "ema": _float(0.0, 1.0, hi_open=True), "eval_every": _int(1)},
-}
+BOOL, STR, MAPPING = _type(bool, "true or false"), _type(str, "a string"), _type(dict, "a mapping")
+NONNEG = number(0.0)
+FRACTION = number(0.0, 1.0)                       # [0, 1]
+DECAY = number(0.0, 1.0, hi_open=True)            # [0, 1): an EMA's β
 
 
-def check(cfg, choices: dict) -> None:
-    """Raise :class:`CPSLError` naming the first config value outside its rule (``choices``:
-    ``{(section, key): allowed values}``, declared on the config fields)."""
-    for sec in fields(cfg):
-        obj = getattr(cfg, sec.name)
+def check(cfg, sections: list) -> None:
+    """Raise :class:`CPSLError` naming the first config value outside its rule. ``sections``:
+    ``[(name, section object), ...]`` of ``cfg`` (``cpsl.config.sections``); each field's rule is
+    its ``choices`` or ``check`` metadata, and ``at_least`` names a key of the same section it
+    must not be below."""
+    for name, obj in sections:
         for f in fields(obj):
-            key, v = f"{sec.name}.{f.name}", getattr(obj, f.name)
-            if (sec.name, f.name) in choices:
-                ok = choices[(sec.name, f.name)]
-                if v not in ok:
-                    raise CPSLError(f"config key {key}: {v!r} is not one of {', '.join(ok)}")
+            key, v, meta = f"{name}.{f.name}", getattr(obj, f.name), f.metadata
+            if "choices" in meta:
+                if v not in meta["choices"]:
+                    raise CPSLError(f"config key {key}: {v!r} is not one of {', '.join(meta['choices'])}")
                 continue
-            rule = RULES.get(sec.name, {}).get(f.name)
-            why = rule(v) if rule else None
+            why = meta["check"](v) if "check" in meta else None
             if why:
                 raise CPSLError(f"config key {key} must be {why}, got {v!r}")
+    _together(cfg)
+    for name, obj in sections:
+        for f in fields(obj):
+            other = f.metadata.get("at_least")
+            if other and getattr(obj, f.name) < getattr(obj, other):
+                raise CPSLError(f"config key {name}.{f.name} ({getattr(obj, f.name)}) must be >= "
+                                f"{name}.{other} ({getattr(obj, other)})")
+
+
+def _together(cfg) -> None:
+    """The rules that tie keys of the core sections together."""
     m = cfg.model
     _memory(m)
     if m.d % m.heads:
@@ -139,8 +182,6 @@ def check(cfg, choices: dict) -> None:
                             f"{', '.join(f'loss.{k}=0' for k in extra)}")
         if m.text_encoder:
             raise CPSLError("config: model.arch=linear reads feature vectors; model.text_encoder must be empty")
-    if cfg.cp.end_epoch < cfg.cp.start_epoch:
-        raise CPSLError(f"config key cp.end_epoch ({cfg.cp.end_epoch}) must be >= cp.start_epoch ({cfg.cp.start_epoch})")
 
 
 def _memory(m) -> None:

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, flatten, non_identity_keys, upgrade_keys
+from .config import Config, flatten, non_identity_keys, upgrade_flat, upgrade_keys
 from .data.mmsa import MMSAData
 from .errors import CPSLError
 
 RUN_FILES = ("results.json", "config.json")
 SEED_FILES = ("best.pt", "last.pt", "log.jsonl", "curves.png", "balance.png", "best.tmp", "last.tmp")
 # settings a resumed run may change: where it runs and how fast (non_identity_keys), and how long
-RESUMABLE = non_identity_keys() | {"train.epochs", "train.patience", "train.skip_limit"}
+RESUMABLE = non_identity_keys() | {"train.epochs", "train.patience"}
 
 
 def data_fingerprint(data: MMSAData) -> str:
@@ -74,6 +74,7 @@ def resume_differences(ck: dict, cfg: Config, fingerprint: str) -> list[str]:
     if not isinstance(old, dict):   # older checkpoints: the config alone (only the keys it recorded)
         recorded = set(flatten(upgrade_keys(ck["config"]))) | {"data.fingerprint"}
         old = {k: v for k, v in run_identity(Config.from_dict(ck["config"]), fingerprint).items() if k in recorded}
+    old = upgrade_flat(old)         # keys that moved since (cp.groups -> groups.prefixes, ...)
     new = run_identity(cfg, fingerprint)
     diffs = []
     for k in config_differences(old, new, ignore=RESUMABLE, absent=absent_value):

@@ -30,7 +30,6 @@ from .checkpoint import check_compatible, check_lengths  # noqa: F401 - re-expor
 from .checkpoint import set_rng_state as _set_rng_state
 from .evaluation import contributions, evaluate, predict  # noqa: F401 - re-exports (cpsl.train's public API)
 from .config import Config
-from .cp import native
 from .data.batch import iterate
 from .data.mmsa import MMSAData
 from .errors import CPSLError
@@ -60,8 +59,8 @@ def batch_size(cfg: Config, data: MMSAData) -> int:
 
 
 def build_optimizer(model: CPSLModel, cfg: Config, groups: dict[str, list], extra_params=()) -> torch.optim.Optimizer:
-    """AdamW (or plain SGD: ``train.optimizer``) with one param group per modality group (per-group tensor lr: CP's ``update`` mode
-    scales it on the device), a group for a pretrained text encoder (``train.text_lr``) and one
+    """AdamW (or plain SGD: ``train.optimizer``) with one param group per modality group (per-group tensor lr: a strategy's
+    ``update`` mode scales it on the device), a group for a pretrained text encoder (``train.text_lr``) and one
     for the rest. Fused AdamW (CPU and CUDA) reads tensor learning rates without host sync."""
     dev = next(model.parameters()).device
     assigned: set[int] = set()
@@ -132,8 +131,7 @@ class _State:
         if extra_loss is not None:
             extra_loss.to(device)
         extra_params = [p for p in extra_loss.parameters() if p.requires_grad] if extra_loss is not None else []
-        self.optimizer = build_optimizer(self.model, cfg, self.model.modality_parameters(cfg.cp.groups or None, cfg.cp.scope),
-                                         extra_params)
+        self.optimizer = build_optimizer(self.model, cfg, strategies.model_groups(cfg, self.model), extra_params)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         from .stability import LRSchedule, WeightEMA
         self.batch_size = batch_size(cfg, data)
@@ -198,10 +196,10 @@ class _State:
 def _make_modulator(st: _State):
     # built after any optimizer state is loaded: scaled learning rates hold the live param groups
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the CP backend fallback is reported once by run()
+        warnings.simplefilter("ignore", UserWarning)  # a backend fallback is reported once by run() (start_warnings)
         modulator = build_modulator(st.cfg, st.model, st.optimizer, st.device)
     modulator.load_state_dict(st.modulator_state)
-    modulator.bind(st.optimizer)                      # hook point 0 (e.g. CP's gradient arena)
+    modulator.bind(st.optimizer)                      # hook point 0 (e.g. a gradient arena)
     return modulator
 
 
@@ -278,7 +276,7 @@ def _record_epoch(st: _State, modulator, epoch: int, train_terms: dict, balance,
     else:
         improved = False
         st.bad_epochs += 1
-    after = modulator.after_valid(epoch, ev["aux_loss"])   # hook 7 (CP's stop rule); saved in last.pt below
+    after = modulator.after_valid(epoch, ev["aux_loss"])   # hook 7 (e.g. a stop rule); saved in last.pt below
     if after:
         mod_rec = {**(mod_rec or {}), **after}
     g = st.guard
@@ -331,7 +329,6 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
         (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in st.history))
     tb = ScalarLog(out / "tb", cfg.train.tensorboard and st.dist.is_main)  # every scalar of log.jsonl, when asked
     modulator = _make_modulator(st)
-    plan_builds0 = native.plan_builds()
     steps, step_s = 0, 0.0
 
     from tqdm.auto import tqdm
@@ -362,19 +359,19 @@ def train_seed(cfg: Config, data: MMSAData, seed: int, out: Path, resume: bool =
     if not (out / "best.pt").is_file():
         raise CPSLError(f"seed {seed}: no epoch reached a finite validation loss, so there is no best.pt in {out} "
                         f"({st.guard.skipped} steps skipped as non-finite); likely cause: {st.guard.cause()}")
-    res = _final(st, modulator, plan_builds0, log)
+    res = _final(st, modulator, log)
     res["ms_per_step"] = 1e3 * step_s / steps if steps else None
     res["jitter"] = jitter([h["valid"]["MAE"] for h in st.history])
     return res
 
 
-def _final(st: _State, modulator, plan_builds0: int, log=print) -> dict:
+def _final(st: _State, modulator, log=print) -> dict:
     """The selected checkpoint, evaluated once on valid and test; plots."""
     out = st.out
     best, _, _ = load_model(out / "best.pt", st.device)
     res = {"seed": st.seed, "best_epoch": st.best_epoch, "epochs_run": len(st.history),
            "skipped_steps": st.guard.skipped, "backend": modulator.backend_name, "ckpt": str(out / "best.pt"),
-           "cp_plan_builds": native.plan_builds() - plan_builds0, **modulator.results()}
+           **modulator.results()}
     for split in ("valid", "test"):
         if split in st.data.splits and len(st.data[split]):
             ev = evaluate(best, st.data[split], st.cfg, st.device)
@@ -425,11 +422,8 @@ def _run_seeds(cfg, data, out: Path, ctx, resume, log, extra_loss_factory, finge
         torch.set_num_threads(cfg.train.num_threads)
     if ctx.is_main:
         cfg.save(out / "config.json")
-    if cfg.train.modulation == "cp":
-        from .cp.penalty import resolve_backend
-        be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
-        if why:
-            log(f"warning: CP backend 'native' unavailable ({why}); using '{be}'")
+    for w in strategies.get(cfg.train.modulation).start_warnings(cfg):
+        log(f"warning: {w}")
     per_seed = []
     for seed in cfg.train.seeds:
         extra = extra_loss_factory(int(seed)) if extra_loss_factory is not None else None
@@ -471,8 +465,7 @@ def aggregate(cfg: Config, data: MMSAData, per_seed: list[dict], fingerprint: st
                "modulation": cfg.train.modulation, "backend": per_seed[0]["backend"],
                "config": cfg.to_dict(), "data_fingerprint": fingerprint,
                "skipped_steps": sum(r.get("skipped_steps", 0) for r in per_seed), "per_seed": per_seed}
-    if any("cp_stopped_epoch" in r for r in per_seed):   # cp.stop=plateau: the epoch each seed's penalty stopped
-        results["cp_stopped_epoch"] = [r.get("cp_stopped_epoch") for r in per_seed]
+    results.update(strategies.get(cfg.train.modulation).aggregate(per_seed))   # e.g. CP's stopped epochs
     jit = [r.get("jitter") for r in per_seed]
     if all(j is not None for j in jit):
         results["jitter"] = mean_std([{"valid_MAE": j} for j in jit])["valid_MAE"]

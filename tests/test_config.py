@@ -51,7 +51,7 @@ def _modified() -> Config:
     c.loss.aux = 0.25
     c.cp.normalize = True
     c.cp.mode = "grad"
-    c.cp.groups = {"text": ["encoders.text"], "audio": ["encoders.audio", "extra"]}
+    c.groups.prefixes = {"text": ["encoders.text"], "audio": ["encoders.audio", "extra"]}
     c.train.seeds = [1, 2, 3]
     c.train.epochs = 7
     c.data.path = "some/file.pkl"
@@ -64,7 +64,7 @@ def test_save_load_round_trip(tmp_path, suffix):
     p = tmp_path / f"cfg{suffix}"
     c.save(p)
     raw = yaml.safe_load(p.read_text()) if suffix != ".json" else json.loads(p.read_text())
-    assert set(raw) == {"data", "model", "loss", "cp", "ogm_ge", "cggm", "ags", "mmpareto", "inforeg", "moddrop", "train"}
+    assert set(raw) == {"data", "model", "loss", "groups", "cp", "ogm_ge", "cggm", "ags", "mmpareto", "inforeg", "moddrop", "train"}
     assert raw["train"]["seeds"] == [1, 2, 3]
     back = Config.load(p)
     assert back.to_dict() == c.to_dict()
@@ -85,7 +85,7 @@ def test_partial_file_and_precedence(tmp_path):
 def test_override_coercion():
     c = apply_overrides(Config(), [
         "train.epochs=5.0", "loss.aux=1e-3", "cp.tau=2", "cp.normalize=yes", "model.ame=false",
-        "train.seeds=1,2,3", "model.fusion=concat", "data.path=123", "cp.groups={\"text\": [\"enc\"]}",
+        "train.seeds=1,2,3", "model.fusion=concat", "data.path=123", "groups.prefixes={\"text\": [\"enc\"]}",
     ])
     assert c.train.epochs == 5 and type(c.train.epochs) is int
     assert c.loss.aux == 1e-3 and type(c.loss.aux) is float       # YAML reads "1e-3" as a string
@@ -94,7 +94,7 @@ def test_override_coercion():
     assert c.train.seeds == [1, 2, 3]
     assert c.model.fusion == "concat"
     assert c.data.path == "123"
-    assert c.cp.groups == {"text": ["enc"]}
+    assert c.groups.prefixes == {"text": ["enc"]}
     assert apply_overrides(Config(), ["train.seeds=[4, 5]"]).train.seeds == [4, 5]
     assert apply_overrides(Config(), ["train.seeds=7"]).train.seeds == [7]
     assert apply_overrides(Config(), ["cp.normalize=0"]).cp.normalize is False
@@ -124,7 +124,7 @@ def test_overrides_validated_together():
     ("data.bucket=-1", "data.bucket"),
     ("cp.tau=high", "cp.tau"),
     ("cp.normalize=maybe", "cp.normalize"),
-    ("cp.groups=[1]", "cp.groups"),
+    ("groups.prefixes=[1]", "groups.prefixes"),
     ("epochs=3", "section.key=value"),
     ("train.epochs", "section.key=value"),
 ])
@@ -165,5 +165,78 @@ def test_copy_config_is_deep():
     d = copy_config(c)
     assert d.to_dict() == c.to_dict()
     d.train.seeds.append(4)
-    d.cp.groups["vision"] = ["v"]
-    assert c.train.seeds == [1, 2, 3] and "vision" not in c.cp.groups
+    d.groups.prefixes["vision"] = ["v"]
+    assert c.train.seeds == [1, 2, 3] and "vision" not in c.groups.prefixes
+
+
+def test_moved_grouping_keys_still_load():
+    """cp.groups / cp.scope / cp.diagnostics moved to the neutral section groups (prefixes, scope,
+    diagnostics): old config files, --set keys, saved runs and checkpoint identities still load."""
+    from cpsl.config import flatten, upgrade_flat
+    old = {"cp": {"groups": {"text": ["encoders.text."]}, "scope": "path", "diagnostics": False, "tau": 1.5}}
+    c = Config.from_dict(old)
+    assert (c.groups.prefixes, c.groups.scope, c.groups.diagnostics, c.cp.tau) == (
+        {"text": ["encoders.text."]}, "path", False, 1.5)
+    c = apply_overrides(Config(), ["cp.scope=path", "cp.diagnostics=false", "cp.groups={audio: [encoders.audio.]}"])
+    assert (c.groups.scope, c.groups.diagnostics, c.groups.prefixes) == ("path", False, {"audio": ["encoders.audio."]})
+    assert c.to_dict()["groups"] == {"prefixes": {"audio": ["encoders.audio."]}, "scope": "path", "diagnostics": False}
+    assert "groups" not in c.to_dict()["cp"] and "scope" not in c.to_dict()["cp"]
+    # an old results.json config flattens to the new names; an old checkpoint identity too
+    assert flatten(old)["groups.scope"] == "path" and "cp.scope" not in flatten(old)
+    assert upgrade_flat({"cp.scope": "path", "cp.tau": 1.5}) == {"groups.scope": "path", "cp.tau": 1.5}
+
+
+def test_old_checkpoint_identity_resumes():
+    from cpsl.runs import resume_differences, run_identity
+    cfg = Config()
+    ident = run_identity(cfg, "fp")
+    old = {("cp." + {"groups.prefixes": "groups"}.get(k, k.split(".", 1)[1]) if k.startswith("groups.") else k): v
+           for k, v in ident.items()}
+    assert "cp.groups" in old and "cp.scope" in old and "groups.scope" not in old
+    assert resume_differences({"identity": old, "config": cfg.to_dict()}, cfg, "fp") == []
+    cfg.groups.scope = "path"
+    assert resume_differences({"identity": old, "config": {}}, cfg, "fp") == ["groups.scope ('encoder' -> 'path')"]
+
+
+def test_unknown_attribute_raises():
+    c = Config()
+    for obj, name in ((c.train, "quiet"), (c.cp, "groups"), (c.model, "dim"), (c, "trian")):
+        with pytest.raises(AttributeError):
+            setattr(obj, name, 1)
+
+
+def test_every_key_declares_its_rule_once():
+    """Each key's rule sits in its field's metadata (``check`` or ``choices``), nowhere else."""
+    import dataclasses
+    import cpsl.config_rules as rules
+    from cpsl.config import sections
+    for name, obj in sections(Config()):
+        for f in dataclasses.fields(obj):
+            assert ("check" in f.metadata) != ("choices" in f.metadata), f"{name}.{f.name}"
+    assert not hasattr(rules, "RULES")
+
+
+def test_non_identity_keys():
+    from cpsl.config import flatten, non_identity_keys
+    keys = non_identity_keys()
+    assert isinstance(keys, frozenset) and keys <= set(flatten(Config().to_dict()))
+    assert {"train.num_threads", "train.progress", "train.device", "data.path", "cp.backend",
+            "groups.diagnostics", "train.tensorboard", "train.seeds"} <= keys   # seeds: which replicas run
+    # what a run learns: never in the set
+    assert not keys & {"train.epochs", "train.patience", "train.lr", "train.eval_every", "model.d",
+                       "data.synth", "data.batch_size", "groups.prefixes", "groups.scope", "train.modulation"}
+
+
+def test_validated_once_on_the_way_in(monkeypatch, tmp_path):
+    import cpsl.config as config
+    from cpsl.cli.options import run_config
+    calls = []
+    real = config._check
+    monkeypatch.setattr(config, "_check", lambda cfg, secs: (calls.append(1), real(cfg, secs)))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"train": {"epochs": 3}}))
+    build_config("student", str(p), ["model.d=32"])
+    assert len(calls) == 1
+    calls.clear()
+    run_config("student", str(p), ["model.d=32"], seeds="1,2", epochs=4, device="cpu", quiet=True, threads=1)
+    assert len(calls) == 1

@@ -246,5 +246,5 @@ def test_no_modulation_still_measures_the_balance_and_changes_nothing():
     assert s.conflict.tolist() == [1.0, 0.0] and s.r[0] > 1.2       # the imbalance is detected...
     assert s.k.tolist() == [1.0, 1.0]                                # ...and nothing is applied
     assert all(torch.equal(before[n], p.grad) for n, p in enc.named_parameters())
-    cfg.cp.diagnostics = False
+    cfg.groups.diagnostics = False
     assert NoModulation(groups, cfg).step(0) is None

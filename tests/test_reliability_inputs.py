@@ -139,8 +139,8 @@ def test_bad_paths_one_line(pkl, ckpt, tmp_path, fifo):
     (["--set", "model.max_len=10000000", "--set", "model.d=4096", "--set", "model.heads=1"], "CPSL_MAX_ARRAY_BYTES"),
     (["--set", "train.num_threads=100000000"], "train.num_threads"),            # used to crash the process
     (["--data", "synth", "--set", "data.synth={n_train: 100000000, d_text: 1000}"], "CPSL_MAX_ARRAY_BYTES"),
-    (["--set", "cp.groups={video: [encoders.text.]}"], "cp.groups"),
-    (["--set", "cp.groups={text: [nosuch.]}"], "cp.groups.text"),
+    (["--set", "groups.prefixes={video: [encoders.text.]}"], "groups.prefixes"),
+    (["--set", "cp.groups={text: [nosuch.]}"], "groups.prefixes.text"),   # the old key still loads
 ])
 def test_absurd_or_wrong_values_one_line(pkl, tmp_path, args, needle):
     data = [] if "--data" in args else ["--data", pkl]

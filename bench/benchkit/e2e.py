@@ -64,7 +64,7 @@ def quick_teacher(pkl: Path, data, work: Path, epochs: int, say) -> Path:
     cfg = preset("teacher")
     cfg.model.text_encoder, cfg.model.finetune_text = "minilm", True
     cfg.data.path, cfg.train.seeds, cfg.train.epochs, cfg.train.num_threads = str(pkl), [1], epochs, 1
-    cfg.train.quiet = True
+    cfg.train.progress = False                # no progress bars (was cfg.train.quiet, no such key)
     run(cfg, data, work / "teacher", log=say)
     return work / "teacher" / "seed1" / "best.pt"
 

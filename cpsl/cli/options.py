@@ -49,6 +49,26 @@ def config_option(path: str, *decls, **kw):
     return click.option(*decls, default=None, show_default=f"{path}={default}", **kw)
 
 
+def _declared() -> list[tuple[str, str]]:
+    """``[(section.key, --option), ...]`` of the config fields that declare their own option (metadata
+    ``option``, e.g. a strategy's ``--cp-backend``), so a command never names a strategy."""
+    return [(f"{sec.name}.{f.name}", f.metadata["option"]) for sec in dataclasses.fields(Config)
+            if dataclasses.is_dataclass(sec.default_factory)
+            for f in dataclasses.fields(sec.default_factory) if "option" in f.metadata]
+
+
+def declared_options(fn):
+    """Every option of :func:`_declared` (the command takes them as ``**declared``; see :func:`declared_values`)."""
+    for path, flag in reversed(_declared()):
+        fn = config_option(path, flag, path.replace(".", "__"))(fn)
+    return fn
+
+
+def declared_values(declared: dict) -> dict:
+    """``{section.key: value}`` of the parsed :func:`declared_options` (None: unset)."""
+    return {k.replace("__", "."): v for k, v in declared.items()}
+
+
 def config_flag(path: str, *decls):
     """A flag switching the boolean config value ``section.key`` on (unset: the preset/config value)."""
     section, key = path.split(".")
@@ -137,8 +157,8 @@ def run_options(preset="teacher", seeds=None):
 def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet=False, threads=None, **cfg_paths):
     """The run config: preset ← config file ← --set ← the dedicated options (``cfg_paths``:
     ``{"train.modulation": value, ...}``; None = unset)."""
-    from ..config import apply_overrides, build_config
-    cfg = build_config(preset, config, sets)
+    from ..config import build_config, validate
+    cfg = build_config(preset, config, sets, check=False)
     if seeds:
         try:
             cfg.train.seeds = [int(s) for s in str(seeds).split(",") if s.strip()]
@@ -151,7 +171,7 @@ def run_config(preset, config, sets, seeds=None, epochs=None, device=None, quiet
             setattr(getattr(cfg, section), key, v)
     if quiet:
         cfg.train.progress = False
-    apply_overrides(cfg, ())           # validates the result
+    validate(cfg)                      # once, the whole result
     device_check(cfg.train.device)
     return cfg
 

@@ -10,8 +10,8 @@ import click
 
 from ..config import Config
 from ..errors import CPSLError
-from .options import (RegistryChoice, config_flag, config_option, device_check, overwrite_option,
-                      run_config, run_options, trust_pickle_option)
+from .options import (RegistryChoice, config_flag, config_option, declared_options, declared_values, device_check,
+                      overwrite_option, run_config, run_options, trust_pickle_option)
 
 
 def _strategy_names():
@@ -24,14 +24,14 @@ def _strategy_names():
 @run_options()
 @config_option("train.modulation", "--modulation", type=RegistryChoice(_strategy_names))
 @click.option("--no-sl", is_flag=True, help="Switch the Statistical Loss off (config loss.sl=0).")
-@config_option("cp.backend", "--cp-backend")
+@declared_options
 @config_option("train.amp", "--amp")
 @config_flag("train.tensorboard", "--tensorboard")
 @click.option("--resume", is_flag=True, help="Continue a stopped run in --out from its last.pt.")
 @overwrite_option
 @trust_pickle_option
-def train(data_path, out, preset, config, sets, seeds, epochs, device, threads, quiet, modulation, no_sl, cp_backend,
-          amp, tensorboard, resume, overwrite, trust_pickle):
+def train(data_path, out, preset, config, sets, seeds, epochs, device, threads, quiet, modulation, no_sl, amp,
+          tensorboard, resume, overwrite, trust_pickle, **declared):
     """Train CPSL; writes OUT/results.json and OUT/seed*/best.pt.
 
     \b
@@ -42,19 +42,15 @@ def train(data_path, out, preset, config, sets, seeds, epochs, device, threads, 
     from ..train import run
     echo = click.echo if os.environ.get("RANK", "0") == "0" else _quiet   # under torchrun: rank 0 speaks
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, threads, **{
-        "train.modulation": modulation, "loss.sl": 0.0 if no_sl else None, "cp.backend": cp_backend, "train.amp": amp,
-        "train.tensorboard": True if tensorboard else None})
+        "train.modulation": modulation, "loss.sl": 0.0 if no_sl else None, **declared_values(declared),
+        "train.amp": amp, "train.tensorboard": True if tensorboard else None})
     from .. import strategies
-    from ..cp.penalty import resolve_backend
-    strategies.check(cfg)                                  # the strategy can run with this config
+    strategy = strategies.get(cfg.train.modulation)
+    strategy.check(cfg)                                    # the strategy can run with this config
     check_out(out, resume=resume, overwrite=overwrite)     # refuse before the data is read
     data = load_data(data_path, cfg.data.synth_seed, cfg.data.synth, trust_pickle=trust_pickle)
     cfg.data.path = data_path
-    if cfg.train.modulation == "cp":
-        be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
-        echo(f"modulation: cp (backend {be}, mode {cfg.cp.mode})")
-    else:
-        echo(f"modulation: {cfg.train.modulation}")
+    echo(strategy.describe(cfg))
     echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
     res = run(cfg, data, out, resume=resume, log=click.echo, overwrite=overwrite)
@@ -176,16 +172,16 @@ def _eval_outputs(out, overwrite: bool) -> tuple[Path | None, Path | None]:
               help="Interleaved training steps per variant timed in one process after the runs (0: skip).")
 @click.option("--cost-only", is_flag=True,
               help="Only time the variants' training steps; merged into OUT/ablation.json/md when present.")
-@config_option("cp.backend", "--cp-backend")
+@declared_options
 @overwrite_option
 @trust_pickle_option
 def ablate(data_path, out, preset, config, sets, seeds, epochs, device, threads, quiet, variants, defines, reference,
-           jobs, cost_steps, cost_only, cp_backend, overwrite, trust_pickle):
+           jobs, cost_steps, cost_only, overwrite, trust_pickle, **declared):
     """Run variants on the same seeds; write OUT/ablation.md, ablation.json and a trajectory figure."""
     from ..ablate import DEFAULT, add_step_costs, run_ablation, variant_config
     from ..ablate import variants as known
     from ..data import load_data
-    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, threads, **{"cp.backend": cp_backend})
+    cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, threads, **declared_values(declared))
     from ..config import parse_overrides
     defined = {}
     for name, sets_ in defines:

@@ -69,7 +69,7 @@ class CPSLModel(nn.Module):
         named = dict(self.named_parameters())
         unknown = [str(k) for k in (prefixes or {}) if k not in self.modalities]
         if unknown:
-            raise CPSLError(f"cp.groups names {unknown[0]!r}, which is not a modality of this model "
+            raise CPSLError(f"groups.prefixes names {unknown[0]!r}, which is not a modality of this model "
                             f"({', '.join(self.modalities)})")
         groups = {}
         for m in self.modalities:
@@ -83,7 +83,7 @@ class CPSLModel(nn.Module):
                 bad = [x for x in pre if not isinstance(x, str) or not any(n.startswith(x) for n in named)] \
                     if isinstance(pre, list) else [pre]
                 if bad:
-                    raise CPSLError(f"cp.groups.{m}: {str(bad[0])[:60]!r} is not a prefix of any parameter name "
+                    raise CPSLError(f"groups.prefixes.{m}: {str(bad[0])[:60]!r} is not a prefix of any parameter name "
                                     f"(e.g. encoders.{m}., fusion.att.{m}_)")
             groups[m] = [p for n, p in named.items() if p.requires_grad and any(n.startswith(x) for x in pre)]
         return groups

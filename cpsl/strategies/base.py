@@ -21,6 +21,12 @@ which strategy it is::
         log["modulation"] |= modulator.after_valid(epoch, valid aux losses)   # (7) e.g. CP's stop rule
     results.update(modulator.results())               # per-seed results (e.g. cp_stopped_epoch)
 
+What is said about a strategy comes from the strategy too: ``describe(cfg)`` is the line the CLI
+prints at start, ``start_warnings(cfg)`` the warnings a run logs before its seeds, and
+``aggregate(per_seed)`` what results.json adds over the seeds. Its knobs are its config section:
+``section`` names it; a plug-in gives the dataclass as ``config`` (``register`` adds it to every
+config made after), with each key's rule in its field metadata (``cpsl.config.key``).
+
 A strategy declares what it ``needs`` from a step and what ``effects`` it has (both sets of
 strings from :data:`NEEDS` / :data:`EFFECTS`); :func:`check` turns an impossible configuration
 into one :class:`~cpsl.errors.CPSLError`. Its state for ``--resume`` goes through
@@ -91,6 +97,7 @@ class BaseModulator:
     needs: ClassVar[frozenset] = frozenset()
     effects: ClassVar[frozenset] = frozenset()
     section: ClassVar[str | None] = None      # its config section (cfg.<section>)
+    config: ClassVar[type | None] = None      # a plug-in's section dataclass (registered as ``section``)
 
     def __init__(self, groups: dict, cfg, model=None, optimizer=None, device=None):
         self.names = tuple(groups)
@@ -108,6 +115,21 @@ class BaseModulator:
         if "unimodal_heads" in cls.needs and not has_unimodal_predictions(cfg):
             raise CPSLError(f"modulation {cls.name!r} needs the unimodal heads, which are switched off "
                             f"(loss.aux={cfg.loss.aux}); set loss.aux > 0")
+
+    @classmethod
+    def describe(cls, cfg) -> str:
+        """The line said when a run of this strategy starts (``cpsl train``)."""
+        return f"modulation: {cls.name}"
+
+    @classmethod
+    def start_warnings(cls, cfg) -> list[str]:
+        """Warnings a run logs before its seeds (e.g. a backend that fell back)."""
+        return []
+
+    @classmethod
+    def aggregate(cls, per_seed: list[dict]) -> dict:
+        """Entries results.json adds over the seeds' :meth:`results`."""
+        return {}
 
     def bind(self, optimizer) -> None:
         self.optimizer = optimizer
@@ -167,8 +189,20 @@ def register(cls: type) -> type:
     unknown = (set(cls.needs) - set(NEEDS)) | (set(cls.effects) - set(EFFECTS))
     if unknown:
         raise ValueError(f"modulator {cls.name!r} declares unknown needs/effects {sorted(unknown)}")
+    if cls.config is not None:
+        from ..config import register_section
+        cls.section = cls.section or cls.name
+        register_section(cls.section, cls.config)
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a registered strategy (and its config section); for tests."""
+    cls = _REGISTRY.pop(name, None)
+    if cls is not None and cls.config is not None:
+        from ..config import unregister_section
+        unregister_section(cls.section)
 
 
 def names() -> tuple[str, ...]:
@@ -186,12 +220,16 @@ def check(cfg) -> None:
     get(cfg.train.modulation).check(cfg)
 
 
+def model_groups(cfg, model) -> dict:
+    """``{modality: parameters}``: the groups every strategy acts on (config section ``groups``)."""
+    return model.modality_parameters(cfg.groups.prefixes or None, cfg.groups.scope)
+
+
 def build(cfg, model, optimizer=None, device=None) -> BaseModulator:
-    """The configured strategy over ``model.modality_parameters(cfg.cp.groups)``."""
+    """The configured strategy over :func:`model_groups`."""
     cls = get(cfg.train.modulation)
     cls.check(cfg)
-    groups = model.modality_parameters(cfg.cp.groups or None, cfg.cp.scope)
-    return cls(groups, cfg, model=model, optimizer=optimizer, device=device)
+    return cls(model_groups(cfg, model), cfg, model=model, optimizer=optimizer, device=device)
 
 
 # ---------------------------------------------------------------------------- shared helpers

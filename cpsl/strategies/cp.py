@@ -13,7 +13,7 @@ Two rule options live here (docs/cp_rules.md):
   group was penalised does not count either way. The epoch is logged as ``cp_stopped_epoch``
   (log.jsonl under ``modulation``, and results.json) and kept in ``last.pt``.
 
-The rule shipped: ``cp.scope=encoder``, ``cp.signal=step``, ``cp.stop=plateau`` (docs/cp_rules.md,
+The rule shipped: ``groups.scope=encoder``, ``cp.signal=step``, ``cp.stop=plateau`` (docs/cp_rules.md,
 "The rule we ship"). Validation evidence across every cell measured: on the unimodal-bias family
 (the one benchmark where joint training provably under-learns a modality, docs/unimodal_bias.md)
 CP closes about half of the late-fusion deficit with either stop rule; on the imbalance grid and
@@ -27,9 +27,10 @@ import math
 import torch
 
 from ..cp.arena import GradArena
-from ..cp.penalty import ConflictAwarePenalty
+from ..cp.penalty import ConflictAwarePenalty, resolve_backend
 from ..errors import CPSLError
 from .base import BaseModulator, Step, has_unimodal_predictions, register
+from .plans import PlanCount
 
 UNPENALISED = 1.0 - 1e-6   # mean k over an epoch at or above this: the group was not penalised
 
@@ -56,6 +57,22 @@ class CPModulator(ConflictAwarePenalty, BaseModulator):
         self._nk = 0
 
     @classmethod
+    def describe(cls, cfg) -> str:
+        be, _ = resolve_backend(cfg.cp.backend, cfg.train.device)
+        return f"modulation: cp (backend {be}, mode {cfg.cp.mode})"
+
+    @classmethod
+    def start_warnings(cls, cfg) -> list[str]:
+        be, why = resolve_backend(cfg.cp.backend, cfg.train.device)
+        return [f"CP backend 'native' unavailable ({why}); using '{be}'"] if why else []
+
+    @classmethod
+    def aggregate(cls, per_seed: list[dict]) -> dict:
+        if any("cp_stopped_epoch" in r for r in per_seed):   # cp.stop=plateau: the epoch each seed's penalty stopped
+            return {"cp_stopped_epoch": [r.get("cp_stopped_epoch") for r in per_seed]}
+        return {}
+
+    @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
         if cfg.cp.stop == "plateau" and not has_unimodal_predictions(cfg):
@@ -66,6 +83,7 @@ class CPModulator(ConflictAwarePenalty, BaseModulator):
     def bind(self, optimizer) -> None:
         # CP groups' grads live in a stable arena (zero_grad goes through it): one native plan per run
         self.arena = GradArena.for_modulator(self, optimizer)
+        self.plans = PlanCount()
 
     def begin_epoch(self, epoch: int) -> None:
         self._ksum, self._nk = None, 0
@@ -103,7 +121,7 @@ class CPModulator(ConflictAwarePenalty, BaseModulator):
                 "cp_stopped_epoch": self.stopped_epoch}
 
     def results(self) -> dict:
-        return {"cp_stopped_epoch": self.stopped_epoch} if self.plateau else {}
+        return {**self.plans.results(), **({"cp_stopped_epoch": self.stopped_epoch} if self.plateau else {})}
 
     # ------------------------------------------------------------------ --resume
     def state_dict(self) -> dict:

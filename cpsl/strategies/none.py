@@ -1,4 +1,4 @@
-"""``none``: plain joint training. With ``cp.diagnostics`` it still measures the CP rule's
+"""``none``: plain joint training. With ``groups.diagnostics`` it still measures the CP rule's
 statistics (ĝ_m, r_m, conflict flags; k stays 1 because nothing is applied) so that the balance
 trajectories of every run can be compared."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ import warnings
 
 from ..cp.penalty import ConflictAwarePenalty
 from .base import BaseModulator, Step, register
+from .plans import PlanCount
 
 
 @register
@@ -15,11 +16,18 @@ class NoModulation(BaseModulator):
 
     def __init__(self, groups, cfg, model=None, optimizer=None, device=None):
         super().__init__(groups, cfg, model, optimizer, device)
-        self._probe = None
-        if cfg.cp.diagnostics:
+        self._probe, self.plans = None, None
+        if cfg.groups.diagnostics:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._probe = ConflictAwarePenalty(groups, cfg.cp, optimizer=None, device=device, apply=False)
+
+    def bind(self, optimizer) -> None:
+        super().bind(optimizer)
+        self.plans = PlanCount()
+
+    def results(self) -> dict:
+        return self.plans.results() if self.plans is not None else {}
 
     def after_backward(self, step: Step):
         return None if self._probe is None else self._probe.step(step.epoch, step.terms)
