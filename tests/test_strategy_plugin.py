@@ -101,6 +101,8 @@ def test_toy_strategy_through_ablate(tiny_pkl, tmp_path, toy):
 
 
 def _load_balance():
+    if str(REPO / "bench") not in sys.path:   # as `python bench/balance.py` has it: benchkit beside the script
+        sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("balance_under_test", REPO / "bench" / "balance.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
