@@ -174,6 +174,8 @@ def _key(task) -> str:
     import hashlib
     cell, knobs, variant, seed, sets, epochs = task
     cfg = make_config(variant, sets, epochs).to_dict()
+    g = cfg.pop("groups")                        # hashed in the layout the cached runs were written with
+    cfg["cp"].update(groups=g["prefixes"], scope=g["scope"], diagnostics=g["diagnostics"])
     if cfg["train"]["modulation"] != "cp":       # the stop rule is the cp strategy's alone (docs/cp_rules.md)
         for k in ("stop", "stop_patience", "stop_delta"):
             cfg["cp"].pop(k)
