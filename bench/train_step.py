@@ -6,7 +6,8 @@ The CP variants keep their groups' gradients in a gradient arena (cpsl.cp.arena,
 cpsl.train does); ``cp-native-noarena`` zeroes with ``set_to_none=True`` instead, which
 hands the native backend new gradient pointers every step. Per variant: ``plan_builds``
 (native plans built during the run: 1 with the arena), ``cp_ms_median`` (time inside
-``modulator.step``; CUDA: events around it) and ``cp_share_pct`` (its share of the step).
+``modulator.after_backward``, the loop's hook point 5; CUDA: events around it) and
+``cp_share_pct`` (its share of the step).
 
     python bench/train_step.py [--device cpu|cuda] [--steps 30] [--json FILE]
 """
@@ -29,6 +30,7 @@ def time_variant(a, dev, data, batches, modulation: str, backend: str, use_arena
     from cpsl.cp import native
     from cpsl.cp.arena import GradArena
     from cpsl.losses import total_loss
+    from cpsl.strategies import Step
     from cpsl.train import build_model, build_modulator, build_optimizer, set_seed
 
     cfg = preset(a.preset)
@@ -57,7 +59,7 @@ def time_variant(a, dev, data, batches, modulation: str, backend: str, use_arena
         if dev.type == "cuda":
             ev[0].record()
         t1 = time.perf_counter()
-        mod.step(5, terms)
+        mod.after_backward(Step(5, b, out, terms, loss))
         t_cp = time.perf_counter() - t1
         if dev.type == "cuda":
             ev[1].record()

@@ -11,6 +11,7 @@ from cpsl.config import CPConfig
 from cpsl.cp import PenaltyParams, get_backend
 from cpsl.cp.core import CPStats, backend_names, penalty_scalar
 from cpsl.cp.penalty import ConflictAwarePenalty, schedule_weight
+from cpsl.strategies.base import bind_group_lrs
 
 _NATIVE = get_backend("native").available()[0] if "native" in backend_names() else False
 
@@ -150,7 +151,7 @@ def test_grad_mode_scales_exactly():
     cp = ConflictAwarePenalty(groups, CPConfig(mode="grad", backend="foreach"))
     _backward(enc)
     before = {n: p.grad.clone() for n, p in enc.named_parameters()}
-    st_ = cp.step(epoch=0)
+    st_ = cp.step(epoch=0).stats
     assert st_.conflict.tolist() == [1.0, 0.0]
     k = st_.k.float()
     for n, p in enc.named_parameters():
@@ -166,12 +167,12 @@ def _param_change(mode, penalise=True, steps=5):
     opt = torch.optim.AdamW([{"params": groups[m], "lr": torch.tensor(1e-2)} for m in groups], fused=True)
     cfg = CPConfig(mode=mode, backend="foreach", penalty="fixed", beta=0.1,
                    start_epoch=0 if penalise else 99)
-    cp = ConflictAwarePenalty(groups, cfg, optimizer=opt if mode == "update" else None)
+    cp = ConflictAwarePenalty(groups, cfg, lr_slots=bind_group_lrs(opt, groups) if mode == "update" else None)
     start = [p.detach().clone() for p in groups["text"]]
     for _ in range(steps):
         opt.zero_grad()
         _backward(enc)
-        s = cp.step(epoch=0)
+        s = cp.step(epoch=0).stats
         opt.step()
     assert s.conflict[0] == 1
     return sum((p.detach() - q).norm().item() for p, q in zip(groups["text"], start))
@@ -190,9 +191,9 @@ def test_update_mode_leaves_unpenalised_groups_alone():
     enc = _toy()
     groups = {m: list(enc[m].parameters()) for m in enc}
     opt = torch.optim.AdamW([{"params": groups[m], "lr": torch.tensor(1e-2)} for m in groups], fused=True)
-    cp = ConflictAwarePenalty(groups, CPConfig(backend="foreach"), optimizer=opt)
+    cp = ConflictAwarePenalty(groups, CPConfig(backend="foreach"), lr_slots=bind_group_lrs(opt, groups))
     _backward(enc)
-    s = cp.step(0)
+    s = cp.step(0).stats
     assert opt.param_groups[1]["lr"].item() == pytest.approx(1e-2)
     assert opt.param_groups[0]["lr"].item() == pytest.approx(1e-2 * s.k[0].item())
 
@@ -206,10 +207,10 @@ def test_frozen_and_gradless_groups():
               "vision": list(vis.parameters())}
     cp = ConflictAwarePenalty(groups, CPConfig(mode="grad", backend="foreach"))
     _backward(enc)
-    s = cp.step(0)
+    s = cp.step(0).stats
     assert s.k[2] == 1 and s.ghat[2] == 0 and s.conflict[2] == 0
     enc.zero_grad(set_to_none=True)   # a step where no group has gradients
-    s = cp.step(0)
+    s = cp.step(0).stats
     assert s.k.tolist() == [1, 1, 1] and s.conflict.sum() == 0
 
 

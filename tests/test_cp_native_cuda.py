@@ -20,6 +20,7 @@ from cpsl.cp.core import CPStats, PenaltyParams, penalty_control, signal_state
 from cpsl.cp.penalty import ConflictAwarePenalty
 from cpsl.cp.reference import reference_stats
 from cpsl.cp.testing import assert_matches, clone, expected_scaled, make_grads, stats_with_k
+from cpsl.strategies.base import bind_group_lrs
 
 P = PenaltyParams()
 _OK, _WHY = native.available("cuda")
@@ -325,8 +326,8 @@ def _cp_on_cuda(mode: str):
     opt = torch.optim.AdamW([{"params": list(n.parameters()), "lr": torch.tensor(1e-3, device="cuda")}
                              for n in nets.values()], fused=True)
     cfg = CPConfig(backend="native", mode=mode, tau=0.9, start_epoch=0, ramp_epochs=4)
-    cp = ConflictAwarePenalty({m: list(n.parameters()) for m, n in nets.items()}, cfg,
-                              optimizer=opt if mode == "update" else None)
+    groups = {m: list(n.parameters()) for m, n in nets.items()}
+    cp = ConflictAwarePenalty(groups, cfg, lr_slots=bind_group_lrs(opt, groups) if mode == "update" else None)
     assert cp.backend_name == "native"
     arena = GradArena.for_modulator(cp, opt)
     return cp, opt, arena
@@ -356,8 +357,9 @@ def _check_step(cp, opt, mode: str, fresh, k: torch.Tensor, w: float, base_lr: f
 def test_cuda_update_mode_scales_the_group_learning_rates():
     cp, opt, arena = _cp_on_cuda("update")
     fresh = _fill_grads(cp, seed=1)
-    st = cp.step(3)  # end of the ramp: w = 1
-    assert st.w == 1.0 and float(st.k[0]) < 1.0 and float(st.k[1]) == 1.0
+    rec = cp.step(3)  # end of the ramp: w = 1
+    st = rec.stats
+    assert rec.w == 1.0 and float(st.k[0]) < 1.0 and float(st.k[1]) == 1.0
     _check_step(cp, opt, "update", fresh, st.k, 1.0)
     before = [p.detach().clone() for p in cp.params]
     opt.step()  # fused AdamW reads the scaled tensor lrs on the device
@@ -373,7 +375,7 @@ def test_cuda_graph_replay_follows_schedule_and_stop(mode):
     cp, opt, arena = _cp_on_cuda(mode)
     _fill_grads(cp, seed=2)
     cp.step(0)  # builds the plan and writes w(0) into the control block, outside the capture
-    graph, st, handle = _capture(lambda: cp.step(0))
+    graph, st, handle = _capture(lambda: cp.step(0).stats)
     for trial, (epoch, stop, w) in enumerate(((0, False, 0.25), (1, False, 0.5), (3, False, 1.0),
                                               (3, True, 0.0), (9, True, 0.0))):
         cp.set_epoch(epoch)

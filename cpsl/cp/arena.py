@@ -9,7 +9,7 @@ would hand it new pointers every step), and its stats pass reads long aligned ru
 ``.grad`` in place, so backward writes straight into the arena (the idea of DDP's
 ``gradient_as_bucket_view``).
 
-    arena = GradArena.for_modulator(cp, optimizer)   # after the optimizer is built
+    arena = GradArena.for_modulator(cp, optimizer)   # cp: a ConflictAwarePenalty (e.g. the ``cp`` strategy)
     for batch in data:
         optimizer.zero_grad(set_to_none=True)   # bound: arena buffers <- 0, other grads <- None
         loss.backward(); cp.step(epoch); optimizer.step()

@@ -1,10 +1,13 @@
 """The Conflict-aware Penalty API (docs/method.md §5): architecture-agnostic gradient modulation.
 
-    cp = ConflictAwarePenalty(model.modality_parameters(), cfg.cp, optimizer=opt)
+    cp = ConflictAwarePenalty(model.modality_parameters(), cfg.cp, lr_slots=slots)
     loss.backward()
-    stats = cp.step(epoch)          # after backward, before clipping and optimizer.step()
+    rec = cp.step(epoch)            # after backward, before clipping and optimizer.step()
 
-``cp.step`` returns a :class:`StepStats` whose tensors stay on the device (no host sync).
+``cp.step`` returns CP's own record, a :class:`PenaltyStep` (the rule's :class:`~cpsl.cp.core.CPStats`
+and the schedule weight ``w``), whose tensors stay on the device (no host sync). The strategy layer
+wraps it into the loop's ``StepStats`` (:mod:`cpsl.strategies.base`, which also binds the learning
+rates: ``slots = bind_group_lrs(opt, groups)``; :class:`cpsl.strategies.cp.CPModulator` does both).
 With ``cp.signal=ema`` the instance owns the signal state (``self.state``, float64 ``[2G]`` on the
 device, updated in place by the backend); ``self.stopped`` (set by the ``plateau`` stop rule of
 :mod:`cpsl.strategies.cp`) makes every later step's schedule weight 0, i.e. ``k = 1``.
@@ -14,8 +17,9 @@ The schedule weight and the on/off switch live in a device control block (``self
 that captured ``cp.step`` therefore follows the schedule on replay when ``cp.set_epoch(epoch)``
 (and the stop rule) run between replays; changing the weight *inside* a capture raises.
 Mode ``grad`` scales the gradients of penalised groups; mode ``update`` (the default with
-Adam/AdamW) scales the learning rate of the group's optimizer param group instead, kept as a
-device tensor, because an adaptive optimizer divides a constant gradient factor away.
+Adam/AdamW) scales the learning rate of the group's optimizer param groups instead, kept as
+device tensors, because an adaptive optimizer divides a constant gradient factor away. Which
+learning rates those are is the caller's to say (``lr_slots``): this layer knows no optimizer.
 """
 from __future__ import annotations
 
@@ -38,14 +42,11 @@ def schedule_weight(epoch: int, start_epoch: int, ramp_epochs: int, end_epoch: i
     return min(1.0, (epoch - start_epoch + 1) / ramp_epochs)
 
 
-@dataclass
-class StepStats:
-    names: tuple[str, ...]
-    ghat: torch.Tensor         # (G,)
-    r: torch.Tensor            # (G,)
-    k: torch.Tensor            # (G,)
-    conflict: torch.Tensor     # (G,) 0/1
-    guard: torch.Tensor        # () 0/1
+@dataclass(frozen=True)
+class PenaltyStep:
+    """One :meth:`ConflictAwarePenalty.step`: the rule's statistics of the step (ĝ, r, k, conflict
+    flags, guard; device tensors) and the epoch's effective schedule weight ``w``."""
+    stats: CPStats
     w: float
 
 
@@ -82,35 +83,12 @@ def _takes_device(be) -> bool:
         return False
 
 
-def bind_group_lrs(opt, names, params, group_index) -> dict[int, list[tuple[dict, torch.Tensor]]]:
-    """``{group index: [(optimizer param group, its base lr), ...]}`` for scaling each group's
-    learning rate. Each group must be the union of whole optimizer param groups with tensor
-    ``lr``s (e.g. a text AME group plus a pretrained encoder group with its own learning rate)."""
-    pg_ids = [({id(p) for p in pg["params"]}, pg) for pg in opt.param_groups]
-    out = {}
-    for gi, name in enumerate(names):
-        ids = {id(p) for p, g in zip(params, group_index) if g == gi}
-        if not ids:
-            continue
-        mine = [pg for s, pg in pg_ids if s and s <= ids]
-        covered = set().union(*[{id(p) for p in pg["params"]} for pg in mine]) if mine else set()
-        if covered != ids:
-            raise ValueError(f"mode 'update': group {name!r} is not a union of optimizer param groups "
-                             "(build the optimizer with cpsl.train.build_optimizer)")
-        slots = []
-        for pg in mine:
-            if not torch.is_tensor(pg["lr"]):
-                raise ValueError(f"mode 'update': a param group of {name!r} needs a tensor lr")
-            if "base_lr" not in pg:
-                pg["base_lr"] = pg["lr"].detach().clone()
-            slots.append((pg, pg["base_lr"]))
-        out[gi] = slots
-    return out
-
-
 class ConflictAwarePenalty:
-    def __init__(self, groups: dict[str, list[torch.nn.Parameter]], cfg, optimizer=None,
+    def __init__(self, groups: dict[str, list[torch.nn.Parameter]], cfg, lr_slots: dict | None = None,
                  backend: str | None = None, device=None, apply: bool = True):
+        """``lr_slots`` (mode ``update``): ``{group index: [(optimizer param group, its base lr
+        tensor), ...]}``, the learning rates that ``step`` sets to ``base · k`` (built by
+        ``cpsl.strategies.base.bind_group_lrs``)."""
         self.names = tuple(groups)
         self.params: list[torch.nn.Parameter] = []
         self.group_index: list[int] = []
@@ -135,12 +113,11 @@ class ConflictAwarePenalty:
             warnings.warn(f"CP backend 'native' unavailable ({why}); using 'foreach'", stacklevel=2)
         self.backend_name = name
         self.backend = get_backend(name)
-        self.optimizer = optimizer
         self._lr_slots: dict[int, list[tuple[dict, torch.Tensor]]] = {}
         if self.mode == "update":
-            if optimizer is None:
-                raise ValueError("CP mode 'update' needs the optimizer (per-group learning rates)")
-            self._bind_optimizer(optimizer)
+            if lr_slots is None:
+                raise ValueError("CP mode 'update' needs the optimizer's per-group learning rates (lr_slots)")
+            self._lr_slots = lr_slots
         self.state = signal_state(len(self.names), dev) if self.p.ema else None
         self._w, self._stopped = 0.0, False     # schedule weight of the current epoch; stop rule (sticky)
         # (w, on), read by the backend where the gradients live (the parameters' device)
@@ -186,25 +163,21 @@ class ConflictAwarePenalty:
         self.control[1].fill_(1.0 if want[1] else 0.0)
         self._written = want
 
-    # ------------------------------------------------------------------ update mode plumbing
-    def _bind_optimizer(self, opt) -> None:
-        self._lr_slots = bind_group_lrs(opt, self.names, self.params, self.group_index)
-
+    # ------------------------------------------------------------------ the step
     def _grads(self) -> list[torch.Tensor | None]:
         return [p.grad for p in self.params]
 
-    # ------------------------------------------------------------------ the step
     def compute(self, epoch: int) -> tuple[torch.Tensor, float]:
         w = self.set_epoch(epoch)
         return self.backend.compute(self._grads(), self.group_index, len(self.names), self.p, self.control,
                                     self.state), w
 
-    def step(self, epoch: int, terms: dict | None = None) -> StepStats:
+    def step(self, epoch: int, terms: dict | None = None) -> PenaltyStep:
         stats, w = self.compute(epoch)
         st = CPStats.unpack(stats, len(self.names))
         grads = self._grads()
         if self.mode == "measure":
-            return StepStats(self.names, st.ghat, st.r, st.k, st.conflict, st.guard, w)
+            return PenaltyStep(st, w)
         if self.cfg.ge_noise > 0:
             self._ge_noise(grads, st)
         if self.mode == "grad":
@@ -213,7 +186,7 @@ class ConflictAwarePenalty:
             for gi, slots in self._lr_slots.items():
                 for pg, base in slots:
                     pg["lr"].copy_(base * st.k[gi].to(base.dtype))
-        return StepStats(self.names, st.ghat, st.r, st.k, st.conflict, st.guard, w)
+        return PenaltyStep(st, w)
 
     def _ge_noise(self, grads, st: CPStats) -> None:
         """OGM-GE-style generalisation noise N(0, σ_GE² var(∇p)) on penalised groups (device-side)."""

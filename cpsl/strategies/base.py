@@ -40,7 +40,6 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..cp.penalty import StepStats, bind_group_lrs
 from ..errors import CPSLError
 
 NEEDS = {
@@ -58,6 +57,51 @@ EFFECTS = {
     "loss_term": "adds a term to the objective",
     "mask_inputs": "masks whole modalities of training samples",
 }
+
+
+@dataclass
+class StepStats:
+    """What ``after_backward`` hands the loop's balance log (tensors stay on the device)."""
+    names: tuple[str, ...]
+    ghat: torch.Tensor         # (G,) group gradient norms
+    r: torch.Tensor            # (G,) ĝ relative to the mean
+    k: torch.Tensor            # (G,) the factor applied (1: untouched)
+    conflict: torch.Tensor     # (G,) 0/1
+    guard: torch.Tensor        # () 0/1
+    w: float                   # the epoch's schedule weight
+
+    @classmethod
+    def of_penalty(cls, names, rec) -> "StepStats":
+        """From CP's record (a :class:`cpsl.cp.penalty.PenaltyStep`: the rule's statistics and w)."""
+        st = rec.stats
+        return cls(tuple(names), st.ghat, st.r, st.k, st.conflict, st.guard, rec.w)
+
+
+def bind_group_lrs(opt, groups: dict) -> dict[int, list[tuple[dict, torch.Tensor]]]:
+    """``{group index: [(optimizer param group, its base lr), ...]}`` for scaling each of
+    ``groups``' (``{name: parameters}``) learning rate. Each group must be the union of whole
+    optimizer param groups with tensor ``lr``s (e.g. a text AME group plus a pretrained encoder
+    group with its own learning rate); the base lr is kept in the param group (``base_lr``)."""
+    pg_ids = [({id(p) for p in pg["params"]}, pg) for pg in opt.param_groups]
+    out = {}
+    for gi, (name, params) in enumerate(groups.items()):
+        ids = {id(p) for p in params}
+        if not ids:
+            continue
+        mine = [pg for s, pg in pg_ids if s and s <= ids]
+        covered = set().union(*[{id(p) for p in pg["params"]} for pg in mine]) if mine else set()
+        if covered != ids:
+            raise ValueError(f"mode 'update': group {name!r} is not a union of optimizer param groups "
+                             "(build the optimizer with cpsl.train.build_optimizer)")
+        slots = []
+        for pg in mine:
+            if not torch.is_tensor(pg["lr"]):
+                raise ValueError(f"mode 'update': a param group of {name!r} needs a tensor lr")
+            if "base_lr" not in pg:
+                pg["base_lr"] = pg["lr"].detach().clone()
+            slots.append((pg, pg["base_lr"]))
+        out[gi] = slots
+    return out
 
 
 @dataclass
@@ -280,12 +324,8 @@ class GroupScale:
             return
         if optimizer is None:
             raise CPSLError("mode 'update' needs the optimizer (per-group learning rates)")
-        params, index = [], []
-        for gi, n in enumerate(self.names):
-            params += list(self.groups[n])
-            index += [gi] * len(self.groups[n])
         try:
-            self.slots = bind_group_lrs(optimizer, self.names, params, index)
+            self.slots = bind_group_lrs(optimizer, {n: self.groups[n] for n in self.names})
         except ValueError as e:
             raise CPSLError(str(e)) from None
 

@@ -1,7 +1,8 @@
 """``cp``: the Conflict-aware Penalty (docs/method.md §5) as a plug-in. The rule and its backends
 (reference, foreach, native) stay in :mod:`cpsl.cp`; this module only wires
-:class:`~cpsl.cp.penalty.ConflictAwarePenalty` to the loop's hook points and gives CP's groups a
-gradient arena (one native plan per run).
+:class:`~cpsl.cp.penalty.ConflictAwarePenalty` to the loop's hook points (binding its groups'
+learning rates for mode ``update``, wrapping each step's record into :class:`~.base.StepStats`) and
+gives CP's groups a gradient arena (one native plan per run).
 
 Two rule options live here (docs/cp_rules.md):
 
@@ -29,7 +30,7 @@ import torch
 from ..cp.arena import GradArena
 from ..cp.penalty import ConflictAwarePenalty, resolve_backend
 from ..errors import CPSLError
-from .base import BaseModulator, Step, has_unimodal_predictions, register
+from .base import BaseModulator, Step, StepStats, bind_group_lrs, has_unimodal_predictions, register
 from .plans import PlanCount
 
 UNPENALISED = 1.0 - 1e-6   # mean k over an epoch at or above this: the group was not penalised
@@ -43,9 +44,13 @@ class CPModulator(ConflictAwarePenalty, BaseModulator):
     section = "cp"
 
     def __init__(self, groups, cfg, model=None, optimizer=None, device=None):
-        ConflictAwarePenalty.__init__(self, groups, cfg.cp,
-                                      optimizer=optimizer if cfg.cp.mode == "update" else None, device=device)
-        self.groups, self.model, self.device = groups, model, device
+        update = cfg.cp.mode == "update" and optimizer is not None
+        try:
+            slots = bind_group_lrs(optimizer, groups) if update else None
+        except ValueError as e:
+            raise CPSLError(str(e)) from None
+        ConflictAwarePenalty.__init__(self, groups, cfg.cp, lr_slots=slots, device=device)
+        self.groups, self.model, self.optimizer, self.device = groups, model, optimizer, device
         self.arena = None
         self.effects = frozenset({"scale_lr" if cfg.cp.mode == "update" else "scale_grad"}
                                  | ({"grad_noise"} if cfg.cp.ge_noise > 0 else set()))
@@ -88,8 +93,10 @@ class CPModulator(ConflictAwarePenalty, BaseModulator):
     def begin_epoch(self, epoch: int) -> None:
         self._ksum, self._nk = None, 0
 
-    def after_backward(self, step: Step):
-        st = ConflictAwarePenalty.step(self, step.epoch, step.terms)
+    step = BaseModulator.step   # the modulator's hook (→ StepStats), not the penalty's record
+
+    def after_backward(self, step: Step) -> StepStats:
+        st = StepStats.of_penalty(self.names, ConflictAwarePenalty.step(self, step.epoch, step.terms))
         if self.plateau:
             self._ksum = st.k.detach().clone() if self._ksum is None else self._ksum + st.k
             self._nk += 1

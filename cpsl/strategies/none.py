@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 
 from ..cp.penalty import ConflictAwarePenalty
-from .base import BaseModulator, Step, register
+from .base import BaseModulator, Step, StepStats, register
 from .plans import PlanCount
 
 
@@ -20,7 +20,7 @@ class NoModulation(BaseModulator):
         if cfg.groups.diagnostics:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._probe = ConflictAwarePenalty(groups, cfg.cp, optimizer=None, device=device, apply=False)
+                self._probe = ConflictAwarePenalty(groups, cfg.cp, device=device, apply=False)
 
     def bind(self, optimizer) -> None:
         super().bind(optimizer)
@@ -29,5 +29,7 @@ class NoModulation(BaseModulator):
     def results(self) -> dict:
         return self.plans.results() if self.plans is not None else {}
 
-    def after_backward(self, step: Step):
-        return None if self._probe is None else self._probe.step(step.epoch, step.terms)
+    def after_backward(self, step: Step) -> StepStats | None:
+        if self._probe is None:
+            return None
+        return StepStats.of_penalty(self._probe.names, self._probe.step(step.epoch, step.terms))
