@@ -45,20 +45,22 @@ PEERS = ("ogm_ge", "cggm", "ags", "mmpareto", "inforeg", "moddrop")
 VARIANTS = {
     "early": ("linear_early", {"train.modulation": "none"}),
     "none": ("linear_late", {"train.modulation": "none"}),
-    "cp": ("linear_late", {"train.modulation": "cp"}),
+    "cp": ("linear_late", {"train.modulation": "cp"}),                     # the default rule: ratio, plateau stop
     **{p: ("linear_late", {"train.modulation": p}) for p in PEERS},
-    "cp_ema": ("linear_late", {"train.modulation": "cp", "cp.signal": "ema", "cp.stop": "never"}),
+    "cp_never": ("linear_late", {"train.modulation": "cp", "cp.stop": "never"}),
+    # the tanh rule, alpha 0.5 (the default penalty before 0.2.0), with and without the plateau stop
+    "cp_tanh": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh"}),
+    "cp_tanh_never": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh", "cp.stop": "never"}),
+    "cp_ema": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh", "cp.signal": "ema", "cp.stop": "never"}),
     "cp_fixed": ("linear_late", {"train.modulation": "cp", "cp.penalty": "fixed", "cp.beta": 0.1, "cp.stop": "never"}),
-    "cp_never": ("linear_late", {"train.modulation": "cp", "cp.stop": "never"}),   # the rule before plateau became the default
-    "cp_alpha1": ("linear_late", {"train.modulation": "cp", "cp.alpha": 1.0, "cp.stop": "never"}),
-    "cp_alpha2": ("linear_late", {"train.modulation": "cp", "cp.alpha": 2.0, "cp.stop": "never"}),
-    "cp_ratio": ("linear_late", {"train.modulation": "cp", "cp.penalty": "ratio", "cp.backend": "foreach"}),
-    "cp_ratio_never": ("linear_late", {"train.modulation": "cp", "cp.penalty": "ratio", "cp.stop": "never", "cp.backend": "foreach"}),
+    "cp_alpha1": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh", "cp.alpha": 1.0, "cp.stop": "never"}),
+    "cp_alpha2": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh", "cp.alpha": 2.0, "cp.stop": "never"}),
     # the method's own architecture (AME + gated fusion + heads, the teacher preset: AdamW, SL, selection on valid)
     "cpsl_none": ("teacher", {"train.modulation": "none"}),
     "cpsl_cp": ("teacher", {"train.modulation": "cp", "cp.stop": "never"}),
+    "cpsl_cp_tanh": ("teacher", {"train.modulation": "cp", "cp.penalty": "tanh", "cp.stop": "never"}),
 }
-REFERENCE = {"cpsl_cp": "cpsl_none"}   # the variant each one is paired with (default: none)
+REFERENCE = {"cpsl_cp": "cpsl_none", "cpsl_cp_tanh": "cpsl_none"}   # the variant each one is paired with (default: none)
 SWEEP_N = (35, 70, 140, 350, 1000)
 SWEEP_RATIO = (1.0, 2.0, 3.0, 6.0)
 
@@ -176,9 +178,11 @@ def _key(task) -> str:
     cfg = make_config(variant, sets, epochs).to_dict()
     g = cfg.pop("groups")                        # hashed in the layout the cached runs were written with
     cfg["cp"].update(groups=g["prefixes"], scope=g["scope"], diagnostics=g["diagnostics"])
-    if cfg["train"]["modulation"] != "cp":       # the stop rule is the cp strategy's alone (docs/cp_rules.md)
+    cfg["cp"]["backend"] = "auto"                # every backend computes the same function (tests/test_cp*.py)
+    if cfg["train"]["modulation"] != "cp":       # the stop rule and the penalty are the cp strategy's alone
         for k in ("stop", "stop_patience", "stop_delta"):
             cfg["cp"].pop(k)
+        cfg["cp"]["penalty"] = "tanh"            # (the value these runs were first written with)
     h = hashlib.sha1(json.dumps([sorted(knobs.items()), cfg], sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{cell}_s{seed}_{h}.json"
 

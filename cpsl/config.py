@@ -107,7 +107,9 @@ class CPConfig:
                        option="--cp-backend", help="CP backend (auto: native when built, else foreach).")
     mode: str = key("update", choices=("update", "grad"), help="update (per-group lr, default with AdamW) or grad.")
     tau: float = key(1.2, number(0.0, lo_open=True))
-    penalty: str = key("tanh", choices=("tanh", "fixed", "ratio"), help="Penalty rule.")
+    penalty: str = key("ratio", choices=("tanh", "fixed", "ratio"), help=(
+        "Penalty factor of a conflicting group: ratio (default: min of the other groups' gradient norms / "
+        "its own, clamped to [k_min, 1]), tanh (1 - tanh(alpha (r - 1)), the default before 0.2.0) or fixed (beta)."))
     alpha: float = key(0.5, NONNEG)
     k_min: float = key(0.1, FRACTION)
     beta: float = key(0.5, FRACTION)

@@ -21,7 +21,7 @@ def test_defaults_follow_method_md():
     # §5 CP
     assert c.train.modulation == "cp"
     assert (c.cp.tau, c.cp.alpha, c.cp.k_min, c.cp.beta) == (1.2, 0.5, 0.1, 0.5)
-    assert c.cp.penalty == "tanh"
+    assert c.cp.penalty == "ratio"
     assert c.cp.normalize is False
     assert c.cp.mode == "update"
     assert c.cp.ge_noise == 0.0          # OGM-GE style noise off by default

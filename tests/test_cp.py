@@ -51,7 +51,7 @@ def test_backends_match_reference(seed, n_tensors, n_groups, normalize, penalty,
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.01, 10, size=n_groups)
     grads, gidx = random_grads(rng, n_tensors, n_groups, scale)
-    p = PenaltyParams(normalize=normalize, fixed=penalty == "fixed", ratio=penalty == "ratio")
+    p = PenaltyParams(normalize=normalize, penalty=penalty)
     ref = get_backend("reference").compute(grads, gidx, n_groups, p, w)
     for be in ["foreach"] + (["native"] if _NATIVE else []):
         assert_same_stats(ref, get_backend(be).compute(grads, gidx, n_groups, p, w), n_groups)
@@ -79,27 +79,30 @@ def test_many_tensors_empty_groups_zeros_and_nonfinite():
             assert s.guard == 1 and torch.equal(s.k, torch.ones(2, dtype=torch.float64)) and s.conflict.sum() == 0
 
 
+TANH = PenaltyParams(penalty="tanh")
+
+
 def test_rule_by_hand_only_conflicting_groups_penalised():
     # norms 6, 2, 1 → ḡ = 3 → r = 2, 2/3, 1/3; τ = 1.2 → only group 0 conflicts
     grads = [torch.tensor([6.0]), torch.tensor([2.0]), torch.tensor([1.0])]
     for be in ("reference", "foreach") + (("native",) if _NATIVE else ()):
-        s = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(), 1.0), 3)
+        s = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, TANH, 1.0), 3)
         assert s.r.tolist() == pytest.approx([2.0, 2 / 3, 1 / 3])
         assert s.conflict.tolist() == [1.0, 0.0, 0.0]
         assert s.k[0].item() == pytest.approx(1 - math.tanh(0.5 * 1.0))
         assert s.k[1:].tolist() == [1.0, 1.0]
         # schedule weight halves the penalty
-        s2 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(), 0.5), 3)
+        s2 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, TANH, 0.5), 3)
         assert s2.k[0].item() == pytest.approx(1 + 0.5 * (-math.tanh(0.5)))
         # fixed mode and the k_min clamp
-        s3 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(fixed=True, beta=0.3), 1.0), 3)
+        s3 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(penalty="fixed", beta=0.3), 1.0), 3)
         assert s3.k.tolist() == pytest.approx([0.3, 1, 1])
-        s4 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(alpha=50, k_min=0.2), 1.0), 3)
+        s4 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(penalty="tanh", alpha=50, k_min=0.2), 1.0), 3)
         assert s4.k[0].item() == pytest.approx(0.2)
         # ratio mode: min of the others' norms (1) over its own (6), then the k_min clamp and the schedule
-        s5 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(ratio=True), 1.0), 3)
+        s5 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(penalty="ratio"), 1.0), 3)
         assert s5.k.tolist() == pytest.approx([1 / 6, 1, 1])
-        s6 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(ratio=True, k_min=0.25), 0.5), 3)
+        s6 = CPStats.unpack(get_backend(be).compute(grads, [0, 1, 2], 3, PenaltyParams(penalty="ratio", k_min=0.25), 0.5), 3)
         assert s6.k.tolist() == pytest.approx([1 + 0.5 * (0.25 - 1), 1, 1])
 
 

@@ -32,7 +32,7 @@ PENALTIES = ["tanh", "fixed", "ratio"]  # cp.penalty: the factor rule of a confl
 
 
 def with_penalty(mode: str, **kw) -> PenaltyParams:
-    return PenaltyParams(fixed=mode == "fixed", ratio=mode == "ratio", **kw)
+    return PenaltyParams(penalty=mode, **kw)
 _stats_with_k = stats_with_k
 
 
@@ -59,7 +59,7 @@ def test_parity_fixed_layout(isa, normalize, penalty, w):
     present = [True, True, True, True, True, False, True, True]  # group 3: no gradient (frozen)
     grads = make_grads(sizes, groups, present=present, scales=[3.0, 0.5, 1.0, 1.0], seed=1)
     grads[6] = torch.randn(8)[1:]  # data pointer 4 bytes past the allocation: misaligned for vector loads
-    p = PenaltyParams(normalize=normalize, fixed=penalty == "fixed", ratio=penalty == "ratio")
+    p = PenaltyParams(normalize=normalize, penalty=penalty)
     ref = reference_stats(grads, groups, 5, p, w)  # group 4: no parameters at all
     nat = native.cp_stats(grads, groups, 5, p, w)
     assert_matches(nat, ref, 5)
@@ -388,7 +388,7 @@ def test_extension_argument_errors_name_the_argument():
         C.cp_scale(t.data_ptr(), -1, 1, out.data_ptr())
     # the packed penalty argument: its length, the mode, the EMA's beta and state
     fields = list(C.PENALTY_FIELDS)
-    assert len(pen) == len(fields) and pen[fields.index("mode")] == C.PENALTY_MODES["tanh"]
+    assert len(pen) == len(fields) and pen[fields.index("mode")] == C.PENALTY_MODES[P.penalty]
     for i, v, msg in ((None, None, "penalty must hold 9 values"), (fields.index("mode"), 3.0, "penalty mode must be"),
                       (fields.index("mode"), 0.5, "penalty mode must be")):
         bad_pen = pen[:-1] if i is None else pen[:i] + (v,) + pen[i + 1:]
@@ -475,7 +475,7 @@ def test_torch_compile_fullgraph_ema_state_and_ratio():
     """The signal state is a mutated op argument: under torch.compile it is updated in place
     exactly as in eager mode (here with the ratio rule)."""
     gi = [0, 1, 2]
-    p = PenaltyParams(ema=True, ema_beta=0.5, ratio=True, tau=1.1)
+    p = PenaltyParams(ema=True, ema_beta=0.5, penalty="ratio", tau=1.1)
 
     def cp_step(grads, state):
         return native.cp_step_(grads, gi, 3, p, 1.0, state=state)

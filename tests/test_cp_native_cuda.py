@@ -52,7 +52,7 @@ def test_cuda_usable_here():
 @pytest.mark.parametrize("penalty", ["tanh", "fixed", "ratio"])
 def test_cuda_parity_and_scale(penalty):
     grads, gi = _cuda_layout()
-    p = PenaltyParams(fixed=penalty == "fixed", ratio=penalty == "ratio")
+    p = PenaltyParams(penalty=penalty)
     ref = reference_stats(grads, gi, 3, p, 1.0)
     nat = native.cp_stats(grads, gi, 3, p, 1.0)
     assert nat.device.type == "cuda"

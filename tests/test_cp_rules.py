@@ -21,14 +21,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 _NATIVE, _WHY = native.available()
 needs_native = pytest.mark.skipif(not _NATIVE, reason=f"native CP kernels unavailable: {_WHY}")
-EMA = PenaltyParams(ema=True, ema_beta=0.9)
+EMA = PenaltyParams(penalty="tanh", ema=True, ema_beta=0.9)
 
 
 # ------------------------------------------------------------------ the definition
 def test_ema_bias_correction_by_hand():
     """r̃ after one step is r itself (bias-corrected); after two, (β(1−β) r1 + (1−β) r2) / (1 − β²)."""
     b = 0.9
-    p = PenaltyParams(ema=True, ema_beta=b, tau=1.2, alpha=0.5)
+    p = PenaltyParams(penalty="tanh", ema=True, ema_beta=b, tau=1.2, alpha=0.5)
     state = [0.0] * 4
     # step 1: ĝ = (3, 1) → r = (1.5, 0.5)
     out = penalty_scalar([9.0, 1.0], [1, 1], [True, True], p, 1.0, state)
@@ -85,7 +85,7 @@ def _layouts(seed: int, G: int = 3, n_steps: int = 6, nonfinite_at: int = 3):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("penalty", ["tanh", "ratio"])
 def test_ema_backends_match_the_reference_over_steps(backend, beta, penalty):
-    p = PenaltyParams(ema=True, ema_beta=beta, tau=1.1, ratio=penalty == "ratio")
+    p = PenaltyParams(ema=True, ema_beta=beta, tau=1.1, penalty=penalty)
     lay = _layouts(seed=int(beta * 10) + 1)
     ref, ref_state = _steps("reference", lay, p)
     got, got_state = _steps(backend, lay, p)
@@ -124,7 +124,7 @@ else:
            st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=1, max_size=6),
            st.sampled_from(["tanh", "fixed", "ratio"]))
     def test_ema_parity_random(G, beta, seed, presence, penalty):
-        p = PenaltyParams(ema=True, ema_beta=beta, tau=1.3, fixed=penalty == "fixed", ratio=penalty == "ratio")
+        p = PenaltyParams(ema=True, ema_beta=beta, tau=1.3, penalty=penalty)
         groups = [i % G for i in range(4)]
         backends = ["reference", "foreach"] + (["native"] if _NATIVE else [])
         states = {b: signal_state(G) for b in backends}

@@ -283,7 +283,7 @@ TRAIN_POOL = {
     "model.fusion": ["gcf", "concat"], "model.head_hidden": [0, 1, 3], "model.norm_momentum": [0.0, 1.0],
     "loss.task": ["l1", "mse", "smoothl1"], "loss.aux": [0, 1e3], "loss.rec": [0, 1e3], "loss.sl": [0, 1e3],
     "loss.div": [0, 1e3], "loss.warmup_epochs": [0, 5], "loss.eps": [1e-8, 1.0],
-    "train.modulation": ["cp", "ogm_ge", "none", "cggm", "ags", "mmpareto", "inforeg", "moddrop"], "cp.mode": ["update", "grad"], "cp.penalty": ["tanh", "fixed"],
+    "train.modulation": ["cp", "ogm_ge", "none", "cggm", "ags", "mmpareto", "inforeg", "moddrop"], "cp.mode": ["update", "grad"], "cp.penalty": ["tanh", "fixed", "ratio"],
     "cp.tau": [1e-6, 100], "cp.alpha": [0, 50], "cp.k_min": [0, 1], "cp.normalize": [True], "cp.ge_noise": [0, 10],
     "cp.start_epoch": [0, 5], "cp.ramp_epochs": [3], "train.lr": [1e-6, 10, 1e6], "train.clip": [0, 1e-6],
     "train.weight_decay": [0, 10], "train.seeds": ["1,2"], "train.patience": [1], "data.batch_size": [1, 1000],

@@ -16,8 +16,9 @@ Semantics (shared by ``reference``, ``foreach`` and ``native``; the reference is
   guard = 1 (``sumsq``/``ghat`` still report the non-finite values).
 * ``ḡ = mean`` of ``ĝ`` over active groups; ``r_m = ĝ_m / ḡ`` when ``ḡ > 0`` else 0.
 * conflict: active, at least two active groups, and ``r_m > τ``.
-* factor of a conflicting group: ``clamp(1 − tanh(α (r − 1)), k_min, 1)`` (``fixed=False``)
-  or ``β`` (``fixed=True``); 1 otherwise; then the schedule ``k ← 1 + w (k − 1)``.
+* factor of a conflicting group (``penalty``): ``clamp(min_{n≠m} ĝ_n / ĝ_m, k_min, 1)`` over the other
+  active groups (``ratio``, the default; ``ĝ_m = 0`` divides by 1), ``clamp(1 − tanh(α (r − 1)), k_min, 1)``
+  (``tanh``) or ``β`` (``fixed``); 1 otherwise; then the schedule ``k ← 1 + w (k − 1)``.
 
 Conflict signal (``cp.signal``, :class:`PenaltyParams` ``ema``):
 
@@ -50,6 +51,7 @@ import torch
 
 from ..config import CPConfig
 
+PENALTIES = ("ratio", "tanh", "fixed")
 N_FIELDS = 5  # sumsq, ghat, r, k, conflict (then one guard slot)
 
 
@@ -64,17 +66,27 @@ class PenaltyParams:
     alpha: float = _CP.alpha
     k_min: float = _CP.k_min
     beta: float = _CP.beta
-    fixed: bool = _CP.penalty == "fixed"      # penalty mode fixed: k = beta
-    ratio: bool = _CP.penalty == "ratio"      # penalty mode ratio: k = min of the others' ghat / own ghat
+    penalty: str = _CP.penalty                # ratio | tanh | fixed (cp.penalty; see the module docstring)
     normalize: bool = _CP.normalize
     ema: bool = _CP.signal == "ema"           # conflict signal: False = this step's r, True = EMA of r
     ema_beta: float = _CP.signal_beta         # β_s of the EMA (cp.signal_beta)
 
+    def __post_init__(self):
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"unknown penalty {self.penalty!r} (known: {', '.join(PENALTIES)})")
+
+    @property
+    def fixed(self) -> bool:
+        return self.penalty == "fixed"
+
+    @property
+    def ratio(self) -> bool:
+        return self.penalty == "ratio"
+
     @classmethod
     def from_config(cls, cfg) -> "PenaltyParams":
         return cls(tau=float(cfg.tau), alpha=float(cfg.alpha), k_min=float(cfg.k_min),
-                   beta=float(cfg.beta), fixed=(cfg.penalty == "fixed"), ratio=(cfg.penalty == "ratio"),
-                   normalize=bool(cfg.normalize),
+                   beta=float(cfg.beta), penalty=str(cfg.penalty), normalize=bool(cfg.normalize),
                    ema=(cfg.signal == "ema"), ema_beta=float(cfg.signal_beta))
 
 

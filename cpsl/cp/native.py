@@ -150,8 +150,7 @@ def pack_penalty(p: PenaltyParams, w: float = 0.0) -> tuple[float, ...]:
     mode (tanh / fixed / ratio) and the schedule weight ``w``, in ``cpsl._C.PENALTY_FIELDS`` order
     (csrc/cp.h ``PenaltyArgs``; the C++ entry unpacks and checks it)."""
     C = _ext_or_raise()
-    mode = "fixed" if p.fixed else "ratio" if p.ratio else "tanh"
-    vals = {"tau": p.tau, "alpha": p.alpha, "k_min": p.k_min, "beta": p.beta, "w": w, "mode": C.PENALTY_MODES[mode],
+    vals = {"tau": p.tau, "alpha": p.alpha, "k_min": p.k_min, "beta": p.beta, "w": w, "mode": C.PENALTY_MODES[p.penalty],
             "normalize": p.normalize, "ema": p.ema, "ema_beta": p.ema_beta}
     return tuple(float(vals[f]) for f in C.PENALTY_FIELDS)
 
