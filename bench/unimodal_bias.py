@@ -121,7 +121,8 @@ def run_one(args) -> dict:
     cell, knobs, variant, seed, sets, epochs = args
     import numpy as np
     from cpsl.data import load_data
-    from cpsl.train import load_model, predict, train_seed
+    from cpsl.checkpoint import load_model
+    from cpsl.train import predict, train_seed
     torch.set_num_threads(1)
     cfg = make_config(variant, sets, epochs)
     data = load_data("synth", synth_seed=seed, synth={"family": "unimodal_bias", **knobs})

@@ -46,7 +46,9 @@ def _task(args) -> dict:
     """One (variant, seed) run in its own process: train, then the test contributions."""
     cfg_dict, data, seed, out, fingerprint = args
     import torch
-    from .train import contributions, load_model, train_seed
+    from .checkpoint import load_model
+    from .evaluation import contributions
+    from .train import train_seed
     cfg = Config.from_dict(cfg_dict)
     torch.set_num_threads(cfg.train.num_threads or 1)
     t0 = time.perf_counter()
@@ -69,7 +71,8 @@ def run_ablation(base: Config, data, out: str | Path, names=None, jobs: int = 1,
     from . import strategies
     from .data.mmsa import require_splits
     from .runs import data_fingerprint, prepare_out
-    from .train import aggregate, check_lengths, seed_summary
+    from .checkpoint import check_lengths
+    from .train import aggregate, seed_summary
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(names or DEFAULT)

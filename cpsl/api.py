@@ -136,7 +136,8 @@ class Model:
 
     def evaluate(self, data: "DataLike", split: str = "test") -> dict[str, float]:
         """MMSA metrics of the fused prediction on ``split`` of ``data``."""
-        from .train import check_compatible, evaluate
+        from .checkpoint import check_compatible
+        from .evaluation import evaluate
         d = _data(data, self.config)
         check_compatible(self.module, d, str(self.ckpt))
         return evaluate(self.module, d[split], self.config, self.device)["metrics"]

@@ -85,7 +85,8 @@ def joint_parts(model, data: MMSAData, cfg: Config) -> tuple[dict, str]:
 
 
 def _train(cfg: Config, data: MMSAData, folder: Path, seed: int):
-    from .train import load_model, train_seed
+    from .checkpoint import load_model
+    from .train import train_seed
     r = train_seed(cfg, data, seed, folder, log=lambda *_: None)
     model, _, _ = load_model(r["ckpt"], cfg.train.device)
     hist = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]

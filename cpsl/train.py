@@ -25,8 +25,7 @@ import torch
 
 from . import distributed, strategies
 from .amp import Precision
-from .checkpoint import CKPT_FORMAT, load_model, read_checkpoint, save_checkpoint  # noqa: F401 - re-exports
-from .checkpoint import check_compatible, check_lengths  # noqa: F401 - re-exports
+from .checkpoint import check_lengths, load_model, read_checkpoint, save_checkpoint
 from .checkpoint import set_rng_state as _set_rng_state
 from .evaluation import contributions, evaluate, predict  # noqa: F401 - re-exports (cpsl.train's public API)
 from .config import Config
@@ -37,8 +36,6 @@ from .losses import total_loss
 from .metrics import METRIC_KEYS, mean_std
 from .model import CPSLModel
 from .tblog import ScalarLog
-
-CKPT_FORMAT = "cpsl-ckpt-1"
 
 
 # ---------------------------------------------------------------------------- set-up

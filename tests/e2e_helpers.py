@@ -58,7 +58,7 @@ def tiny_checkpoint(root: Path, layers: int = 3) -> tuple[Path, Path, MMSAData]:
     from cpsl.config import preset
     from cpsl.data.mmsa import save_mmsa
     from cpsl.model import CPSLModel
-    from cpsl.train import save_checkpoint
+    from cpsl.checkpoint import save_checkpoint
     enc = tiny_encoder(root, layers)
     data = tiny_data(enc)
     pkl = root / "d.pkl"

@@ -159,17 +159,26 @@ def _python_block(md: Path) -> str:
     return re.search(r"```python\n(.*?)```", md.read_text(), re.S).group(1)
 
 
+@pytest.fixture(scope="module")
+def api_example(tmp_path_factory):
+    """docs/api.md's example, exactly as written, run once in an empty folder: ``(folder, process)``.
+    Its toy set and trained run also serve the PyTorch-vs-ONNX agreement test (one MiniLM training)."""
+    folder = tmp_path_factory.mktemp("api_example")
+    code = _python_block(REPO / "docs" / "api.md")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=folder,
+                       timeout=600)
+    return folder, r
+
+
 @pytest.mark.slow
 @needs_text
-def test_the_api_example_in_the_docs_runs(tmp_path):
+def test_the_api_example_in_the_docs_runs(api_example):
     """docs/api.md's example, exactly as written, in an empty folder."""
-    code = _python_block(REPO / "docs" / "api.md")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                       timeout=600)
+    folder, r = api_example
     assert r.returncode == 0, r.stdout + r.stderr
     assert "valid MAE" in r.stdout and "test MAE" in r.stdout
-    assert (tmp_path / "model" / "model.onnx").is_file() and (tmp_path / "model" / "README.md").is_file()
-    card = (tmp_path / "model" / "README.md").read_text()
+    assert (folder / "model" / "model.onnx").is_file() and (folder / "model" / "README.md").is_file()
+    card = (folder / "model" / "README.md").read_text()
     assert "**valid**" in card and "## Limits" in card and "Intended" in card
 
 
@@ -193,12 +202,15 @@ def test_the_readme_quickstart_runs_and_ends_with_a_prediction_from_raw_text(tmp
 
 @pytest.mark.slow
 @needs_text
-def test_checkpoint_and_export_predict_agree(tmp_path):
-    """The same texts through Model.predict (PyTorch) and through the exported graph (ONNX Runtime)."""
+def test_checkpoint_and_export_predict_agree(api_example, tmp_path):
+    """The same texts through Model.predict (PyTorch) and through the exported graph (ONNX Runtime), on the
+    run docs/api.md's example trained (cpsl.toy_text, then cpsl.fit of the student with MiniLM)."""
     import cpsl
-    data = cpsl.toy_text(tmp_path / "t.pkl")
-    run = cpsl.fit(cpsl.configure("student", epochs=1, seeds=[1], **{"model.text_encoder": "minilm"}), data=data,
-                     out=tmp_path / "run")
+    folder, r = api_example
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = folder / "reviews.pkl"
+    run = cpsl.Run(folder / "run", json.loads((folder / "run" / "results.json").read_text()))
+    assert run.seeds == [1] and run.ckpt() == folder / "run" / "seed1" / "best.pt"
     texts = ["a wonderful, moving film", "the plot was not good", "honestly, the cast is very dull"]
     a = run.load().predict(texts)
     m = cpsl.export(run.ckpt(), tmp_path / "x", data=str(data))

@@ -64,7 +64,7 @@ def test_bad_config_values_one_line_exit_2(tmp_path, args):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     from cpsl.model import CPSLModel
-    from cpsl.train import save_checkpoint
+    from cpsl.checkpoint import save_checkpoint
     root = tmp_path_factory.mktemp("ck")
     data = generate(SynthSpec(n_train=24, n_valid=16, n_test=8, d_text=12, d_audio=5, d_vision=7,
                               text_len=(3, 9), audio_len=(4, 12), vision_len=(4, 12)))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from cpsl.checkpoint import load_model, read_checkpoint
 from cpsl.cli import main
 from cpsl.compress.distill import DistillLoss, teacher_targets
 from cpsl.config import preset
@@ -16,7 +17,7 @@ from cpsl.data import SynthSpec, generate
 from cpsl.data.batch import make_batch
 from cpsl.data.mmsa import save_mmsa
 from cpsl.model import CPSLModel
-from cpsl.train import load_model, read_checkpoint, run
+from cpsl.train import run
 
 torch.set_num_threads(1)
 

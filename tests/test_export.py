@@ -13,6 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
 
+from cpsl.checkpoint import load_model, save_checkpoint  # noqa: E402
 from cpsl.cli import main  # noqa: E402
 from cpsl.compress.quantize import check_qdq, quantize_int8, to_fp16  # noqa: E402
 from cpsl.config import preset  # noqa: E402
@@ -22,7 +23,7 @@ from cpsl.data.mmsa import save_mmsa  # noqa: E402
 from cpsl.deploy import onnx as ox  # noqa: E402
 from cpsl.errors import CPSLError  # noqa: E402
 from cpsl.model import CPSLModel  # noqa: E402
-from cpsl.train import load_model, run, save_checkpoint  # noqa: E402
+from cpsl.train import run  # noqa: E402
 
 torch.set_num_threads(1)
 

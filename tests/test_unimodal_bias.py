@@ -135,7 +135,8 @@ def test_linear_presets_and_their_rules():
 
 
 def test_linear_preset_trains_full_batch_sgd_and_keeps_the_final_weights(tmp_path):
-    from cpsl.train import load_model, train_seed
+    from cpsl.checkpoint import load_model
+    from cpsl.train import train_seed
     d = _ub(n_train=40, n_valid=20, n_test=20, dims="4,4")
     cfg = build_config("linear_late", None, ["train.epochs=250", "train.eval_every=50", "model.init_std=0.05",
                                              "train.modulation=none"])

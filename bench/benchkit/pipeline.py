@@ -47,7 +47,7 @@ class Run:
 
 
 def stage_data(R: Run) -> None:
-    from cpsl.train import read_checkpoint
+    from cpsl.checkpoint import read_checkpoint
     a = R.a
     with R.P.stage("data") as st:
         synth_seed = 0
@@ -66,7 +66,7 @@ def stage_data(R: Run) -> None:
 
 def stage_model(R: Run, kind: str) -> None:
     """The teacher (trained or --ckpt) or the student (distilled or --student-ckpt)."""
-    from cpsl.train import check_compatible, load_model, read_checkpoint
+    from cpsl.checkpoint import check_compatible, load_model, read_checkpoint
     a, data = R.a, R.v["data"]
     given = a.ckpt if kind == "teacher" else a.student_ckpt
     with R.P.stage(kind) as st:

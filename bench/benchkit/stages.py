@@ -89,10 +89,11 @@ def distill_student(teacher_ckpt: Path, data, data_arg: str, synth_seed: int, ep
                     out: Path, log) -> dict:
     from cpsl.compress.distill import distill
     from cpsl.config import build_config
+    from cpsl.train import run
     cfg = build_config("student")
     cfg.train.epochs, cfg.train.seeds, cfg.train.progress, cfg.train.device = epochs, [1], False, device
     cfg.data.path, cfg.data.synth_seed = data_arg, synth_seed
-    res = distill(teacher_ckpt, data, cfg, out, log=log, overwrite=True)
+    res = distill(teacher_ckpt, data, cfg, out, log=log, overwrite=True, train_loop=run)
     return {"source": "distilled", "epochs": epochs, "epochs_run": res["per_seed"][0]["epochs_run"],
             "best_epoch": res["per_seed"][0]["best_epoch"], "ckpt": out / "seed1" / "best.pt",
             "param_ratio": res["distill"]["params"]["ratio"]}

@@ -28,9 +28,10 @@ def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device
 
     With --data synth the teacher's synthetic seed and knobs are used unless --set data.synth_seed=... /
     data.synth=... say otherwise."""
+    from ..checkpoint import read_checkpoint
     from ..compress.distill import distill as run_distill
     from ..data import load_data
-    from ..train import read_checkpoint
+    from ..train import run as train_loop
 
     cfg = run_config(preset, config, sets, seeds, epochs, device, quiet, threads)
     tck = read_checkpoint(teacher)
@@ -47,7 +48,8 @@ def distill(teacher, out, data_path, preset, config, sets, seeds, epochs, device
     click.echo(f"data: {data_path} ({', '.join(data.modalities)}; "
                f"{'/'.join(str(len(s)) for s in data.splits.values())} train/valid/test)")
     res = run_distill(teacher, data, cfg, out, lambda_kd=lambda_kd, lambda_hint=lambda_hint,
-                      max_ratio=max_ratio, cache=not no_cache, log=click.echo, overwrite=overwrite)
+                      max_ratio=max_ratio, cache=not no_cache, log=click.echo, overwrite=overwrite,
+                      train_loop=train_loop)
     _summary(res, out)
 
 

@@ -82,7 +82,8 @@ def eval_cmd(ckpt, data_path, split, out, overwrite, mask_modality, device, cont
     """Evaluate a checkpoint on a split with MMSA's metrics."""
     from ..data import load_data
     from ..metrics import format_table
-    from ..train import check_compatible, evaluate, load_model
+    from ..checkpoint import check_compatible, load_model
+    from ..evaluation import evaluate
     device_check(device)
     if split not in ("train", "valid", "test"):
         raise CPSLError(f"unknown split {split!r} (choose train, valid or test)")

@@ -5,7 +5,9 @@
 
 ``P`` is a trainable ``Linear(d_s → d_t)``. The distillation terms are the trainer's
 ``extra_loss`` (``cpsl.train.run(..., extra_loss_factory=...)``), so the student is trained,
-checkpointed and evaluated exactly like ``cpsl train`` does it.
+checkpointed and evaluated exactly like ``cpsl train`` does it. :func:`distill` is handed that
+loop (``train_loop``) by its caller (the CLI, bench): ``cpsl.compress`` never imports
+``cpsl.train`` (an import-linter contract), it reads the teacher through :mod:`cpsl.checkpoint`.
 
 The teacher runs in eval mode (no dropout, BatchNorm running statistics): its outputs for a
 training sample do not depend on the batch it sits in (everything is masked), so they are
@@ -17,6 +19,7 @@ saved in the student's checkpoints.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +116,15 @@ def retention(student: dict, teacher: dict) -> dict:
 
 def distill(teacher_ckpt: str | Path, data: MMSAData, cfg: Config, out: str | Path,
             lambda_kd: float = DistillSettings.lambda_kd, lambda_hint: float = DistillSettings.lambda_hint,
-            max_ratio: float = MAX_PARAM_RATIO, cache: bool = True, log=print, overwrite: bool = False) -> dict:
+            max_ratio: float = MAX_PARAM_RATIO, cache: bool = True, log=print, overwrite: bool = False, *,
+            train_loop: Callable[..., dict]) -> dict:
     """Train ``cfg.train.seeds`` students against the teacher checkpoint; write ``out/results.json``
-    (``cpsl train``'s layout plus ``teacher``, ``retention`` and ``distill``) and return it."""
+    (``cpsl train``'s layout plus ``teacher``, ``retention`` and ``distill``) and return it.
+    ``train_loop``: :func:`cpsl.train.run` (called as ``train_loop(cfg, data, out, log=...,
+    extra_loss_factory=..., overwrite=...)``, returning its results dict)."""
+    from ..checkpoint import check_compatible, load_model
+    from ..evaluation import evaluate
     from ..metrics import METRIC_KEYS
-    from ..train import check_compatible, evaluate, load_model, run
 
     if lambda_kd < 0 or lambda_hint < 0:
         raise CPSLError("--lambda-kd and --lambda-hint must be >= 0")
@@ -150,7 +157,7 @@ def distill(teacher_ckpt: str | Path, data: MMSAData, cfg: Config, out: str | Pa
         c = tuple(t.clone() for t in cached) if cached is not None else None
         return DistillLoss(teacher, cfg.model.d, lambda_kd, lambda_hint, cache=c)
 
-    res = run(cfg, data, out, log=log, extra_loss_factory=factory, overwrite=overwrite)
+    res = train_loop(cfg, data, out, log=log, extra_loss_factory=factory, overwrite=overwrite)
     res["teacher"] = {"ckpt": str(teacher_ckpt), "params": pr["teacher"],
                       "trained_on": tck.get("data_path"), **tres}
     res["retention"] = {s: retention({k: v["mean"] for k, v in res[s].items()}, tres[s])

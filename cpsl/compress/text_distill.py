@@ -99,7 +99,8 @@ def distill_text_encoder(teacher_ckpt, data, layers: int, out, epochs: int = 3, 
 
     from ..data.batch import iterate
     from ..metrics import METRIC_KEYS
-    from ..train import check_compatible, evaluate, load_model, save_checkpoint
+    from ..checkpoint import check_compatible, load_model, save_checkpoint
+    from ..evaluation import evaluate
     if epochs < 1:
         raise CPSLError("--epochs must be >= 1")
     teacher, cfg, tck = load_model(teacher_ckpt, device)

@@ -142,7 +142,7 @@ def export_artifact(ckpt: str | Path, onnx_path: str | Path, settings: ExportSet
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise CPSLError(f"export needs onnx and onnxruntime ({e.name} missing): pip install 'cpsl[export]'") from None
-    from ..train import load_model
+    from ..checkpoint import load_model
     from .stages import export_graphs, load_inputs, reference_outputs
     model, cfg, ck = load_model(ckpt, "cpu")
     model.eval()

@@ -25,7 +25,7 @@ class ExportInputs:
 
 def _load_checked(path, synth_seed, model, ckpt, what, synth=None, trust_pickle=False):
     from ..data import load_data
-    from ..train import check_compatible
+    from ..checkpoint import check_compatible
     try:
         d = load_data(path, synth_seed, synth, trust_pickle=trust_pickle)
     except CPSLError as e:
