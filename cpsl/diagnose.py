@@ -71,7 +71,7 @@ def _features(model, split, cfg: Config, m: str) -> np.ndarray:
 
 def joint_parts(model, data: MMSAData, cfg: Config) -> tuple[dict, str]:
     """Valid loss of each modality's part of the joint model, and how it was read."""
-    from .train import predict
+    from .evaluation import predict
     _, aux, y = predict(model, data["valid"], cfg.data.eval_batch_size, cfg.train.device)
     if cfg.model.arch == "linear" or cfg.loss.aux > 0:
         how = "its own branch's contribution" if cfg.model.arch == "linear" else "its trained auxiliary head"
@@ -95,7 +95,7 @@ def _train(cfg: Config, data: MMSAData, folder: Path, seed: int):
 
 def diagnose(cfg: Config, data: MMSAData, seed: int = 1, log=print, progress=None) -> dict:
     """The report of this module's docstring (a JSON-ready dict)."""
-    from .train import contributions
+    from .evaluation import contributions
     if len(data.modalities) < 2:
         raise CPSLError(f"diagnose needs at least two modalities; {data.path or 'the data'} has "
                         f"{', '.join(data.modalities)}")
@@ -155,8 +155,8 @@ def verdict_lines(mods: dict, helps: bool) -> list[str]:
                          f"{m} reaches alone)")
     inf = [m for m, v in mods.items() if v["informative"]]
     if len(inf) <= 1:
-        lines.append(f"verdict: NO. Only {inf[0] if inf else 'no modality'} is informative, so balancing cannot help "
-                     "here; train with --modulation none")
+        what = f"Only {inf[0]} is informative" if inf else "No modality is informative"
+        lines.append(f"verdict: NO. {what}, so balancing cannot help here; train with --modulation none")
     elif helps:
         lines.append("verdict: YES. Joint training under-learns " + ", ".join(m for m, v in mods.items()
                                                                           if v["under_learned"])
