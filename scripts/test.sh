@@ -20,4 +20,4 @@ fi
 # 2. the suite, from outside the source tree with --import-mode=importlib: the tests import the
 #    installed cpsl (with its compiled _C), not the source folder.
 cd "$root/tests"
-exec "$PY" -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir "$root" -c "$root/pyproject.toml" "$root/tests" "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider --import-mode=importlib --durations=25 --rootdir "$root" -c "$root/pyproject.toml" "$root/tests" "$@"

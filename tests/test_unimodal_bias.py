@@ -215,10 +215,10 @@ def test_diagnose_cli_writes_json_and_figure(tmp_path):
 
 @pytest.mark.slow
 def test_diagnose_says_no_on_the_default_synthetic_data():
-    """The embedded default data (CPSL model, aux heads): text dominates, yet joint training learns
-    every informative modality, so balancing is not expected to help."""
+    """The embedded default data (the CPSL model at the student preset, aux heads): text dominates,
+    yet joint training learns every informative modality, so balancing is not expected to help."""
     from cpsl.data.synthetic import SynthSpec, generate
-    rep = _diagnose(generate(SynthSpec(seed=0)), "teacher", ["train.epochs=6"])
+    rep = _diagnose(generate(SynthSpec(seed=0)), "student", ["train.epochs=6"])   # the CPSL model, small
     assert rep["joint_part"] == "its trained auxiliary head"
     assert "text" in rep["informative"]
     assert not rep["balancing_could_help"], rep["verdicts"]
@@ -237,7 +237,7 @@ def test_diagnose_on_mosi_says_only_text_is_informative(shared_data_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data, _ = build_mosi(mosi / "labels.csv", mosi / "audio_opensmile.csv", progress=False)
-    rep = _diagnose(data, "teacher", ["train.epochs=5"])
+    rep = _diagnose(data, "student", ["train.epochs=5"])
     assert rep["informative"] == ["text"], rep["modalities"]
     assert not rep["balancing_could_help"]
     assert rep["verdicts"][-1].startswith("verdict: NO. Only text is informative")
