@@ -85,6 +85,17 @@ def test_cli_writes_an_mmsa_pickle_with_unbounded_labels(tmp_path):
                    "knob of the default family")
 
 
+@pytest.mark.parametrize("order", [("dims=30,30,30", "variances=4,2,1"), ("variances=4,2,1", "dims=30,30,30")])
+def test_cli_three_modalities_in_either_knob_order(tmp_path, order):
+    """--set knobs are applied together and checked once: dims and variances may come in any order."""
+    out = tmp_path / "three.pkl"
+    r = cli("data", "synth", "--family", "unimodal_bias", "--out", out, "--set", "n_train=20", "--set", "n_valid=8",
+            "--set", "n_test=8", "--set", order[0], "--set", order[1])
+    assert r.exit_code == 0, r.output
+    d = load_mmsa(out)
+    assert tuple(d.modalities) == ("text", "audio", "vision") and d["train"].features["vision"].shape == (20, 1, 30)
+
+
 # ---------------------------------------------------------------------------- the linear networks
 def _batch(d, n=8):
     s = d["train"]

@@ -37,11 +37,14 @@ def synth_spec_from_args(seed=0, imbalance=None, text_memo=None, av_noise=None, 
         except ValueError:
             raise CPSLError(f"--sizes must be three integers like 1284,229,686, got {sizes!r}") from None
         spec.n_train, spec.n_valid, spec.n_test = a, b, c
+    pairs = {}
     for kv in knobs:
         if "=" not in kv:
             raise CPSLError(f"synthetic knob {kv!r} must look like name=value")
-        set_knobs(spec, dict([kv.split("=", 1)]))
-    return spec
+        k, v = kv.split("=", 1)
+        pairs[k] = v
+    # all at once, checked once: --set dims=30,30,30 --set variances=4,2,1 in either order
+    return set_knobs(spec, pairs) if pairs else spec
 
 
 def set_knobs(spec, knobs: dict, where: str = ""):
