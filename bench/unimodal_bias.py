@@ -45,11 +45,11 @@ PEERS = ("ogm_ge", "cggm", "ags", "mmpareto", "inforeg", "moddrop")
 VARIANTS = {
     "early": ("linear_early", {"train.modulation": "none"}),
     "none": ("linear_late", {"train.modulation": "none"}),
-    "cp": ("linear_late", {"train.modulation": "cp"}),                     # the default rule: ratio, plateau stop
+    "cp": ("linear_late", {"train.modulation": "cp"}),          # the preset's default rule: ratio, no stop
     **{p: ("linear_late", {"train.modulation": p}) for p in PEERS},
-    "cp_never": ("linear_late", {"train.modulation": "cp", "cp.stop": "never"}),
+    "cp_plateau": ("linear_late", {"train.modulation": "cp", "cp.stop": "plateau"}),   # the package-wide stop rule
     # the tanh rule, alpha 0.5 (the default penalty before 0.2.0), with and without the plateau stop
-    "cp_tanh": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh"}),
+    "cp_tanh": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh", "cp.stop": "plateau"}),
     "cp_tanh_never": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh", "cp.stop": "never"}),
     "cp_ema": ("linear_late", {"train.modulation": "cp", "cp.penalty": "tanh", "cp.signal": "ema", "cp.stop": "never"}),
     "cp_fixed": ("linear_late", {"train.modulation": "cp", "cp.penalty": "fixed", "cp.beta": 0.1, "cp.stop": "never"}),

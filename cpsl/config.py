@@ -274,9 +274,12 @@ class Config:
 
 
 # the unimodal-bias theory's regime (docs/unimodal_bias.md): full-batch gradient descent on 0.5·MSE
-# from a small initialisation, no early stopping, selection or weight averaging, no extra loss terms
+# from a small initialisation, no early stopping, selection or weight averaging, no extra loss terms;
+# the penalty too runs the whole schedule (cp.stop=never): a weak deep-linear branch's valid loss can
+# sit flat while it still learns, which the plateau rule reads as done (docs/cp_rules.md)
 _LINEAR = {
     "data": {"batch_size": 0},
+    "cp": {"stop": "never"},
     "model": {"arch": "linear", "linear_width": 100, "linear_depth": 2, "activation": "linear", "init_std": 1e-3},
     "loss": {"task": "half_mse", "aux": 0.0, "rec": 0.0, "sl": 0.0, "div": 0.0},
     "train": {"optimizer": "sgd", "lr": 0.04, "epochs": 3000, "patience": 1_000_000, "weight_decay": 0.0,

@@ -138,6 +138,7 @@ def test_linear_presets_and_their_rules():
     cfg = build_config("linear_late")
     assert (cfg.model.arch, cfg.model.fusion_layer, cfg.train.optimizer, cfg.loss.task) == ("linear", 1, "sgd", "half_mse")
     assert (cfg.train.lr, cfg.train.epochs, cfg.data.batch_size, cfg.train.select, cfg.train.ema) == (0.04, 3000, 0, "last", 0)
+    assert cfg.cp.stop == "never"                      # no early stop of the penalty either (docs/cp_rules.md)
     assert build_config("linear_early").model.fusion_layer == 0
     with pytest.raises(CPSLError, match="loss.sl=0"):
         build_config("linear_late", None, ["loss.sl=0.1"])
