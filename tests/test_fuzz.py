@@ -16,6 +16,7 @@ ran (by kind and exit code).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -30,7 +31,7 @@ import pytest
 import torch
 
 from cpsl.checkpoint import save_checkpoint
-from cpsl.config import Config, preset
+from cpsl.config import Config, preset, sections
 from cpsl.model import CPSLModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: find helpers_cli
@@ -159,7 +160,7 @@ def test_fuzz_pickle_bytes(blob, how):
         c.check(cli("data", "info", p), inputs=[p])
 
 
-SECTIONS = {f: list(getattr(Config(), f).__dataclass_fields__) for f in Config.__dataclass_fields__}
+SECTIONS = {name: [f.name for f in dataclasses.fields(obj)] for name, obj in sections(Config())}
 config_keys = st.sampled_from([(s, k) for s, ks in SECTIONS.items() for k in ks] + [("nope", "x"), ("train", "nope")])
 yaml_values = st.one_of(st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True, width=32),
                         st.sampled_from(["x", "", "cuda:0", "gpu", "1,2", "nan", "true", "l1", "[1, 2]", "{a: 1}"]),
