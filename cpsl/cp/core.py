@@ -44,14 +44,14 @@ between replays; a float is baked into the capture.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
 
 from ..config import CPConfig
 
-PENALTIES = ("ratio", "tanh", "fixed")
+PENALTIES = next(f for f in fields(CPConfig) if f.name == "penalty").metadata["choices"]   # declared once there
 N_FIELDS = 5  # sumsq, ghat, r, k, conflict (then one guard slot)
 
 
@@ -238,9 +238,8 @@ def penalty_tensor(sumsq: torch.Tensor, numel: torch.Tensor, active: torch.Tenso
     if p.fixed:
         kc = torch.full_like(r, p.beta)
     elif p.ratio:
-        others = torch.where(active, ghat, torch.full_like(ghat, math.inf))
-        eye = torch.eye(g, dtype=torch.bool, device=ghat.device)
-        ref = torch.where(eye, torch.full_like(eye, math.inf, dtype=ghat.dtype), others.expand(g, g)).amin(dim=1)
+        others = torch.where(active, ghat, torch.full_like(ghat, math.inf))          # row m: every group but m
+        ref = others.expand(g, g).masked_fill(torch.eye(g, dtype=torch.bool, device=ghat.device), math.inf).amin(1)
         kc = (ref / torch.where(ghat > 0, ghat, torch.ones_like(ghat))).clamp(p.k_min, 1.0)
     else:
         kc = (1.0 - torch.tanh(p.alpha * (r - 1.0))).clamp(p.k_min, 1.0)
