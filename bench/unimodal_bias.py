@@ -172,19 +172,18 @@ def run_grid(tasks: list, jobs: int, cache: Path | None = None, log=print) -> li
 
 
 def _key(task) -> str:
-    """A file name for one run: cell, seed, and a digest of the cell's knobs and the run's whole
-    resolved config (two variant names with the same config share their runs)."""
+    """A file name for one run: cell, seed, and a digest of the cell's knobs and what the run learns:
+    its resolved config without the non-identity keys (cpsl.config.non_identity_keys: backend,
+    threads, ...) and, for a strategy other than cp, without CP's section (two variant names with
+    the same such config share their runs)."""
     import hashlib
+    from cpsl.config import flatten, non_identity_keys
     cell, knobs, variant, seed, sets, epochs = task
-    cfg = make_config(variant, sets, epochs).to_dict()
-    g = cfg.pop("groups")                        # hashed in the layout the cached runs were written with
-    cfg["cp"].update(groups=g["prefixes"], scope=g["scope"], diagnostics=g["diagnostics"])
-    cfg["cp"]["backend"] = "auto"                # every backend computes the same function (tests/test_cp*.py)
-    if cfg["train"]["modulation"] != "cp":       # the stop rule and the penalty are the cp strategy's alone
-        for k in ("stop", "stop_patience", "stop_delta"):
-            cfg["cp"].pop(k)
-        cfg["cp"]["penalty"] = "tanh"            # (the value these runs were first written with)
-    h = hashlib.sha1(json.dumps([sorted(knobs.items()), cfg], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    cfg = make_config(variant, sets, epochs)
+    skip = non_identity_keys()
+    flat = {k: v for k, v in flatten(cfg.to_dict()).items()
+            if k not in skip and (cfg.train.modulation == "cp" or not k.startswith("cp."))}
+    h = hashlib.sha1(json.dumps([sorted(knobs.items()), flat], sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{cell}_s{seed}_{h}.json"
 
 
