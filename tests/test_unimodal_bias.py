@@ -266,3 +266,12 @@ def test_side_reports_that_are_pipes_are_refused_before_any_work(tmp_path):
     d.mkdir()
     os.mkfifo(d / "diagnose.json")
     one_error_line(cli("diagnose", "--data", "synth", "--epochs", "1", "--out", d))
+
+
+def test_verdict_when_no_modality_is_informative():
+    from cpsl.diagnose import verdict_lines
+    flat = {"informative": False, "under_learned": False, "recovered": 0.0}
+    lines = verdict_lines({"text": flat, "audio": flat}, helps=False)
+    assert lines[-1].startswith("verdict: NO. No modality is informative, so balancing cannot help")
+    one = verdict_lines({"text": {**flat, "informative": True, "recovered": 1.0}, "audio": flat}, helps=False)
+    assert one[-1].startswith("verdict: NO. Only text is informative")
