@@ -221,8 +221,11 @@ def load_model(path: str | Path, device="cpu") -> tuple[CPSLModel, Config, dict]
 
 
 # ---------------------------------------------------------------------------- compatibility with data
-def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpoint") -> None:
-    if tuple(model.modalities) != tuple(data.modalities):
+def check_compatible(model: CPSLModel, data: MMSAData, ckpt_path: str = "checkpoint", subset_ok: bool = False) -> None:
+    """The data holds what the model reads. ``subset_ok``: the data may hold more modalities than the model
+    (a text-only student scored or exported on the fused model's data: its batches take the model's only)."""
+    extra_ok = subset_ok and set(model.modalities) <= set(data.modalities)
+    if tuple(model.modalities) != tuple(data.modalities) and not extra_ok:
         raise CPSLError(f"{ckpt_path} was trained on modalities {list(model.modalities)} "
                         f"but the data has {list(data.modalities)}")
     for m in model.modalities:

@@ -72,3 +72,16 @@ def test_edge_stage_needs_the_seed_checkpoints(tmp_path):
     shutil.copyfile(ck, tmp_path / "run" / "seed1" / "best.pt")
     with pytest.raises(CPSLError, match="needs the MOSEI pickle"):
         run_edge(tmp_path / "run", "1", pkl, None, EdgeSettings(distill={"progress": False}), print)
+
+
+def test_text_only_student_has_no_audio_input(tmp_path):
+    ck, pkl, _ = tiny_checkpoint(tmp_path / "t")
+    out = tmp_path / "run"
+    (out / "seed1").mkdir(parents=True)
+    shutil.copyfile(ck, out / "seed1" / "best.pt")
+    s = EdgeSettings(layers=1, epochs=1, calib_batches=2, audio=False,
+                     distill={"batch_size": 8, "relation_heads": 4, "progress": False})
+    r = run_edge(out, "1", pkl, pkl, s, lambda *_: None)
+    man = json.loads((out / "edge" / "sentiment.manifest.json").read_text())
+    assert man["modalities"] == ["text"] and [i["name"] for i in man["inputs"]] == ["input_ids", "attention_mask"]
+    assert r["student"]["audio"] is False and set(METRIC_KEYS) <= set(r["student"]["test"])

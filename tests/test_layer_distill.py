@@ -82,3 +82,21 @@ def test_distill_layers_without_a_transfer_set_and_bad_settings(tmp_path):
                        LayerDistillSettings(layers=1, epochs=1, relation_heads=5, progress=False), log=lambda *_: None)
     with pytest.raises(CPSLError, match="epochs must be"):
         distill_layers([ck], data, None, tmp_path / "t", LayerDistillSettings(epochs=0), log=lambda *_: None)
+
+
+def test_text_only_student_starts_from_the_teachers_text_path(tmp_path):
+    from cpsl.compress.layer_distill import text_only_student
+    ck, _, data = tiny_checkpoint(tmp_path)
+    teacher, cfg, _ = load_model(ck)
+    student, scfg = text_only_student(teacher, cfg, 2)
+    assert student.modalities == ("text",) and len(student.text_backbone.encoder.encoder.layer) == 2
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    d = scfg.model.d
+    same = [k for k in s_sd if k.startswith(("encoders.text.", "head.", "text_backbone.", "fusion.ln.text."))]
+    assert len(same) > 20 and all(torch.equal(s_sd[k], t_sd[k]) for k in same)
+    assert torch.equal(s_sd["fusion.res.weight"], t_sd["fusion.res.weight"][:, :d])
+    assert torch.equal(s_sd["fusion.mlp.0.weight"], t_sd["fusion.mlp.0.weight"][:, :d])
+    res = distill_layers([ck], data, None, tmp_path / "s", LayerDistillSettings(
+        layers=1, epochs=1, batch_size=8, relation_heads=4, text_only=True, progress=False), log=lambda *_: None)
+    m, _, _ = load_model(tmp_path / "s" / "best.pt")
+    assert m.modalities == ("text",) and np.isfinite(res["valid"]["MAE"])

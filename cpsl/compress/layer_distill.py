@@ -51,6 +51,7 @@ class LayerDistillSettings:
     relation_heads: int = 12
     warmup: float = 0.06                # share of the steps with a linear warm-up
     freeze_word_embeddings: bool = True
+    text_only: bool = False             # a student without the other modalities (text_only_student)
     bucket: int = 8                     # transfer batches of similar lengths (cpsl.data.batch.bucket_order)
     seed: int = 1
     progress: bool = True
@@ -147,6 +148,31 @@ def fused_prediction(model, b, h, mask):
     for m in model.modalities:
         H[m], hp[m], _, _ = model.encoders[m](x[m], mk[m])
     return model.head(model.fusion(H, hp, mk))
+
+
+def text_only_student(teacher, cfg, layers: int):
+    """A text-only student (no audio/vision input): the teacher's first ``layers`` encoder layers, its
+    text AME encoder and head; the fusion's MLP and residual start from their text columns."""
+    import torch
+
+    from ..model import CPSLModel
+    from .text_distill import shallow_student
+    if teacher.modalities == ("text",):
+        return shallow_student(teacher, cfg, layers)
+    shallow, scfg = shallow_student(teacher, cfg, layers)
+    student = CPSLModel({"text": teacher.dims["text"]}, scfg.model)
+    d = scfg.model.d
+    src = shallow.state_dict()
+    own = student.state_dict()
+    with torch.no_grad():
+        for k, v in own.items():
+            if k in src and src[k].shape == v.shape:
+                v.copy_(src[k])
+            elif k in ("fusion.mlp.0.weight", "fusion.res.weight") and k in src:
+                v.copy_(src[k][:, :d])                       # text is the first block of the concatenation
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student, scfg
 
 
 # ---------------------------------------------------------------------------- targets
@@ -247,7 +273,7 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
     lmap = layer_map(n_t, s.layers)
     t_valid = evaluate(teacher, va, cfg, device)["metrics"]
     torch.manual_seed(s.seed)
-    student, scfg = shallow_student(teacher, cfg, s.layers)
+    student, scfg = (text_only_student if s.text_only else shallow_student)(teacher, cfg, s.layers)
     student.to(device)
     word = student.text_backbone.encoder.embeddings.word_embeddings.weight
     if s.freeze_word_embeddings:

@@ -32,7 +32,7 @@ def _load_checked(path, synth_seed, model, ckpt, what, synth=None, trust_pickle=
         raise CPSLError(f"{what}: {e}") from None
     except (OSError, EOFError, ValueError, TypeError) as e:
         raise CPSLError(f"{what} {path} is not a readable MMSA pickle ({type(e).__name__})") from None
-    check_compatible(model, d, ckpt)
+    check_compatible(model, d, ckpt, subset_ok=True)
     return d
 
 

@@ -38,6 +38,7 @@ class EdgeSettings:
     epochs: int = 4
     transfer: bool = True              # MOSEI transcripts in the transfer set (else MOSI train only)
     transfer_rows: int = 0             # 0: all of them
+    audio: bool = True                 # False: a text-only student (no audio input on the device)
     precision: str = "int8"
     calib_batches: int = 16
     threads: int = 0
@@ -73,10 +74,11 @@ def student_stage(teachers, mosi: Path, mosei: Path | None, out: Path, s: EdgeSe
 
     from ..compress.layer_distill import LayerDistillSettings, distill_layers, transfer_ids
     from ..data.mmsa import load_mmsa
-    ds = LayerDistillSettings(layers=s.layers, epochs=s.epochs, transfer_rows=s.transfer_rows, **s.distill)
+    ds = LayerDistillSettings(layers=s.layers, epochs=s.epochs, transfer_rows=s.transfer_rows,
+                              text_only=not s.audio, **s.distill)
     tag = _tag([str(t) for t in teachers], [Path(t).stat().st_mtime for t in teachers], str(mosi),
                str(mosei) if s.transfer else None, asdict(ds))
-    d = out / "edge_work" / f"student_L{s.layers}_{tag}"
+    d = out / "edge_work" / f"student_L{s.layers}{'' if s.audio else '_text'}_{tag}"
     if (d / "results.json").is_file() and (d / "best.pt").is_file():
         say(f"[edge] student: cached {d}")
         return d / "best.pt", json.loads((d / "results.json").read_text())
@@ -134,7 +136,7 @@ def score_stage(teachers, student_res: dict, arts: dict, mosi: Path, s: EdgeSett
     block = {
         "teacher": {**ref, "ckpt": str(teachers[0]), "note": "the single-model teacher (first seed), PyTorch fp32"},
         "ensemble": {**ensemble, "members": [str(t) for t in teachers]},
-        "student": {**student, "layers": s.layers, "precision": s.precision, "file": arts[s.precision]["path"],
+        "student": {**student, "layers": s.layers, "precision": s.precision, "audio": s.audio, "file": arts[s.precision]["path"],
                     "bytes": arts[s.precision]["bytes"], "latency_b1_p50_ms": lat[s.precision]["p50_ms"],
                     "latency_b1": lat[s.precision], "best_epoch": student_res.get("best_epoch"),
                     "distill_valid_pytorch": student_res.get("valid"),

@@ -63,6 +63,7 @@ class RecipeSettings:
     edge_epochs: int = 4
     edge_transfer: bool = True
     edge_transfer_rows: int = 0
+    edge_audio: bool = True
 
     def check(self) -> None:
         if self.kfold_only and not self.kfold:
@@ -244,7 +245,7 @@ def run_recipe(s: RecipeSettings) -> dict:
             if s.edge_transfer else None
         results.update(run_edge(out, s.seeds, mosi, mosei, EdgeSettings(
             layers=s.edge_layers, epochs=s.edge_epochs, transfer=s.edge_transfer,
-            transfer_rows=s.edge_transfer_rows, threads=s.threads, distill={"progress": not s.quiet}), say))
+            transfer_rows=s.edge_transfer_rows, audio=s.edge_audio, threads=s.threads, distill={"progress": not s.quiet}), say))
         timing["edge_s"] = time.time() - t_edge
     card = encoder / "transfer.json"
     rec = {"encoder": str(encoder), "source_encoder": s.source_encoder, "config": str(s.config),
@@ -303,7 +304,8 @@ def summary(r: dict) -> str:
             if split in st:
                 s += _line(f"{split}: teacher (seed {r['seeds'].split(',')[0]})", r["teacher"][split])
                 s += _line(f"{split}: ensemble of {len(r['ensemble']['members'])}", r["ensemble"][split])
-                s += _line(f"{split}: {st['layers']}-layer {st['precision']} student", st[split])
+                s += _line(f"{split}: {st['layers']}-layer {st['precision']} student"
+                           f"{'' if st.get('audio', True) else ' (text only)'}", st[split])
         s += (f"  edge artefact: {st['file']} ({st['bytes'] / 1e6:.1f} MB), batch 1 one thread "
               f"{st['latency_b1_p50_ms']:.2f} ms p50 (fp32 twin {r['student_fp32']['latency_b1_p50_ms']:.2f} ms)\n")
     if rec.get("encoder_mosei_valid"):
