@@ -179,15 +179,19 @@ def small_weight_nodes(model, op_types, min_elems: int) -> list[str]:
 
 def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], method: str = "percentile",
                   percentile: float = 99.999, quantize_attention: bool = False,
-                  op_types=("MatMul", "Gemm", "Conv"), per_channel: bool = True, min_weight_elems: int = 0) -> dict:
+                  op_types=("MatMul", "Gemm", "Conv"), per_channel: bool = True, min_weight_elems: int = 0,
+                  dedicated_pairs: bool = True, gather_min_elems: int = 0,
+                  gather_percentile: float = 100.0) -> dict:
     """Write an explicit-Q/DQ int8 copy of ``fp32_model`` (path or ModelProto) to ``out_path``.
 
     ``min_weight_elems`` leaves ops with smaller weights in float (end-to-end graphs: only the text
-    encoder's Linear layers are worth their Q/DQ pairs); ``per_channel=False`` gives per-tensor
-    weight scales (measured with ONNX Runtime 1.32 CPU on MiniLM: per-channel weight
-    DequantizeLinear runs at every call, 28 ms of a 46 ms batch-1 run; per-tensor, the MatMuls
-    whose input is not a LayerNorm output fuse into MatMulIntegerToFloat and the rest pay a
-    cheaper per-tensor DequantizeLinear; bench/results/e2e_quick).
+    encoder's Linear layers are worth their Q/DQ pairs). ``dedicated_pairs`` gives every quantized
+    consumer of an activation its own QuantizeLinear → DequantizeLinear pair: ONNX Runtime fuses a
+    DQ → MatMul ← DQ group into MatMulIntegerToFloat only when each DQ feeds that MatMul alone, and
+    without it the shared DQ of a LayerNorm output also fed the residual Add (which then read the
+    fake-quantized tensor). ``per_channel`` gives per-output-channel weight scales.
+    ``gather_min_elems`` > 0 also stores every float table of at least that many elements read only by
+    Gather (the word embeddings) in int8: :func:`quantize_gathers`, scale from ``gather_percentile``.
 
     Returns a description (method, number of calibration batches, counts of Q/DQ nodes and of
     quantized ops) for the manifest. The result is checked with :func:`check_qdq`."""
@@ -211,7 +215,7 @@ def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], met
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},             # (K, N) weight: output channels
         "OpTypesToExcludeOutputQuantization": list(op_types),          # quantize op inputs only
         "QuantizeBias": False,                                         # TensorRT: no int32 bias DQ
-        "DedicatedQDQPair": False,
+        "DedicatedQDQPair": bool(dedicated_pairs),
         "CalibTensorRangeSymmetric": True,
         "CalibStridedMinMax": 1,                                       # one batch per collect (see _Reader)
     }
@@ -227,6 +231,10 @@ def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], met
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=exclude, calibrate_method=cm, extra_options=extra)
     q = onnx.load(str(out_path))
+    pairs = dedicate_qdq(q, op_types) if dedicated_pairs else None
+    gathers = quantize_gathers(q, int(gather_min_elems), gather_percentile) if gather_min_elems else []
+    if pairs or gathers:
+        onnx.save(q, str(out_path))
     onnx.checker.check_model(q, full_check=True)
     info = check_qdq(q)
     info.update({"calibration": method, "calib_batches": len(calib_feeds),
@@ -235,8 +243,172 @@ def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], met
                  "quantize_attention": bool(quantize_attention), "excluded_nodes": exclude,
                  "weights": f"int8 symmetric per {'output channel' if per_channel else 'tensor'}",
                  "activations": "int8 symmetric per tensor", "ops": list(op_types),
-                 "min_weight_elems": int(min_weight_elems)})
+                 "min_weight_elems": int(min_weight_elems), "dedicated_pairs": pairs,
+                 "gathers": gathers})
     return info
+
+
+def dedicate_qdq(model, op_types=("MatMul", "Gemm", "Conv")) -> dict:
+    """Give every quantized input of an ``op_types`` node its own QuantizeLinear → DequantizeLinear pair with its
+    own scale and zero-point initializers, and let every other reader of a quantized activation read the float
+    tensor (in place). Returns counts.
+
+    Why, with ONNX Runtime 1.32 CPU (x86): a DQ → MatMul ← DQ(weight) group becomes MatMulIntegerToFloat only
+    with uint8 activations, and the int8 Q → DQ pair is turned into uint8 only when the Q feeds a single DQ. The
+    quantizer leaves two forms that break this: (1) one Q/DQ pair whose DQ feeds a MatMul and the residual Add
+    (``DedicatedQDQPair`` only splits tensors with several *quantized* readers; the Add then also read the
+    fake-quantized tensor), (2) dedicated pairs of Q, K and V that share one scale initializer, which ONNX
+    Runtime's common-subexpression elimination merges back into one Q with three DQs. Both leave the weight
+    DequantizeLinear running at every call. The result is the same math for the quantized ops (same scales)
+    and exact float for the rest; TensorRT reads it as ordinary Q/DQ pairs."""
+    from onnx import helper
+
+    g = model.graph
+    prod = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    graph_outs = {o.name for o in g.output}
+
+    def is_act_dq(n) -> bool:
+        return (n is not None and n.op_type == "DequantizeLinear"
+                and getattr(prod.get(n.input[0]), "op_type", "") == "QuantizeLinear")
+
+    quantized = {id(n) for n in g.node if n.op_type in op_types
+                 and all(getattr(prod.get(x), "op_type", "") == "DequantizeLinear" for x in n.input[:2])}
+    # 1. readers that are not quantized ops read the float tensor
+    n_float = 0
+    for n in g.node:
+        if id(n) in quantized:
+            continue
+        for k, x in enumerate(n.input):
+            dq = prod.get(x)
+            if is_act_dq(dq) and x not in graph_outs:
+                n.input[k] = prod[dq.input[0]].input[0]
+                n_float += 1
+    # 2. one Q → DQ pair, with its own scale and zero point, per quantized input
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            uses[x] = uses.get(x, 0) + 1
+    q_param_uses: dict[str, int] = {}
+    for n in g.node:
+        if n.op_type == "QuantizeLinear":
+            for x in n.input[1:3]:
+                q_param_uses[x] = q_param_uses.get(x, 0) + 1
+    out, n_new, k = [], 0, 0
+    for n in g.node:
+        if id(n) in quantized:
+            for slot, x in enumerate(n.input[:2]):
+                dq = prod.get(x)
+                if not is_act_dq(dq):
+                    continue
+                q = prod[dq.input[0]]
+                if uses[x] == 1 and uses[q.output[0]] == 1 and all(q_param_uses[p] == 1 for p in q.input[1:3]):
+                    continue
+                k += 1
+                tag = f"{q.input[0]}__pair{k}"
+                for src, dst in ((q.input[1], f"{tag}_scale"), (q.input[2], f"{tag}_zero_point")):
+                    t = copy.deepcopy(inits[src])
+                    t.name = dst
+                    g.initializer.append(t)
+                out.append(helper.make_node("QuantizeLinear", [q.input[0], f"{tag}_scale", f"{tag}_zero_point"],
+                                            [f"{tag}_q"], name=f"{tag}_QuantizeLinear"))
+                dq_new = helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zero_point"],
+                                          [f"{tag}_dq"], name=f"{tag}_DequantizeLinear")
+                dq_new.attribute.extend(copy.deepcopy(a) for a in dq.attribute)
+                out.append(dq_new)
+                n.input[slot] = f"{tag}_dq"
+                n_new += 1
+        out.append(n)
+    del g.node[:]
+    g.node.extend(out)
+    removed = prune_dead(model)
+    return {"float_readers_rewired": n_float, "pairs_added": n_new, "nodes_removed": removed}
+
+
+def prune_dead(model) -> int:
+    """Remove QuantizeLinear/DequantizeLinear nodes whose outputs nobody reads, and the initializers only they
+    read (in place); returns the number of nodes removed."""
+    g = model.graph
+    removed, params = 0, set()
+    while True:
+        used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        ids = {id(n) for n in dead}
+        params |= {x for n in dead for x in n.input}
+        keep = [n for n in g.node if id(n) not in ids]
+        del g.node[:]
+        g.node.extend(keep)
+        removed += len(dead)
+    used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used or t.name not in params]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return removed
+
+
+def gather_scale(table: np.ndarray, percentile: float = 100.0) -> float:
+    """Symmetric per-tensor int8 scale of a table: its ``percentile`` of |value| (100: the max) / 127."""
+    a = np.abs(np.asarray(table, np.float32))
+    r = float(a.max() if percentile >= 100 else np.percentile(a, percentile))
+    return (r if r > 0 else 1.0) / 127.0
+
+
+def quantize_gathers(model, min_elems: int, percentile: float = 100.0) -> list[dict]:
+    """Store every float initializer of ``min_elems`` elements or more that only Gathers read (axis 0,
+    the embedding tables) in int8 and dequantize the gathered rows (in place):
+
+        Gather(table float32, ids) → x    becomes    Gather(table int8, ids) → DequantizeLinear(scale, 0) → x
+
+    per-tensor symmetric (``scale`` from :func:`gather_scale`, zero point an int8 0). The other order,
+    DequantizeLinear(table) → Gather, would dequantize the whole table at every ONNX Runtime call (it
+    keeps DequantizeLinear of initializers for its Q/DQ fusions). Returns one entry per table."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for k, x in enumerate(n.input):
+            if x in inits:
+                readers.setdefault(x, []).append((n, k))
+    done, out = {}, []
+    for name, uses in readers.items():
+        t = inits[name]
+        if t.data_type != TensorProto.FLOAT or int(np.prod(t.dims)) < min_elems:
+            continue
+        if not all(n.op_type == "Gather" and k == 0 and _axis(n) == 0 for n, k in uses):
+            continue
+        table = numpy_helper.to_array(t)
+        scale = gather_scale(table, percentile)
+        q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
+        err = np.abs(q.astype(np.float32) * scale - table)
+        base = name.replace("/", "_")
+        t.CopyFrom(numpy_helper.from_array(q, f"{base}_int8"))
+        g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{base}_scale"),
+                              numpy_helper.from_array(np.array(0, np.int8), f"{base}_zero_point")])
+        done[name] = base
+        out.append({"table": name, "shape": list(table.shape), "scale": float(scale),
+                    "percentile": float(percentile), "clipped": int((np.abs(table) > 127 * scale).sum()),
+                    "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean())})
+    nodes = []
+    for n in g.node:
+        nodes.append(n)
+        if n.op_type == "Gather" and n.input[0] in done:
+            base, y = done[n.input[0]], n.output[0]
+            n.input[0] = f"{base}_int8"
+            n.output[0] = f"{y}_int8"
+            nodes.append(helper.make_node("DequantizeLinear", [f"{y}_int8", f"{base}_scale", f"{base}_zero_point"],
+                                          [y], name=f"{n.name}_DequantizeLinear"))
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def _axis(node, default: int = 0) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), default)
 
 
 def _const_values(model) -> dict:
@@ -271,8 +443,9 @@ def _check_channel_axis(dq, weight: np.ndarray, scale, consumers) -> None:
 def check_qdq(model) -> dict:
     """Verify the Q/DQ form TensorRT consumes; raise ``CPSLError`` naming the first offender.
 
-    Every DequantizeLinear must read an int8 tensor (an int8 initializer or the output of a
-    QuantizeLinear whose zero point is int8) with an explicit int8 zero point that is all 0;
+    Every DequantizeLinear must read an int8 tensor (an int8 initializer, the output of a
+    QuantizeLinear whose zero point is int8, or the rows a Gather takes from an int8 initializer, with
+    one per-tensor scale: :func:`quantize_gathers`) with an explicit int8 zero point that is all 0;
     every QuantizeLinear likewise; activation scales are scalars; per-channel weight scales
     run along the output-channel axis of the consuming MatMul (1), Gemm (0 when transB) or
     Conv (0). Returns counts for the manifest."""
@@ -297,7 +470,7 @@ def check_qdq(model) -> dict:
         zp = vals.get(node.input[2])
         return zp is not None and zp.dtype == np.int8 and not np.any(zp)
 
-    n_q = n_dq = n_w = n_a = 0
+    n_q = n_dq = n_w = n_a = n_g = 0
     for n in g.node:
         if n.op_type == "QuantizeLinear":
             n_q += 1
@@ -317,10 +490,16 @@ def check_qdq(model) -> dict:
                 raise CPSLError(f"DequantizeLinear {n.name}: weight {x} is {vals[x].dtype}, not int8")
             n_w += 1
             _check_channel_axis(n, vals[x], vals.get(n.input[1]), consumers.get(n.output[0], []))
+        elif _int8_gather(producers.get(x), vals):      # rows of an int8 table (quantize_gathers)
+            sc = vals.get(n.input[1])
+            if sc is None or sc.size != 1:
+                raise CPSLError(f"DequantizeLinear {n.name}: the scale of gathered int8 rows must be one constant")
+            n_g += 1
         else:                                          # an activation
             p = producers.get(x)
             if p is None or p.op_type != "QuantizeLinear":
-                raise CPSLError(f"DequantizeLinear {n.name}: input {x} is not produced by a QuantizeLinear")
+                raise CPSLError(f"DequantizeLinear {n.name}: input {x} is not produced by a QuantizeLinear "
+                                "(nor by a Gather of an int8 initializer)")
             n_a += 1
     # normalisations and activations must stay float: no QuantizeLinear may feed them directly
     float_ops = {"LayerNormalization", "Softmax", "Erf", "Gelu", "Tanh", "Sigmoid"}
@@ -336,8 +515,15 @@ def check_qdq(model) -> dict:
             quantized.setdefault(n.op_type, [0, 0])
             quantized[n.op_type][0 if q else 1] += 1
     return {"quantize_linear": n_q, "dequantize_linear": n_dq, "int8_weights": n_w, "int8_activations": n_a,
+            "int8_gathers": n_g,
             "quantized_ops": {k: v[0] for k, v in quantized.items()},
             "float_ops": {k: v[1] for k, v in quantized.items()}}
+
+
+def _int8_gather(node, vals) -> bool:
+    """``node`` is a Gather (axis 0) whose data is an int8 initializer or constant."""
+    return (node is not None and node.op_type == "Gather" and _axis(node) == 0 and node.input[0] in vals
+            and vals[node.input[0]].dtype == np.int8)
 
 
 def non_standard_ops(proto) -> list[str]:
