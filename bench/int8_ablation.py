@@ -50,28 +50,12 @@ VARIANTS = {
 
 
 def dq_before_gather(path: Path) -> None:
-    """Rewrite Gather(int8) → DQ as DQ(int8 table) → Gather (in place): the form ONNX Runtime does not fold."""
+    """The int8 table in the other order, DQ(int8 table) → Gather (the TensorRT form; in place)."""
     import onnx
-    from onnx import helper
+
+    from cpsl.compress.quantize import dequantize_before_gather
     m = onnx.load(str(path))
-    prod = {o: n for n in m.graph.node for o in n.output}
-    nodes, drop = [], set()
-    for n in m.graph.node:
-        if n.op_type != "DequantizeLinear" or getattr(prod.get(n.input[0]), "op_type", "") != "Gather":
-            continue
-        g = prod[n.input[0]]
-        table = f"{g.input[0]}_dq"
-        nodes.append((g, helper.make_node("DequantizeLinear", [g.input[0], n.input[1], n.input[2]], [table],
-                                          name=f"{table}_node")))
-        g.input[0], g.output[0] = table, n.output[0]
-        drop.add(n.name)
-    out = []
-    for n in m.graph.node:
-        out += [d for g, d in nodes if g is n]
-        if n.name not in drop:
-            out.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(out)
+    dequantize_before_gather(m)
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(path))
 

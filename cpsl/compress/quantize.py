@@ -407,6 +407,38 @@ def quantize_gathers(model, min_elems: int, percentile: float = 100.0) -> list[d
     return out
 
 
+def dequantize_before_gather(model) -> int:
+    """Rewrite every ``Gather(int8 table, ids) → DequantizeLinear`` of :func:`quantize_gathers` as
+    ``DequantizeLinear(int8 table) → Gather`` (in place; same values, same file size); returns how many.
+
+    TensorRT 10's ONNX parser lists Gather for float/int32/int64/bool data only and treats int8 as a type
+    reached through Q/DQ, so this is the form for a TensorRT build (a DequantizeLinear on a constant, like a
+    pre-quantized weight); ONNX Runtime CPU would dequantize the whole table at every call in it."""
+    from onnx import helper
+
+    g = model.graph
+    vals = _const_values(model)
+    prod = {o: n for n in g.node for o in n.output}
+    tables: dict[str, str] = {}
+    out, n_done = [], 0
+    for n in g.node:
+        gat = prod.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if not _int8_gather(gat, vals):
+            out.append(n)
+            continue
+        table = gat.input[0]
+        if table not in tables:
+            tables[table] = f"{table}_dequantized"
+            out.insert(0, helper.make_node("DequantizeLinear", [table, n.input[1], n.input[2]], [tables[table]],
+                                           name=f"{table}_DequantizeLinear"))
+        gat.input[0] = tables[table]
+        gat.output[0] = n.output[0]
+        n_done += 1
+    del g.node[:]
+    g.node.extend(out)
+    return n_done
+
+
 def _axis(node, default: int = 0) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), default)
 
