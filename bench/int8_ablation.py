@@ -128,7 +128,7 @@ def run_ckpt(label: str, ckpt: Path, pkl: str, work: Path, names: list[str], ite
         pred = predict_valid(session(p, 1), tok, valid)
         pred32 = pred if k == "fp32" else pred32
         met = mmsa_metrics(pred, y)
-        prof = ort_op_profile(p, feeds, 1, 30, work / f"prof_{k}", top=12)
+        prof = ort_op_profile(p, feeds, 1, 30, work / f"prof_{k}", top=100)
         ops = {o["op"]: o for o in prof["top_ops"]}
         rows[k] = {"description": VARIANTS[k][0] if k in VARIANTS else "float32 graph",
                    "bytes": p.stat().st_size, "MAE": met["MAE"], "Non0_acc_2": met["Non0_acc_2"],
