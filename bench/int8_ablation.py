@@ -33,9 +33,9 @@ from benchkit.machine import machine_info  # noqa: E402
 GATHER_MIN = 262_144          # the word-embedding table (30522 x 384); position/type tables stay float
 # name -> (description, quantize_int8 keyword arguments); each adds one change to the one before
 VARIANTS = {
-    "old": ("per-tensor weights, shared Q/DQ, float embedding (the 0.1 default)",
+    "old": ("the previous default: per-tensor weights, Q/DQ shared by readers, float embedding",
             dict(per_channel=False, dedicated_pairs=False, gather_min_elems=0)),
-    "dedicated": ("+ dedicated Q/DQ pair per consumer",
+    "dedicated": ("+ one Q/DQ pair (own scale) per quantized input, float residual readers",
                   dict(per_channel=False, dedicated_pairs=True, gather_min_elems=0)),
     "embedding": ("+ int8 word embedding (Gather → DequantizeLinear, max-abs scale)",
                   dict(per_channel=False, dedicated_pairs=True, gather_min_elems=GATHER_MIN)),
@@ -143,6 +143,7 @@ def run_ckpt(label: str, ckpt: Path, pkl: str, work: Path, names: list[str], ite
         rows[k] = {"description": VARIANTS[k][0] if k in VARIANTS else "float32 graph",
                    "bytes": p.stat().st_size, "MAE": met["MAE"], "Non0_acc_2": met["Non0_acc_2"],
                    "Corr": met["Corr"], "max_abs_vs_fp32": float(np.abs(pred - pred32).max()),
+                   "mean_abs_vs_fp32": float(np.abs(pred - pred32).mean()),
                    "latency_b1_1thread": lat[k], "profile": prof,
                    "dq_ms": ops.get("DequantizeLinear", {}).get("ms_per_run", 0.0),
                    "dq_calls": ops.get("DequantizeLinear", {}).get("calls", 0.0),
@@ -166,17 +167,20 @@ def write_markdown(path: Path, res: dict) -> None:
          "Latency: graph only (tokenization is the same for all), batch 1, 1 ONNX Runtime thread, real MOSI valid "
          "transcripts, variants interleaved in rounds; ×fp32 = median over rounds of variant/fp32 on the same input. "
          "Accuracy: MOSI valid through the torch-free front end. DQ = ONNX Runtime DequantizeLinear time and calls "
-         "per batch-1 run; MMI2F = MatMulIntegerToFloat calls.", ""]
+         "per batch-1 run; MMI2F = MatMulIntegerToFloat calls. MAE differences of a few tenths of a percent are "
+         "within what 229 samples resolve; the mean abs deviation from the fp32 graph's predictions is the finer "
+         "measure of what int8 changes.", ""]
     for c in res["checkpoints"]:
         L += [f"## {c['label']} (`{c['ckpt']}`, {c['valid_samples']} valid samples, profile at "
               f"{c['profile_input_tokens']} tokens)", "",
-              "| variant | MB | b1 p50 ms | ×fp32 | MAE | MAE vs fp32 | Non0_acc_2 | max abs vs fp32 | DQ ms (calls) | "
-              "MMI2F calls | change |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| variant | MB | b1 p50 ms | ×fp32 | MAE | MAE vs fp32 | Non0_acc_2 | mean / max abs vs fp32 | "
+              "DQ ms (calls) | MMI2F calls | change |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for k, r in c["rows"].items():
             lt = r["latency_b1_1thread"]
             rel = f"{r['MAE_increase_rel']:+.2%}" if "MAE_increase_rel" in r else "—"
             L.append(f"| {k} | {r['bytes'] / 1e6:.1f} | {lt['p50_ms']:.2f} | {lt['ratio_vs_fp32']:.2f} | "
-                     f"{r['MAE']:.4f} | {rel} | {r['Non0_acc_2']:.4f} | {r['max_abs_vs_fp32']:.4f} | "
+                     f"{r['MAE']:.4f} | {rel} | {r['Non0_acc_2']:.4f} | {r.get('mean_abs_vs_fp32', 0):.4f} / "
+                     f"{r['max_abs_vs_fp32']:.4f} | "
                      f"{r['dq_ms']:.2f} ({r['dq_calls']:.0f}) | {r['mm_int_calls']:.0f} | {r['description']} |")
         L.append("")
     path.write_text("\n".join(L) + "\n")
