@@ -27,9 +27,9 @@ def test_missing_data_pack_is_one_error_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _row(L, p, b1, b32, b1_2, b32_2, acc, mae):
+def _row(L, p, b1, b32, b1_2, b32_2, acc, mae, mb=10.0):
     lat = lambda v: {"total": {"p50_ms": v, "p90_ms": v, "p99_ms": v}, "tokenize": {"p50_ms": 0.1}}  # noqa: E731
-    return {"layers": L, "precision": p, "bytes": 1, "metrics": {"Non0_acc_2": acc, "MAE": mae},
+    return {"layers": L, "precision": p, "bytes": int(mb * 1e6), "metrics": {"Non0_acc_2": acc, "MAE": mae},
             "retention_vs_teacher_fp32": {"Non0_acc_2": acc / 0.8, "MAE_increase_rel": mae / 0.9 - 1},
             "latency": {"t1_b1": lat(b1), "t1_b32": lat(b32), "t2_b1": lat(b1_2), "t2_b32": lat(b32_2)}}
 
@@ -38,9 +38,9 @@ def test_summary_checks_follow_the_measured_values():
     sys.path.insert(0, str(REPO / "bench"))
     from benchkit.e2e_report import summarize
     teacher = {"Non0_acc_2": 0.8, "MAE": 0.9}
-    good = [_row(2, "int8", 3.0, 80, 2.5, 60, 0.79, 0.93), _row(2, "fp32", 3.5, 120, 3.0, 90, 0.8, 0.9)]
+    good = [_row(2, "int8", 3.0, 80, 2.5, 60, 0.79, 0.93, 19.4), _row(2, "fp32", 3.5, 120, 3.0, 90, 0.8, 0.925, 66.3)]
     s = summarize(good, 2, teacher)
-    assert all(s["checks"].values()) and s["e2e_int8_b1_p50_ms"] == 3.0
-    bad = [_row(2, "int8", 4.5, 130, 5.0, 140, 0.77, 0.96), _row(2, "fp32", 3.5, 120, 3.0, 90, 0.8, 0.9)]
+    assert all(s["checks"].values()) and s["e2e_int8_b1_p50_ms"] == 3.0 and s["e2e_int8_mb"] == 19.4
+    bad = [_row(2, "int8", 4.5, 130, 5.0, 140, 0.77, 0.96, 20.1), _row(2, "fp32", 3.5, 120, 3.0, 90, 0.8, 0.9)]
     c = summarize(bad, 2, teacher)["checks"]
     assert not any(c.values()), c

@@ -85,7 +85,9 @@ def test_graph_interface_profile_and_qdq(e2e):
     assert man["opset"] <= 20
     info = check_qdq(proto)
     q = man["quantization"]
-    assert q["min_weight_elems"] == 1024 and q["weights"] == "int8 symmetric per tensor"
+    assert q["min_weight_elems"] == 1024 and q["weights"] == "int8 symmetric per output channel"
+    assert [g["table"] for g in q["gathers"]] == ["model.text_backbone.encoder.embeddings.word_embeddings.weight"]
+    assert info["int8_gathers"] == 1                     # the word embeddings: tests/test_int8_e2e.py
     # the 3 encoder layers' weight MatMuls (Q, K, V, out, FFN in/out = 6 each) are int8 ...
     prod = {o: n for n in proto.graph.node for o in n.output}
     qmm = [n.name for n in proto.graph.node if n.op_type == "MatMul"

@@ -7,7 +7,8 @@
 5. accuracy: MOSI valid through the torch-free front end (export/frontend.py tokenizes the raw
    transcripts), retention vs the fp32 teacher (PyTorch);
 6. latency: batch 1 and 32 of real valid transcripts (≤ 50 tokens after truncation), tokenization
-   included and also alone, 1 and 2 ONNX Runtime threads;
+   included and also alone, 1 and 2 ONNX Runtime threads; the precisions of one encoder depth are timed
+   interleaved (same input, rotating order) so that load changes hit them alike;
 7. profiles: ONNX Runtime per-op time of the fp32 and int8 graphs of the student at batch 1.
 Writes ``OUT/bench.json`` (``summary`` first) and ``OUT/bench.md``.
 """
@@ -41,6 +42,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 TARGET_B1_MS = 4.0
 TARGET_RETENTION = 0.98
 TARGET_MAE_REL = 0.05
+TARGET_INT8_MB = 20.0            # the student's int8 graph on disk (decimal MB)
+TARGET_INT8_VS_FP32_MAE = 0.01   # int8 MAE / the same student's fp32-graph MAE - 1
 
 
 def build_data(data_dir: Path, work: Path, say):
@@ -90,30 +93,39 @@ def _pct(a) -> dict:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "iters": int(a.size)}
 
 
-def time_e2e(sess, tok, split, batch: int, iters: int, budget_s: float) -> dict:
-    """Tokenize + run on consecutive real transcripts; total, tokenization and graph times."""
+def time_e2e(sessions: dict, tok, split, batch: int, iters: int, budget_s: float) -> dict:
+    """Tokenize + run on consecutive real transcripts; total, tokenization and graph times of every session
+    in ``sessions`` (name -> session), interleaved: each round runs all of them on the same input in a
+    rotating order, so that a change of machine load hits them alike. ``ratio_vs_<first>``: the median over
+    rounds of (session / first session) total time."""
     texts = [str(t) for t in split.raw_text]
     audio = split.features["audio"]
-    n = len(texts)
+    n, names = len(texts), list(sessions)
     for k in range(3):                                              # warm-up
         i = (k * batch) % n
-        sess.run(["sentiment"], fe.feeds_for(tok, texts[i:i + batch] or texts[:batch], {"audio": audio[i:i + batch]}))
-    tot, tk, gr, seqs = [], [], [], []
-    t_end = time.perf_counter() + budget_s
+        for s in sessions.values():
+            s.run(["sentiment"], fe.feeds_for(tok, texts[i:i + batch] or texts[:batch], {"audio": audio[i:i + batch]}))
+    rec = {m: ([], [], [], []) for m in names}                      # total, tokenize, graph, seq
+    t_end = time.perf_counter() + budget_s * len(names)
     for k in range(iters):
         i = (k * batch) % max(1, n - batch + 1)
-        t0 = time.perf_counter()
-        enc = fe.encode(tok, texts[i:i + batch])
-        t1 = time.perf_counter()
-        f = dict(enc, audio=np.ascontiguousarray(audio[i:i + batch]),
-                 audio_mask=np.ones(audio[i:i + batch].shape[:2], np.float32))
-        sess.run(["sentiment"], f)
-        t2 = time.perf_counter()
-        tot.append(t2 - t0), tk.append(t1 - t0), gr.append(t2 - t1), seqs.append(enc["input_ids"].shape[1])
-        if t2 > t_end and k >= 20:
+        for m in names[k % len(names):] + names[:k % len(names)]:
+            t0 = time.perf_counter()
+            enc = fe.encode(tok, texts[i:i + batch])
+            t1 = time.perf_counter()
+            f = dict(enc, audio=np.ascontiguousarray(audio[i:i + batch]),
+                     audio_mask=np.ones(audio[i:i + batch].shape[:2], np.float32))
+            sessions[m].run(["sentiment"], f)
+            t2 = time.perf_counter()
+            for lst, v in zip(rec[m], (t2 - t0, t1 - t0, t2 - t1, enc["input_ids"].shape[1])):
+                lst.append(v)
+        if time.perf_counter() > t_end and k >= 20:
             break
-    return {"total": _pct(tot), "tokenize": _pct(tk), "graph": _pct(gr), "seq_len_mean": float(np.mean(seqs)),
-            "seq_len_max": int(max(seqs))}
+    base = np.asarray(rec[names[0]][0])
+    return {m: {"total": _pct(tot), "tokenize": _pct(tk), "graph": _pct(gr), "seq_len_mean": float(np.mean(sq)),
+                "seq_len_max": int(max(sq)), f"ratio_vs_{names[0]}": float(np.median(np.asarray(tot) / base)),
+                "interleaved_with": names}
+            for m, (tot, tk, gr, sq) in rec.items()}
 
 
 def ort_op_profile(path: Path, feeds: dict, threads: int, runs: int, prefix: Path, top: int = 8) -> dict:
@@ -191,20 +203,25 @@ def run_e2e(a, out: Path, work: Path, say) -> int:
     y = valid.labels.astype(np.float32)
     teacher_ref = arts[(6, "fp32")].metrics["valid_pytorch_fp32"]
     rows = []
-    for (L, p), m in arts.items():
-        tok = fe.load_tokenizer(m.onnx_path, json.loads(m.manifest_path.read_text()))
-        met = mmsa_metrics(predict_valid(session(m.onnx_path, 1), tok, valid), y)
-        row = {"layers": L, "precision": p, "file": m.model, "bytes": m.files[m.model]["bytes"],
-               "metrics": {k: met[k] for k in METRIC_KEYS}, "retention_vs_teacher_fp32": retention(met, teacher_ref),
-               "pytorch_fp32": m.metrics["valid_pytorch_fp32"], "latency": {}}
+    for L in sorted({L for L, _ in arts}, reverse=True):
+        arts_l = {p: arts[(L, p)] for p in PRECISIONS if (L, p) in arts}           # fp32 first: the ratio's base
+        tok = fe.load_tokenizer(arts_l["fp32"].onnx_path, json.loads(arts_l["fp32"].manifest_path.read_text()))
+        lat: dict = {p: {} for p in arts_l}
         for threads in (1, 2):
-            sess = session(m.onnx_path, threads)
+            sessions = {p: session(m.onnx_path, threads) for p, m in arts_l.items()}
             for b in (1, 32):
                 it = (a.iters or (150 if a.quick else 400)) if b == 1 else (20 if a.quick else 60)
-                row["latency"][f"t{threads}_b{b}"] = time_e2e(sess, tok, valid, b, it, a.budget or (3.0 if a.quick else 8.0))
-        rows.append(row)
-        lat = row["latency"]["t1_b1"]["total"]["p50_ms"]
-        say(f"{L}-layer {p}: Non0_acc_2 {met['Non0_acc_2']:.4f} MAE {met['MAE']:.4f}; 1 thread b1 p50 {lat:.2f} ms")
+                res = time_e2e(sessions, tok, valid, b, it, a.budget or (3.0 if a.quick else 8.0))
+                for p in arts_l:
+                    lat[p][f"t{threads}_b{b}"] = res[p]
+        for p, m in arts_l.items():
+            met = mmsa_metrics(predict_valid(session(m.onnx_path, 1), tok, valid), y)
+            rows.append({"layers": L, "precision": p, "file": m.model, "bytes": m.files[m.model]["bytes"],
+                         "metrics": {k: met[k] for k in METRIC_KEYS},
+                         "retention_vs_teacher_fp32": retention(met, teacher_ref),
+                         "pytorch_fp32": m.metrics["valid_pytorch_fp32"], "latency": lat[p]})
+            say(f"{L}-layer {p}: {rows[-1]['bytes'] / 1e6:.1f} MB, Non0_acc_2 {met['Non0_acc_2']:.4f} MAE "
+                f"{met['MAE']:.4f}; 1 thread b1 p50 {lat[p]['t1_b1']['total']['p50_ms']:.2f} ms")
     student = int(a.student_layers)
     feeds = fe.feeds_for(fe.load_tokenizer(arts[(student, "fp32")].onnx_path,
                                            json.loads(arts[(student, "fp32")].manifest_path.read_text())),
@@ -216,7 +233,8 @@ def run_e2e(a, out: Path, work: Path, say) -> int:
            "models": {str(L): str(p) for L, p in models.items()}, "rows": rows, "profiles_b1_1thread": profiles,
            "profile_input_tokens": int(feeds["input_ids"].shape[1]), "command": "python bench/run.py " + " ".join(a.argv),
            "targets": {"int8_b1_p50_ms": TARGET_B1_MS, "retention_non0_acc2": TARGET_RETENTION,
-                       "mae_increase_rel": TARGET_MAE_REL}}
+                       "mae_increase_rel": TARGET_MAE_REL, "int8_mb": TARGET_INT8_MB,
+                       "int8_vs_fp32_mae_rel": TARGET_INT8_VS_FP32_MAE}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     write_markdown(out / "bench.md", res)

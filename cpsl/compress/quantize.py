@@ -10,7 +10,10 @@
   weights per output channel (MatMul axis 1 of the (K, N) weight, Gemm(transB) axis 0, Conv
   axis 0), symmetric per-tensor int8 activations calibrated on training batches, zero points 0
   of type int8, only the inputs of MatMul/Gemm/Conv quantized (no output Q/DQ, no int32 bias),
-  LayerNorm/Softmax/GELU left in float. Uses ``onnxruntime.quantization.quantize_static``.
+  LayerNorm/Softmax/GELU left in float. Uses ``onnxruntime.quantization.quantize_static``, then the
+  rewrites of :mod:`.qdq_graph`: one Q/DQ pair per quantized input (what ONNX Runtime CPU fuses into
+  MatMulIntegerToFloat) and, for end-to-end graphs, the word-embedding table in int8
+  (``Gather(int8) → DequantizeLinear``). docs/int8.md.
 * :func:`check_qdq` — verifies the above on any graph (every DequantizeLinear reads int8 with
   an int8 zero point equal to 0, per-channel axes are output channels, standard domain only).
 """
@@ -23,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CPSLError
+from .qdq_graph import (_axis, _const_values, _int8_gather, dedicate_qdq, dequantize_before_gather,  # noqa: F401
+                        gather_scale, prune_dead, quantize_gathers)
 
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 KEEP_FP32_DEFAULT = ("LayerNormalization", "Softmax", "ReduceSum", "ReduceMean")
@@ -179,15 +184,20 @@ def small_weight_nodes(model, op_types, min_elems: int) -> list[str]:
 
 def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], method: str = "percentile",
                   percentile: float = 99.999, quantize_attention: bool = False,
-                  op_types=("MatMul", "Gemm", "Conv"), per_channel: bool = True, min_weight_elems: int = 0) -> dict:
+                  op_types=("MatMul", "Gemm", "Conv"), per_channel: bool = True, min_weight_elems: int = 0,
+                  dedicated_pairs: bool = True, gather_min_elems: int = 0,
+                  gather_percentile: float = 100.0, nodes_to_exclude=()) -> dict:
     """Write an explicit-Q/DQ int8 copy of ``fp32_model`` (path or ModelProto) to ``out_path``.
 
     ``min_weight_elems`` leaves ops with smaller weights in float (end-to-end graphs: only the text
-    encoder's Linear layers are worth their Q/DQ pairs); ``per_channel=False`` gives per-tensor
-    weight scales (measured with ONNX Runtime 1.32 CPU on MiniLM: per-channel weight
-    DequantizeLinear runs at every call, 28 ms of a 46 ms batch-1 run; per-tensor, the MatMuls
-    whose input is not a LayerNorm output fuse into MatMulIntegerToFloat and the rest pay a
-    cheaper per-tensor DequantizeLinear; bench/results/e2e_quick).
+    encoder's Linear layers are worth their Q/DQ pairs). ``dedicated_pairs`` gives every quantized
+    consumer of an activation its own QuantizeLinear → DequantizeLinear pair: ONNX Runtime fuses a
+    DQ → MatMul ← DQ group into MatMulIntegerToFloat only when each DQ feeds that MatMul alone, and
+    without it the shared DQ of a LayerNorm output also fed the residual Add (which then read the
+    fake-quantized tensor). ``per_channel`` gives per-output-channel weight scales.
+    ``gather_min_elems`` > 0 also stores every float table of at least that many elements read only by
+    Gather (the word embeddings) in int8: :func:`quantize_gathers`, scale from ``gather_percentile``.
+    ``nodes_to_exclude``: more node names to leave in float.
 
     Returns a description (method, number of calibration batches, counts of Q/DQ nodes and of
     quantized ops) for the manifest. The result is checked with :func:`check_qdq`."""
@@ -204,6 +214,7 @@ def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], met
     exclude = [] if quantize_attention else activation_matmuls(proto)
     if min_weight_elems:
         exclude += [n for n in small_weight_nodes(proto, op_types, int(min_weight_elems)) if n not in exclude]
+    exclude += [n for n in nodes_to_exclude if n not in exclude]
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
           "entropy": CalibrationMethod.Entropy}[method]
     extra = {
@@ -211,7 +222,7 @@ def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], met
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},             # (K, N) weight: output channels
         "OpTypesToExcludeOutputQuantization": list(op_types),          # quantize op inputs only
         "QuantizeBias": False,                                         # TensorRT: no int32 bias DQ
-        "DedicatedQDQPair": False,
+        "DedicatedQDQPair": bool(dedicated_pairs),
         "CalibTensorRangeSymmetric": True,
         "CalibStridedMinMax": 1,                                       # one batch per collect (see _Reader)
     }
@@ -227,6 +238,10 @@ def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], met
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=exclude, calibrate_method=cm, extra_options=extra)
     q = onnx.load(str(out_path))
+    pairs = dedicate_qdq(q, op_types) if dedicated_pairs else None
+    gathers = quantize_gathers(q, int(gather_min_elems), gather_percentile) if gather_min_elems else []
+    if pairs or gathers:
+        onnx.save(q, str(out_path))
     onnx.checker.check_model(q, full_check=True)
     info = check_qdq(q)
     info.update({"calibration": method, "calib_batches": len(calib_feeds),
@@ -235,19 +250,9 @@ def quantize_int8(fp32_model, out_path: str | Path, calib_feeds: list[dict], met
                  "quantize_attention": bool(quantize_attention), "excluded_nodes": exclude,
                  "weights": f"int8 symmetric per {'output channel' if per_channel else 'tensor'}",
                  "activations": "int8 symmetric per tensor", "ops": list(op_types),
-                 "min_weight_elems": int(min_weight_elems)})
+                 "min_weight_elems": int(min_weight_elems), "dedicated_pairs": pairs,
+                 "gathers": gathers})
     return info
-
-
-def _const_values(model) -> dict:
-    from onnx import numpy_helper
-    vals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    vals[n.output[0]] = numpy_helper.to_array(a.t)
-    return vals
 
 
 def _check_channel_axis(dq, weight: np.ndarray, scale, consumers) -> None:
@@ -271,8 +276,9 @@ def _check_channel_axis(dq, weight: np.ndarray, scale, consumers) -> None:
 def check_qdq(model) -> dict:
     """Verify the Q/DQ form TensorRT consumes; raise ``CPSLError`` naming the first offender.
 
-    Every DequantizeLinear must read an int8 tensor (an int8 initializer or the output of a
-    QuantizeLinear whose zero point is int8) with an explicit int8 zero point that is all 0;
+    Every DequantizeLinear must read an int8 tensor (an int8 initializer, the output of a
+    QuantizeLinear whose zero point is int8, or the rows a Gather takes from an int8 initializer, with
+    one per-tensor scale: :func:`quantize_gathers`) with an explicit int8 zero point that is all 0;
     every QuantizeLinear likewise; activation scales are scalars; per-channel weight scales
     run along the output-channel axis of the consuming MatMul (1), Gemm (0 when transB) or
     Conv (0). Returns counts for the manifest."""
@@ -297,7 +303,7 @@ def check_qdq(model) -> dict:
         zp = vals.get(node.input[2])
         return zp is not None and zp.dtype == np.int8 and not np.any(zp)
 
-    n_q = n_dq = n_w = n_a = 0
+    n_q = n_dq = n_w = n_a = n_g = 0
     for n in g.node:
         if n.op_type == "QuantizeLinear":
             n_q += 1
@@ -317,10 +323,16 @@ def check_qdq(model) -> dict:
                 raise CPSLError(f"DequantizeLinear {n.name}: weight {x} is {vals[x].dtype}, not int8")
             n_w += 1
             _check_channel_axis(n, vals[x], vals.get(n.input[1]), consumers.get(n.output[0], []))
+        elif _int8_gather(producers.get(x), vals):      # rows of an int8 table (quantize_gathers)
+            sc = vals.get(n.input[1])
+            if sc is None or sc.size != 1:
+                raise CPSLError(f"DequantizeLinear {n.name}: the scale of gathered int8 rows must be one constant")
+            n_g += 1
         else:                                          # an activation
             p = producers.get(x)
             if p is None or p.op_type != "QuantizeLinear":
-                raise CPSLError(f"DequantizeLinear {n.name}: input {x} is not produced by a QuantizeLinear")
+                raise CPSLError(f"DequantizeLinear {n.name}: input {x} is not produced by a QuantizeLinear "
+                                "(nor by a Gather of an int8 initializer)")
             n_a += 1
     # normalisations and activations must stay float: no QuantizeLinear may feed them directly
     float_ops = {"LayerNormalization", "Softmax", "Erf", "Gelu", "Tanh", "Sigmoid"}
@@ -336,6 +348,7 @@ def check_qdq(model) -> dict:
             quantized.setdefault(n.op_type, [0, 0])
             quantized[n.op_type][0 if q else 1] += 1
     return {"quantize_linear": n_q, "dequantize_linear": n_dq, "int8_weights": n_w, "int8_activations": n_a,
+            "int8_gathers": n_g,
             "quantized_ops": {k: v[0] for k, v in quantized.items()},
             "float_ops": {k: v[1] for k, v in quantized.items()}}
 

@@ -43,8 +43,8 @@ class ExportSettings:
     quantize_attention: bool = _opt(False, "int8: also quantize the activation×activation MatMuls (QKᵀ, AV); off "
                                            "by default: at MSA sequence lengths their Q/DQ pairs cost more than "
                                            "they save (bench/results).")
-    int8_per_channel: bool | None = _opt(None, "int8: per-output-channel weight scales (default: on for features "
-                                               "graphs, off for end-to-end ones; see cpsl/deploy/e2e.py).")
+    int8_per_channel: bool | None = _opt(None, "int8: per-output-channel weight scales (default: on; else per "
+                                               "tensor).")
     int8_min_weight: int | None = _opt(None, "int8: ops whose weight has fewer elements stay float (default: 0, "
                                              "end-to-end graphs 65536: the text encoder's Linear layers).")
     trt: bool = _opt(False, "Build a TensorRT engine (.plan) here when `import tensorrt` works.")

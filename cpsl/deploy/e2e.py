@@ -56,6 +56,7 @@ class FeatureGraph:
     kind = "features"
     int8_per_channel = True          # int8 defaults of this interface (ExportSettings may override)
     int8_min_weight = 0
+    int8_gather_min = 0              # int8: Gather tables of this many elements or more stored in int8 (0: none)
     preprocessing = ox.PREPROCESSING
     mask = "float32, 1.0 on valid steps and 0.0 on padding (the graph tests mask > 0.5)"
 
@@ -83,10 +84,14 @@ class TokenGraph(FeatureGraph):
     """Token ids in, the text encoder inside the graph (module docstring)."""
 
     kind = "tokens"
-    # only the encoder's Linear layers (384x384 and up) are worth Q/DQ; per-tensor weight scales: ONNX
-    # Runtime CPU dequantizes per-channel weights at every call (see compress/quantize.quantize_int8)
-    int8_per_channel = False
+    # only the encoder's Linear layers (384x384 and up) and the head's widest are worth Q/DQ; with one Q/DQ pair
+    # per quantized input (compress/quantize.dedicate_qdq) ONNX Runtime CPU fuses every one into
+    # MatMulIntegerToFloat, per-channel scales included; the word-embedding table (30522 x 384, 71 % of an
+    # fp32 2-layer graph) is stored in int8 and only the gathered rows are dequantized. The position and
+    # token-type tables (512 x 384, 2 x 384) stay float. bench/results/int8_e2e
+    int8_per_channel = True
     int8_min_weight = 65536
+    int8_gather_min = 262144
     mask = ("attention_mask: int64, 1 on real tokens and 0 on padding; other modalities' masks float32, 1.0 on "
             "valid steps (the graph tests mask > 0.5)")
     preprocessing = ("text: the tokenizer in tokenizer.json (lower-casing WordPiece), [CLS] … [SEP], truncated "

@@ -33,6 +33,8 @@ class ConvertContext:
     quantize_attention: bool = False
     per_channel: bool = True           # int8 weight scales per output channel (else per tensor)
     min_weight_elems: int = 0          # int8: ops with smaller weights stay float
+    dedicated_pairs: bool = True       # int8: one Q/DQ pair per quantized input (compress.quantize.dedicate_qdq)
+    gather_min_elems: int = 0          # int8: float tables of this size or more read by Gather stored in int8
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ def to_int8_artefact(ctx: ConvertContext):
     with _silence():
         info = quantize_int8(ctx.fp32_path, ctx.out_path, ctx.calib, method=ctx.calib_method,
                              quantize_attention=ctx.quantize_attention, per_channel=ctx.per_channel,
-                             min_weight_elems=ctx.min_weight_elems)
+                             min_weight_elems=ctx.min_weight_elems, dedicated_pairs=ctx.dedicated_pairs,
+                             gather_min_elems=ctx.gather_min_elems)
     proto = onnx.load(str(ctx.out_path))
     check_qdq(proto)
     return proto, info

@@ -121,7 +121,8 @@ def export_graphs(model, ref, prec: Precision, s, onnx_path: Path, tmp: Path, in
         g = inp.graph
         ctx = ConvertContext(fp32_path, proto32, onnx_path, inp.calib, s.calib_method, s.quantize_attention,
                              g.int8_per_channel if s.int8_per_channel is None else s.int8_per_channel,
-                             g.int8_min_weight if s.int8_min_weight is None else s.int8_min_weight)
+                             g.int8_min_weight if s.int8_min_weight is None else s.int8_min_weight,
+                             dedicated_pairs=True, gather_min_elems=g.int8_gather_min)
         proto, quant_info = prec.convert(ctx)
     del proto.graph.value_info[:]   # neither ONNX Runtime nor TensorRT needs it; it doubles the file
     onnx.save(proto, str(onnx_path))
