@@ -100,3 +100,19 @@ def test_text_only_student_starts_from_the_teachers_text_path(tmp_path):
         layers=1, epochs=1, batch_size=8, relation_heads=4, text_only=True, progress=False), log=lambda *_: None)
     m, _, _ = load_model(tmp_path / "s" / "best.pt")
     assert m.modalities == ("text",) and np.isfinite(res["valid"]["MAE"])
+
+
+def test_transfer_kd_keeps_the_audio_batchnorm_statistics(tmp_path):
+    """Transfer batches carry a constant audio frame: the student's audio BatchNorm must not learn from it."""
+    ck, pkl, data = tiny_checkpoint(tmp_path)
+    teacher, _, _ = load_model(ck)
+    before = {k: v.clone() for k, v in teacher.state_dict().items() if k.startswith("encoders.audio.norm.running")}
+    s = LayerDistillSettings(layers=2, epochs=3, batch_size=8, mosi_every=10 ** 6, relation_heads=4,
+                             w_kd=0, w_task=0, progress=False)          # one MOSI batch, the rest transfer
+    res = distill_layers([ck], data, transfer_ids(pkl), tmp_path / "s", s, log=lambda *_: None)
+    assert res["history"][0]["kd_transfer"] > 0 and res["history"][0]["batches"]["mosi"] == 1
+    student, _, _ = load_model(tmp_path / "s" / "best.pt")
+    after = student.state_dict()
+    # one real MOSI batch an epoch moves them a little; 15 constant frames would take the variance to 0.9^15
+    assert any(k.endswith("running_var") for k in before)
+    assert all(torch.all(after[k] > 0.5 * v) for k, v in before.items() if k.endswith("running_var"))

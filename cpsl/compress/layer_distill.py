@@ -22,6 +22,7 @@ is scored on MOSI valid after each epoch and the epoch with the lowest valid tas
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -47,6 +48,7 @@ class LayerDistillSettings:
     w_hidden: float = 1.0
     w_rel: float = 1.0
     w_kd: float = 1.0
+    w_kd_transfer: float = 1.0          # prediction KD on the transfer transcripts (other modalities: their mean)
     w_task: float = 0.5
     relation_heads: int = 12
     warmup: float = 0.06                # share of the steps with a linear warm-up
@@ -130,14 +132,51 @@ class EncoderTap:
 
 
 def layer_losses(s_tap, t_tap, text_bert, lmap, heads):
-    """(hidden, relation) losses of one batch; also the student's last hidden states and mask."""
+    """(hidden, relation) losses of one batch; also the student's and the teacher's last hidden states
+    (zero on padding) and the mask."""
     import torch
     with torch.no_grad():
         t_hid, t_qkv, _ = t_tap(text_bert)
     s_hid, s_qkv, mask = s_tap(text_bert)
     hid = sum(masked_mse(s_hid[i], t_hid[j - 1], mask) for i, j in enumerate(lmap)) / len(lmap)
     rel = sum(relation_kl(s_qkv[k], t_qkv[k], mask, heads) for k in ("query", "key", "value")) / 3
-    return hid, rel, s_hid[-1] * mask.unsqueeze(-1).to(s_hid[-1].dtype), mask
+    m = mask.unsqueeze(-1).to(s_hid[-1].dtype)
+    return hid, rel, s_hid[-1] * m, t_hid[-1] * m, mask
+
+
+@contextlib.contextmanager
+def frozen_others(model):
+    """The non-text AME encoders in eval mode (running statistics, no dropout) inside the block."""
+    others = [model.encoders[m] for m in model.modalities if m != "text"]
+    modes = [e.training for e in others]
+    for e in others:
+        e.eval()
+    try:
+        yield
+    finally:
+        for e, t in zip(others, modes):
+            e.train(t)
+
+
+class _Fill:
+    """The other modalities of a text-only transfer batch: each modality's mean training frame, one step."""
+
+    def __init__(self, split, modalities, device):
+        import torch
+        self.frames = {}
+        for m in modalities:
+            if m == "text":
+                continue
+            f, n = split.features[m], split.lengths[m]
+            valid = np.arange(f.shape[1])[None, :] < n[:, None]
+            self.frames[m] = torch.from_numpy((f * valid[..., None]).sum((0, 1)) / max(1, valid.sum())).float().to(device)
+
+    def batch(self, B: int, modalities):
+        import torch
+        from types import SimpleNamespace
+        x = {m: self.frames[m].expand(B, 1, -1) for m in modalities if m in self.frames}
+        mask = {m: torch.ones(B, 1, dtype=torch.bool, device=v.device) for m, v in x.items()}
+        return SimpleNamespace(x=x, mask=mask)
 
 
 def fused_prediction(model, b, h, mask):
@@ -291,6 +330,7 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
         opt, lambda k: min((k + 1) / warm, max(0.0, (total - k) / max(1, total - warm))))
     t_tap, s_tap = EncoderTap(teacher.text_backbone), EncoderTap(student.text_backbone)
     mosi_it = _cycle(tr, s.batch_size, gen, student.modalities)
+    fill = _Fill(tr, teacher.modalities, device)
     ens_t = torch.from_numpy(ens_train).to(device)
     history, best = [], None
     log(f"{s.layers}-layer student (teacher layers {lmap} of {n_t}): {len(transfer) if transfer is not None else 0} "
@@ -299,7 +339,7 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
         for ep in range(s.epochs):
             student.train()
             t1 = time.perf_counter()
-            sums = {"hidden": 0.0, "relation": 0.0, "kd": 0.0, "task": 0.0}
+            sums = {"hidden": 0.0, "relation": 0.0, "kd": 0.0, "task": 0.0, "kd_transfer": 0.0}
             counts = {"transfer": 0, "mosi": 0}
             batches = _id_batches(transfer, s.batch_size, s.bucket, gen) if n_tr_batches else None
             bar = None
@@ -311,14 +351,22 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
                 loss = 0.0
                 if batches is not None:
                     tb = next(batches).to(device)
-                    hid, rel, _, _ = layer_losses(s_tap, t_tap, tb, lmap, s.relation_heads)
+                    hid, rel, h, ht, mask = layer_losses(s_tap, t_tap, tb, lmap, s.relation_heads)
                     loss = s.w_hidden * hid + s.w_rel * rel
+                    if s.w_kd_transfer:
+                        with torch.no_grad():
+                            t_pred = fused_prediction(teacher, fill.batch(len(tb), teacher.modalities), ht, mask)
+                        with frozen_others(student):     # a constant frame must not move their BatchNorm stats
+                            s_pred = fused_prediction(student, fill.batch(len(tb), student.modalities), h, mask)
+                        kdt = torch.nn.functional.mse_loss(s_pred, t_pred)
+                        loss = loss + s.w_kd_transfer * kdt
+                        sums["kd_transfer"] += float(kdt.detach())
                     sums["hidden"] += float(hid.detach())
                     sums["relation"] += float(rel.detach())
                     counts["transfer"] += 1
                 if batches is None or step % s.mosi_every == 0:
                     b = next(mosi_it).to(device)
-                    hid, rel, h, mask = layer_losses(s_tap, t_tap, b.text_bert, lmap, s.relation_heads)
+                    hid, rel, h, _, mask = layer_losses(s_tap, t_tap, b.text_bert, lmap, s.relation_heads)
                     pred = fused_prediction(student, b, h, mask)
                     idx = torch.as_tensor(b.index, device=device)
                     kd = torch.nn.functional.mse_loss(pred, ens_t[idx])
@@ -345,10 +393,11 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
             rec = {"epoch": ep + 1, "seconds": time.perf_counter() - t1,
                    "hidden": sums["hidden"] / n_layer, "relation": sums["relation"] / n_layer,
                    "kd": sums["kd"] / max(1, counts["mosi"]), "task": sums["task"] / max(1, counts["mosi"]),
+                   "kd_transfer": sums["kd_transfer"] / max(1, counts["transfer"]),
                    "batches": counts, "valid": {k: ev[k] for k in METRIC_KEYS}, "valid_loss": ev["loss"]}
             history.append(rec)
             log(f"L{s.layers} epoch {ep + 1}/{s.epochs}: hidden {rec['hidden']:.4f} relation {rec['relation']:.4f} "
-                f"kd {rec['kd']:.4f} | valid MAE {ev['MAE']:.4f} Non0_acc_2 {ev['Non0_acc_2']:.4f} "
+                f"kd {rec['kd']:.4f} kd_transfer {rec['kd_transfer']:.4f} | valid MAE {ev['MAE']:.4f} Non0_acc_2 {ev['Non0_acc_2']:.4f} "
                 f"({rec['seconds']:.0f} s)")
             if best is None or ev["loss"] < best["valid_loss"]:
                 best = rec
@@ -367,7 +416,8 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
            "trainable_params": int(sum(p.numel() for p in enc + rest)),
            "settings": asdict(s), "seconds": time.perf_counter() - t0,
            "loss": "w_hidden*MSE(H_s^i, H_t^map(i)) + w_rel*KL(rel_t || rel_s) [Q,K,V of the last layer] on every "
-                   "batch; + w_kd*MSE(pred_s, ensemble mean) + w_task*task(pred_s, y) on MOSI training batches"}
+                   "batch; + w_kd_transfer*MSE(pred_s, pred_t) on transfer batches (other modalities: their mean "
+                   "training frame); + w_kd*MSE(pred_s, ensemble mean) + w_task*task(pred_s, y) on MOSI training batches"}
     (out / "results.json").write_text(json.dumps(res, indent=2))
     from ..plots import plot_distill_curve
     plot_distill_curve(res, out / "curve.png")
