@@ -194,3 +194,21 @@ def test_quantize_gathers_scale_and_rounding():
     # tables below the size floor, or read by something other than Gather, stay float
     m2 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     assert quantize_gathers(m2, 10_000) == []
+
+
+def test_export_writes_the_tensorrt_form_beside_and_the_script_builds_from_it(graphs):
+    """The engine script reads <stem>.trt.onnx: the int8 gather as DequantizeLinear(table) -> Gather, same outputs."""
+    root, mans, data = graphs
+    trt_form = root / "int8.trt.onnx"
+    assert trt_form.is_file() and mans["int8"].engine["onnx"] == trt_form.name
+    assert trt_form.name in (root / "int8.build_engine.sh").read_text()
+    assert trt_form.name in mans["int8"].files
+    m = onnx.load(str(trt_form))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    gathers = [n for n in m.graph.node if n.op_type == "Gather" and getattr(prod.get(n.input[0]), "op_type", "")
+               == "DequantizeLinear"]
+    assert len(gathers) == 1 and check_qdq(m)["int8_gathers"] == 0
+    y_ort, y_trt = _valid_outputs(root / "int8.onnx", data), _valid_outputs(trt_form, data)
+    assert np.allclose(y_ort, y_trt, atol=1e-5)
+    # the fp32 graph has no int8 gather: its script builds from the graph itself, no second file
+    assert not (root / "fp32.trt.onnx").exists() and mans["fp32"].engine["onnx"] == "fp32.onnx"

@@ -134,7 +134,9 @@ def export_artifact(ckpt: str | Path, onnx_path: str | Path, settings: ExportSet
     say = log or (lambda *a: None)
     paths = _Paths.beside(Path(onnx_path))
     s.check(paths.onnx)
-    for p in (paths.onnx, paths.manifest, paths.golden, paths.script, paths.plan, paths.tokenizer):
+    from .stages import tensorrt_path
+    for p in (paths.onnx, paths.manifest, paths.golden, paths.script, paths.plan, paths.tokenizer,
+              tensorrt_path(paths.onnx)):
         check_output_file(p)                       # a FIFO would block the export, a device cannot hold it
     prec = precisions.get(s.precision)
     try:
@@ -173,8 +175,10 @@ def _finish(model, ck, ckpt, s, prec, inp, ref, graphs, paths, say, warn, tok) -
     engine = engine_stage(paths, inp.profile, prec.name, s, say, warn)
     m = Manifest(**manifest_fields(model, ck, ckpt, prec, inp, ref, graphs, art, tol, engine, paths),
                  tokenizer=tok, onnx_path=paths.onnx, manifest_path=paths.manifest)
+    from .stages import tensorrt_path
     m.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-               for p in (paths.onnx, paths.golden, paths.script, paths.plan, paths.tokenizer)
+               for p in (paths.onnx, paths.golden, paths.script, paths.plan, paths.tokenizer,
+                         tensorrt_path(paths.onnx))
                if p.is_file() and (p != paths.tokenizer or tok)}
     paths.manifest.write_text(json.dumps(m.to_dict(), indent=2))
     from .card import write_card

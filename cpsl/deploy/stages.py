@@ -147,8 +147,12 @@ def check_artefact(onnx_path: Path, graphs: dict, ref: dict, graph, valid) -> di
 def engine_stage(paths, profile: dict, precision: str, s, say, warn) -> dict:
     """3. the TensorRT build script, and the engine itself with ``s.trt`` where TensorRT imports."""
     from .tensorrt import build_engine, tensorrt_available, write_build_script
-    cmd = write_build_script(paths.script, paths.onnx.name, paths.plan.name, profile, precision, s.workspace)
-    engine = {"script": paths.script.name, "trtexec": cmd, "built": False}
+    src = tensorrt_form(paths.onnx)
+    cmd = write_build_script(paths.script, src.name, paths.plan.name, profile, precision, s.workspace)
+    engine = {"script": paths.script.name, "trtexec": cmd, "built": False, "onnx": src.name}
+    if src != paths.onnx:
+        engine["onnx_note"] = ("the int8 word-embedding gather in TensorRT's documented order "
+                               "(DequantizeLinear(int8 table) -> Gather); same values as the ONNX Runtime graph")
     if s.trt:
         mod, why = tensorrt_available()
         if mod is None:
@@ -157,8 +161,29 @@ def engine_stage(paths, profile: dict, precision: str, s, say, warn) -> dict:
             engine["why_not_built"] = f"tensorrt not importable: {why.splitlines()[0]}"
         else:
             say(f"building TensorRT engine {paths.plan} ...")
-            engine.update(build_engine(paths.onnx, paths.plan, profile, precision, s.workspace), built=True)
+            engine.update(build_engine(src, paths.plan, profile, precision, s.workspace), built=True)
     return engine
+
+
+def tensorrt_path(onnx_path: Path) -> Path:
+    return onnx_path.with_name(f"{onnx_path.stem}.trt.onnx")
+
+
+def tensorrt_form(onnx_path: Path) -> Path:
+    """The graph TensorRT builds from: ``onnx_path`` itself, or, where it has int8 word-embedding gathers
+    (``Gather(int8) -> DequantizeLinear``, the fast form for ONNX Runtime, a type TensorRT's parser does not
+    list for Gather), ``<stem>.trt.onnx`` with them in the documented order (compress.qdq_graph)."""
+    import onnx
+
+    from ..compress.qdq_graph import dequantize_before_gather
+    out = tensorrt_path(onnx_path)
+    m = onnx.load(str(onnx_path))
+    if not dequantize_before_gather(m):
+        out.unlink(missing_ok=True)                  # no stale TensorRT form of an earlier export
+        return onnx_path
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, str(out))
+    return out
 
 
 def _checkpoint_summary(ckpt, ck, model, valid_metrics: dict) -> dict:
