@@ -39,11 +39,8 @@ def _load_frontend():
 fe = _load_frontend()
 
 PRECISIONS = ("fp32", "fp16", "int8")
-TARGET_B1_MS = 4.0
-TARGET_RETENTION = 0.98
-TARGET_MAE_REL = 0.05
-TARGET_INT8_MB = 20.0            # the student's int8 graph on disk (decimal MB)
-TARGET_INT8_VS_FP32_MAE = 0.01   # int8 MAE / the same student's fp32-graph MAE - 1
+from .e2e_report import (TARGET_B1_MS, TARGET_INT8_MB, TARGET_INT8_VS_FP32_MAE, TARGET_MAE_REL,  # noqa: E402
+                         TARGET_RETENTION)
 
 
 def build_data(data_dir: Path, work: Path, say):
