@@ -74,12 +74,21 @@ def session(path: Path, threads: int):
     return ort_session(path, threads)
 
 
-def predict_valid(sess, tok, split, batch: int = 64) -> np.ndarray:
+def others_of(art) -> list[str]:
+    """The graph's inputs besides the token ids (a text-only student has none)."""
+    return fe.other_modalities(json.loads(art.manifest_path.read_text()))
+
+
+def _feats(split, others, i: int, j: int) -> dict:
+    return {m: split.features[m][i:j] for m in others}
+
+
+def predict_valid(sess, tok, split, others=("audio",), batch: int = 64) -> np.ndarray:
     """Raw transcripts through the front end and the graph, as a device would run them."""
     texts = [str(t) for t in split.raw_text]
     out = []
     for s in range(0, len(texts), batch):
-        f = fe.feeds_for(tok, texts[s:s + batch], {"audio": split.features["audio"][s:s + batch]})
+        f = fe.feeds_for(tok, texts[s:s + batch], _feats(split, others, s, s + batch))
         out.append(sess.run(["sentiment"], f)[0])
     return np.concatenate(out).astype(np.float32)
 
@@ -90,18 +99,17 @@ def _pct(a) -> dict:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "iters": int(a.size)}
 
 
-def time_e2e(sessions: dict, tok, split, batch: int, iters: int, budget_s: float) -> dict:
+def time_e2e(sessions: dict, tok, split, batch: int, iters: int, budget_s: float, others=("audio",)) -> dict:
     """Tokenize + run on consecutive real transcripts; total, tokenization and graph times of every session
     in ``sessions`` (name -> session), interleaved: each round runs all of them on the same input in a
     rotating order, so that a change of machine load hits them alike. ``ratio_vs_<first>``: the median over
     rounds of (session / first session) total time."""
     texts = [str(t) for t in split.raw_text]
-    audio = split.features["audio"]
     n, names = len(texts), list(sessions)
     for k in range(3):                                              # warm-up
         i = (k * batch) % n
         for s in sessions.values():
-            s.run(["sentiment"], fe.feeds_for(tok, texts[i:i + batch] or texts[:batch], {"audio": audio[i:i + batch]}))
+            s.run(["sentiment"], fe.feeds_for(tok, texts[i:i + batch] or texts[:batch], _feats(split, others, i, i + batch)))
     rec = {m: ([], [], [], []) for m in names}                      # total, tokenize, graph, seq
     t_end = time.perf_counter() + budget_s * len(names)
     for k in range(iters):
@@ -110,8 +118,9 @@ def time_e2e(sessions: dict, tok, split, batch: int, iters: int, budget_s: float
             t0 = time.perf_counter()
             enc = fe.encode(tok, texts[i:i + batch])
             t1 = time.perf_counter()
-            f = dict(enc, audio=np.ascontiguousarray(audio[i:i + batch]),
-                     audio_mask=np.ones(audio[i:i + batch].shape[:2], np.float32))
+            f = dict(enc)
+            for mod, x in _feats(split, others, i, i + batch).items():
+                f[mod], f[f"{mod}_mask"] = np.ascontiguousarray(x, np.float32), np.ones(x.shape[:2], np.float32)
             sessions[m].run(["sentiment"], f)
             t2 = time.perf_counter()
             for lst, v in zip(rec[m], (t2 - t0, t1 - t0, t2 - t1, enc["input_ids"].shape[1])):
@@ -203,16 +212,17 @@ def run_e2e(a, out: Path, work: Path, say) -> int:
     for L in sorted({L for L, _ in arts}, reverse=True):
         arts_l = {p: arts[(L, p)] for p in PRECISIONS if (L, p) in arts}           # fp32 first: the ratio's base
         tok = fe.load_tokenizer(arts_l["fp32"].onnx_path, json.loads(arts_l["fp32"].manifest_path.read_text()))
+        others = others_of(arts_l["fp32"])
         lat: dict = {p: {} for p in arts_l}
         for threads in (1, 2):
             sessions = {p: session(m.onnx_path, threads) for p, m in arts_l.items()}
             for b in (1, 32):
                 it = (a.iters or (150 if a.quick else 400)) if b == 1 else (20 if a.quick else 60)
-                res = time_e2e(sessions, tok, valid, b, it, a.budget or (3.0 if a.quick else 8.0))
+                res = time_e2e(sessions, tok, valid, b, it, a.budget or (3.0 if a.quick else 8.0), others)
                 for p in arts_l:
                     lat[p][f"t{threads}_b{b}"] = res[p]
         for p, m in arts_l.items():
-            met = mmsa_metrics(predict_valid(session(m.onnx_path, 1), tok, valid), y)
+            met = mmsa_metrics(predict_valid(session(m.onnx_path, 1), tok, valid, others), y)
             rows.append({"layers": L, "precision": p, "file": m.model, "bytes": m.files[m.model]["bytes"],
                          "metrics": {k: met[k] for k in METRIC_KEYS},
                          "retention_vs_teacher_fp32": retention(met, teacher_ref),
@@ -220,15 +230,16 @@ def run_e2e(a, out: Path, work: Path, say) -> int:
             say(f"{L}-layer {p}: {rows[-1]['bytes'] / 1e6:.1f} MB, Non0_acc_2 {met['Non0_acc_2']:.4f} MAE "
                 f"{met['MAE']:.4f}; 1 thread b1 p50 {lat[p]['t1_b1']['total']['p50_ms']:.2f} ms")
     student = int(a.student_layers)
-    feeds = fe.feeds_for(fe.load_tokenizer(arts[(student, "fp32")].onnx_path,
-                                           json.loads(arts[(student, "fp32")].manifest_path.read_text())),
-                         [str(valid.raw_text[0])], {"audio": valid.features["audio"][:1]})
-    profiles = {f"{L}-layer {p}": ort_op_profile(arts[(L, p)].onnx_path, feeds, 1, 50, work / f"prof_{L}_{p}")
+    def feeds(L):
+        art = arts[(L, "fp32")]
+        return fe.feeds_for(fe.load_tokenizer(art.onnx_path, json.loads(art.manifest_path.read_text())),
+                            [str(valid.raw_text[0])], _feats(valid, others_of(art), 0, 1))
+    profiles = {f"{L}-layer {p}": ort_op_profile(arts[(L, p)].onnx_path, feeds(L), 1, 50, work / f"prof_{L}_{p}")
                 for L in sorted({student, 6}) for p in ("fp32", "int8")}
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     res = {"summary": summarize(rows, student, teacher_ref), "machine": info, "teacher_pytorch_fp32": teacher_ref,
            "models": {str(L): str(p) for L, p in models.items()}, "rows": rows, "profiles_b1_1thread": profiles,
-           "profile_input_tokens": int(feeds["input_ids"].shape[1]), "command": "python bench/run.py " + " ".join(a.argv),
+           "profile_input_tokens": int(feeds(student)["input_ids"].shape[1]), "command": "python bench/run.py " + " ".join(a.argv),
            "targets": {"int8_b1_p50_ms": TARGET_B1_MS, "retention_non0_acc2": TARGET_RETENTION,
                        "mae_increase_rel": TARGET_MAE_REL, "int8_mb": TARGET_INT8_MB,
                        "int8_vs_fp32_mae_rel": TARGET_INT8_VS_FP32_MAE}}
