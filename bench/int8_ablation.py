@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchkit.e2e import fe, ort_op_profile, predict_valid, session  # noqa: E402
-from benchkit.machine import machine_info  # noqa: E402
+from benchkit.e2e import fe, ort_op_profile, predict_valid, session  # bench/ is sys.path[0]
+from benchkit.machine import machine_info
 
 GATHER_MIN = 262_144          # the word-embedding table (30522 x 384); position/type tables stay float
 # name -> (description, quantize_int8 keyword arguments); each adds one change to the one before
@@ -82,7 +81,7 @@ def calibration(ckpt: Path, pkl: str, batches: int = 8, batch_size: int = 32) ->
 def build(ckpt: Path, pkl: str, work: Path, names: list[str], say) -> dict[str, Path]:
     from cpsl.compress.quantize import quantize_int8
     from cpsl.deploy import ExportSettings, export_artifact
-    from cpsl.deploy.precisions import _silence
+    from cpsl.deploy.precisions import silence
     fp32 = work / "fp32.onnx"
     export_artifact(ckpt, fp32, ExportSettings(precision="fp32", data=pkl, e2e=True))
     calib = calibration(ckpt, pkl)
@@ -91,7 +90,7 @@ def build(ckpt: Path, pkl: str, work: Path, names: list[str], say) -> dict[str, 
         p = work / f"{name}.onnx"
         t0 = time.perf_counter()
         extra = ffn_out_matmuls(fp32) if name == "ffn_out_float" else []
-        with _silence():
+        with silence():
             quantize_int8(fp32, p, calib, min_weight_elems=65536, nodes_to_exclude=extra, **VARIANTS[name][1])
         if name == "dq_gather":
             dq_before_gather(p)

@@ -87,7 +87,7 @@ def reduced_tolerance(dev_max: float) -> float:
 
 
 @contextlib.contextmanager
-def _silence():
+def silence():
     """onnxruntime.quantization prints and logs on the root logger; keep the CLI output short."""
     logging.disable(logging.WARNING)
     try:
@@ -106,7 +106,7 @@ def to_int8_artefact(ctx: ConvertContext):
     import onnx
 
     from ..compress.quantize import check_qdq, quantize_int8
-    with _silence():
+    with silence():
         info = quantize_int8(ctx.fp32_path, ctx.out_path, ctx.calib, method=ctx.calib_method,
                              quantize_attention=ctx.quantize_attention, per_channel=ctx.per_channel,
                              min_weight_elems=ctx.min_weight_elems, dedicated_pairs=ctx.dedicated_pairs,
