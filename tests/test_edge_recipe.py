@@ -60,7 +60,7 @@ def test_edge_stage_writes_the_artefact_and_the_keys(tmp_path):
     lines.clear()
     run_edge(out, "1,2", pkl, pkl, s, lines.append)
     assert any("student: cached" in x for x in lines)
-    text = summary({"seeds": "1,2", **r, "recipe": {"ridge": {}, "timing": {"edge_s": 1.0}}})
+    text = summary({"seeds": [1, 2], **r, "recipe": {"ridge": {}, "timing": {"edge_s": 1.0}}})   # results.json's form
     assert "2-layer int8 student" in text and "ms p50" in text
 
 

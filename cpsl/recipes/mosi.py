@@ -300,9 +300,10 @@ def summary(r: dict) -> str:
                         f"Δ{m} {format_delta(d[m])}" for m in ("Non0_acc_2", "MAE", "Corr")) + "\n"
     if r.get("student"):
         st = r["student"]
+        first = r["seeds"][0] if isinstance(r["seeds"], list) else str(r["seeds"]).split(",")[0]
         for split in ("valid", "test"):
             if split in st:
-                s += _line(f"{split}: teacher (seed {r['seeds'].split(',')[0]})", r["teacher"][split])
+                s += _line(f"{split}: teacher (seed {first})", r["teacher"][split])
                 s += _line(f"{split}: ensemble of {len(r['ensemble']['members'])}", r["ensemble"][split])
                 s += _line(f"{split}: {st['layers']}-layer {st['precision']} student"
                            f"{'' if st.get('audio', True) else ' (text only)'}", st[split])
