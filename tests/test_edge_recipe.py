@@ -34,8 +34,8 @@ def test_edge_stage_writes_the_artefact_and_the_keys(tmp_path):
     for seed in (1, 2):
         (out / f"seed{seed}").mkdir(parents=True)
         shutil.copyfile(ck, out / f"seed{seed}" / "best.pt")
-    s = EdgeSettings(layers=2, epochs=2, calib_batches=2, distill={"batch_size": 8, "relation_heads": 4,
-                                                                    "progress": False})
+    s = EdgeSettings(layers=2, epochs=2, calib_batches=2, audio=True,
+                     distill={"batch_size": 8, "relation_heads": 4, "progress": False})
     lines = []
     r = run_edge(out, "1,2", pkl, pkl, s, lines.append)
     edge = out / "edge"
@@ -43,7 +43,7 @@ def test_edge_stage_writes_the_artefact_and_the_keys(tmp_path):
               "sentiment.build_engine.sh"):
         assert (edge / f).is_file(), f
     man = json.loads((edge / "sentiment.manifest.json").read_text())
-    assert man["precision"] == "int8" and man["graph"] == "tokens"
+    assert man["precision"] == "int8" and man["graph"] == "tokens" and man["modalities"] == ["text", "audio"]
     assert any(p.name.endswith("README.md") for p in edge.iterdir())             # the model card
     # the keys other checks read; test rows exist in the tiny data, so test is scored too
     for k in ("valid", "test"):
@@ -79,7 +79,7 @@ def test_text_only_student_has_no_audio_input(tmp_path):
     out = tmp_path / "run"
     (out / "seed1").mkdir(parents=True)
     shutil.copyfile(ck, out / "seed1" / "best.pt")
-    s = EdgeSettings(layers=1, epochs=1, calib_batches=2, audio=False,
+    s = EdgeSettings(layers=1, epochs=1, calib_batches=2,                      # text only: the default
                      distill={"batch_size": 8, "relation_heads": 4, "progress": False})
     r = run_edge(out, "1", pkl, pkl, s, lambda *_: None)
     man = json.loads((out / "edge" / "sentiment.manifest.json").read_text())

@@ -48,9 +48,9 @@ def recipe():
               help="--edge: the MOSEI transcripts join MOSI train in the transfer set.")
 @click.option("--edge-transfer-rows", type=click.IntRange(0), default=0, show_default=True,
               help="--edge: a random subset of that many MOSEI transcripts (0: all).")
-@click.option("--edge-audio/--edge-no-audio", default=True, show_default=True,
-              help="--edge: the student reads the openSMILE audio vector too (--edge-no-audio: text only, the "
-                   "device needs no audio features; the teacher ensemble still uses audio).")
+@click.option("--edge-audio/--edge-no-audio", default=False, show_default=True,
+              help="--edge: the student reads the openSMILE audio vector too (default: text only; the device "
+                   "needs no audio features; the teacher ensemble still uses audio; docs/mosi.md says why).")
 @click.option("--transfer-max-steps", type=int, default=0, hidden=True)
 @click.option("--resume", is_flag=True, help="Continue a stopped training run in OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace a training run already in OUT.")

@@ -63,7 +63,7 @@ class RecipeSettings:
     edge_epochs: int = 4
     edge_transfer: bool = True
     edge_transfer_rows: int = 0
-    edge_audio: bool = True
+    edge_audio: bool = False
 
     def check(self) -> None:
         if self.kfold_only and not self.kfold:
