@@ -57,9 +57,10 @@ def plot_distill_curve(res: dict, path: Path) -> None:
     ax[0].axhline(res["teacher"]["valid"]["MAE"], color="k", ls="--", label="teacher")
     ax[0].axhline(res["ensemble"]["valid"]["MAE"], color="gray", ls=":", label="ensemble")
     ax[0].set_ylabel("MOSI valid MAE"); ax[0].legend(fontsize=8)
-    for k in ("hidden", "relation", "kd"):
-        ax[1].plot(ep, [max(r[k], 1e-8) for r in h], "o-", label=k)
+    for k in ("hidden", "relation", "kd", "kd_transfer"):
+        if any(r.get(k) for r in h):
+            ax[1].plot(ep, [max(r[k], 1e-8) for r in h], "o-", label=k)
     ax[1].set_yscale("log"); ax[1].set_ylabel("training loss (epoch mean)"); ax[1].legend(fontsize=8)
     for a in ax.flat:
-        a.set_xlabel("epoch"); a.grid(alpha=0.3)
+        a.set_xlabel("epoch"); a.set_xticks(ep); a.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
