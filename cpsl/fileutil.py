@@ -26,3 +26,14 @@ def check_output_file(path: str | Path) -> None:
     if not stat.S_ISREG(mode):
         what = "a folder" if stat.S_ISDIR(mode) else "a pipe or device, not a regular file"
         raise OSError(errno.EINVAL, f"output is {what}", str(path))
+
+
+def content_tag(*parts) -> str:
+    """A short hex digest of JSON-serialisable ``parts`` (cache folder names that change with their inputs)."""
+    import hashlib
+    import json
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()

@@ -68,7 +68,7 @@ def test_distill_layers_on_a_transfer_set(tmp_path):
                        teacher.text_backbone.encoder.embeddings.word_embeddings.weight)
     assert (tmp_path / "s" / "curve.png").stat().st_size > 1000
     assert json.loads((tmp_path / "s" / "results.json").read_text())["best_epoch"] == res["best_epoch"]
-    mean, members = ensemble_predictions([ck, ck2], data["valid"])
+    [(mean, members)] = ensemble_predictions([ck, ck2], [data["valid"]])
     assert members.shape == (2, len(data["valid"])) and np.allclose(mean, members[0])
 
 

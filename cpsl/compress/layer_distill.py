@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CPSLError
+from .text_distill import check_layers, fused_prediction, shallow_student
 
 # torch is imported inside the functions (the CLI imports this module for --help)
 
@@ -179,23 +180,12 @@ class _Fill:
         return SimpleNamespace(x=x, mask=mask)
 
 
-def fused_prediction(model, b, h, mask):
-    """The model's fused prediction with the text encoder's output given (``h``, ``mask``)."""
-    x, mk = dict(b.x), dict(b.mask)
-    x["text"], mk["text"] = h, mask
-    H, hp = {}, {}
-    for m in model.modalities:
-        H[m], hp[m], _, _ = model.encoders[m](x[m], mk[m])
-    return model.head(model.fusion(H, hp, mk))
-
-
 def text_only_student(teacher, cfg, layers: int):
     """A text-only student (no audio/vision input): the teacher's first ``layers`` encoder layers, its
     text AME encoder and head; the fusion's MLP and residual start from their text columns."""
     import torch
 
     from ..model import CPSLModel
-    from .text_distill import shallow_student
     if teacher.modalities == ("text",):
         return shallow_student(teacher, cfg, layers)
     shallow, scfg = shallow_student(teacher, cfg, layers)
@@ -215,25 +205,26 @@ def text_only_student(teacher, cfg, layers: int):
 
 
 # ---------------------------------------------------------------------------- targets
-def ensemble_predictions(ckpts, split, device: str = "cpu", batch_size: int = 64):
-    """``(mean (N,), per member (M, N))``: the fused predictions of every checkpoint on ``split``."""
+def ensemble_predictions(ckpts, splits, device: str = "cpu", batch_size: int = 64) -> list:
+    """For each split, ``(mean (N,), per member (M, N))``: the fused predictions of every checkpoint
+    (each loaded once)."""
     import torch
 
-    from ..checkpoint import check_compatible, load_model
+    from ..checkpoint import load_model
     from ..data.batch import iterate
-    preds = []
+    preds = [[] for _ in splits]
     for ck in ckpts:
         model, _, _ = load_model(ck, device)
         model.eval()
-        p = np.zeros(len(split), np.float32)
-        with torch.no_grad():
-            for b in iterate(split, batch_size, modalities=model.modalities):
-                b = b.to(device)
-                p[b.index] = model.predict(b.x, b.mask, b.text_bert).float().cpu().numpy()
-        preds.append(p)
+        for out, split in zip(preds, splits):
+            p = np.zeros(len(split), np.float32)
+            with torch.no_grad():
+                for b in iterate(split, batch_size, modalities=model.modalities):
+                    b = b.to(device)
+                    p[b.index] = model.predict(b.x, b.mask, b.text_bert).float().cpu().numpy()
+            out.append(p)
         del model
-    P = np.stack(preds)
-    return P.mean(0), P
+    return [(np.stack(P).mean(0), np.stack(P)) for P in preds]
 
 
 def transfer_ids(path, max_rows: int = 0, seed: int = 0) -> np.ndarray:
@@ -282,7 +273,6 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
     from ..evaluation import evaluate
     from ..losses import task_loss
     from ..metrics import METRIC_KEYS, mmsa_metrics
-    from .text_distill import check_layers, shallow_student
     s.check()
     teachers = [Path(t) for t in teachers]
     if not teachers:
@@ -295,8 +285,7 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ens_train, _ = ensemble_predictions(teachers, tr, device)
-    ens_valid, members_valid = ensemble_predictions(teachers, va, device)
+    (ens_train, _), (ens_valid, members_valid) = ensemble_predictions(teachers, [tr, va], device)
     y_va = va.labels.astype(np.float32)
     log(f"ensemble of {len(teachers)}: targets on {len(tr)} training rows ({time.perf_counter() - t0:.0f} s); "
         f"valid MAE {mmsa_metrics(ens_valid, y_va)['MAE']:.4f}")
@@ -310,7 +299,7 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
         raise CPSLError(f"the transfer set has token ids up to {int(transfer[:, 0].max())} but the teacher's "
                         f"vocabulary has {vocab}: it was tokenized for another encoder")
     lmap = layer_map(n_t, s.layers)
-    t_valid = evaluate(teacher, va, cfg, device)["metrics"]
+    t_valid = mmsa_metrics(members_valid[0], y_va)              # the first member is this teacher
     torch.manual_seed(s.seed)
     student, scfg = (text_only_student if s.text_only else shallow_student)(teacher, cfg, s.layers)
     student.to(device)

@@ -69,6 +69,17 @@ def shallow_student(teacher, cfg, layers: int):
     return student, scfg
 
 
+def fused_prediction(model, b, h, mask):
+    """The model's fused prediction with the text encoder's output given (``h``, ``mask``); the other
+    modalities from ``b.x`` / ``b.mask``."""
+    x, mk = dict(b.x), dict(b.mask)
+    x["text"], mk["text"] = h, mask
+    H, hp = {}, {}
+    for m in model.modalities:
+        H[m], hp[m], _, _ = model.encoders[m](x[m], mk[m])
+    return model.head(model.fusion(H, hp, mk))
+
+
 def _loss(student, b, t_states, t_pred, lambda_kd, lambda_task, task):
     import torch
     import torch.nn.functional as F
@@ -79,12 +90,7 @@ def _loss(student, b, t_states, t_pred, lambda_kd, lambda_task, task):
     ht = t_states[idx, :h.shape[1]]
     m = mask.unsqueeze(-1).to(h.dtype)
     hidden = ((h - ht) ** 2 * m).sum() / (m.sum() * h.shape[-1]).clamp_min(1)
-    x, mk = dict(b.x), dict(b.mask)
-    x["text"], mk["text"] = h, mask
-    H, hp, mu, sg = {}, {}, {}, {}
-    for mod in student.modalities:
-        H[mod], hp[mod], mu[mod], sg[mod] = student.encoders[mod](x[mod], mk[mod])
-    pred = student.head(student.fusion(H, hp, mk))
+    pred = fused_prediction(student, b, h, mask)
     kd = F.mse_loss(pred, t_pred[idx])
     return hidden + lambda_kd * kd + lambda_task * task_loss(pred, b.y, task), {"hidden": hidden, "kd": kd}
 

@@ -18,7 +18,6 @@ The results go to ``OUT/results.json`` under ``teacher``, ``ensemble``, ``studen
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CPSLError
+from ..fileutil import content_tag
 
 EDGE_MODEL = "sentiment.onnx"
 
@@ -50,13 +50,6 @@ class EdgeSettings:
             raise CPSLError("--edge-layers and --edge-epochs must be >= 1")
 
 
-def _tag(*parts) -> str:
-    h = hashlib.blake2b(digest_size=6)
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def _metrics(pred, y) -> dict:
     from ..metrics import METRIC_KEYS, mmsa_metrics
     m = mmsa_metrics(np.asarray(pred, np.float32), np.asarray(y, np.float32))
@@ -77,7 +70,7 @@ def student_stage(teachers, mosi: Path, mosei: Path | None, out: Path, s: EdgeSe
     from ..data.mmsa import load_mmsa
     ds = LayerDistillSettings(layers=s.layers, epochs=s.epochs, transfer_rows=s.transfer_rows,
                               text_only=not s.audio, **s.distill)
-    tag = _tag([str(t) for t in teachers], [Path(t).stat().st_mtime for t in teachers], str(mosi),
+    tag = content_tag([str(t) for t in teachers], [Path(t).stat().st_mtime for t in teachers], str(mosi),
                str(mosei) if s.transfer else None, asdict(ds))
     d = out / "edge_work" / f"student_L{s.layers}{'' if s.audio else '_text'}_{tag}"
     if (d / "results.json").is_file() and (d / "best.pt").is_file():
@@ -121,9 +114,10 @@ def score_stage(teachers, student_res: dict, arts: dict, mosi: Path, s: EdgeSett
     data = load_mmsa(mosi)
     splits = _labelled_splits(data)
     teacher, ensemble, student, fp32 = {}, {}, {}, {}
+    ensembles = dict(zip(splits, ensemble_predictions(teachers, [data[sp] for sp in splits])))
     for sp in splits:
         y = data[sp].labels
-        mean, members = ensemble_predictions(teachers, data[sp])
+        mean, members = ensembles[sp]
         teacher[sp], ensemble[sp] = _metrics(members[0], y), _metrics(mean, y)
         student[sp] = _metrics(predict_texts(arts[s.precision]["path"], data[sp]), y)
         fp32[sp] = _metrics(predict_texts(arts["fp32"]["path"], data[sp]), y)

@@ -23,7 +23,6 @@ Stages (each reuses its cached result when the inputs are the same):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CPSLError
+from ..fileutil import content_tag as tag
 from ..proc import run_cpsl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -84,13 +84,6 @@ def default_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cpsl" / "mosi_recipe"
 
-
-def tag(*parts) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def load_yaml(path: str | Path) -> dict:
