@@ -161,10 +161,10 @@ def add_step_costs(base: Config, data, out: str | Path, names, steps: int = 20, 
     return costs
 
 
-def paired_difference(a: list[float], b: list[float]) -> dict:
-    """Mean of a_i − b_i over paired seeds with its 95 % t-interval (None when n < 2)."""
+def mean_interval(values: list[float]) -> dict:
+    """Mean of ``values`` with its 95 % t-interval (None when n < 2)."""
     from scipy import stats
-    d = [x - y for x, y in zip(a, b)]
+    d = [float(x) for x in values]
     n = len(d)
     mean = sum(d) / n
     if n < 2:
@@ -172,6 +172,11 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     h = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return {"mean": mean, "ci95": [mean - h, mean + h], "n": n}
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Mean of a_i − b_i over paired seeds with its 95 % t-interval (None when n < 2)."""
+    return mean_interval([x - y for x, y in zip(a, b)])
 
 
 def summarize(results: dict, data, base: Config, wall_s: float, jobs: int, costs: dict | None = None,

@@ -85,3 +85,43 @@ def test_text_only_student_has_no_audio_input(tmp_path):
     man = json.loads((out / "edge" / "sentiment.manifest.json").read_text())
     assert man["modalities"] == ["text"] and [i["name"] for i in man["inputs"]] == ["input_ids", "attention_mask"]
     assert r["student"]["audio"] is False and set(METRIC_KEYS) <= set(r["student"]["test"])
+
+
+def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
+    from cpsl.kfold import fold_pickles
+    from cpsl.recipes.edge import edge_kfold
+    ck, pkl, _ = tiny_checkpoint(tmp_path / "t")
+    paths = fold_pickles(pkl, 2, tmp_path / "cache")
+    folder = tmp_path / "kfold" / "transferred_x"
+    for i in range(2):
+        (folder / f"fold{i}" / "seed1").mkdir(parents=True)
+        shutil.copyfile(ck, folder / f"fold{i}" / "seed1" / "best.pt")
+    s = EdgeSettings(layers=1, epochs=1, calib_batches=2, distill={"batch_size": 8, "relation_heads": 4, "progress": False})
+    lines = []
+    r = edge_kfold(folder, paths, "1", pkl, s, lines.append)
+    assert r["k"] == 2 and len(r["per_fold"]["student"]) == 2
+    for i in range(2):
+        blk = json.loads((folder / f"fold{i}" / "edge_results.json").read_text())
+        valid = load_mmsa(paths[i])["valid"]          # scored on the fold's own valid rows, from raw text
+        got = mmsa_metrics(predict_texts(folder / f"fold{i}" / "edge" / "sentiment.onnx", valid), valid.labels)
+        assert np.isclose(got["MAE"], blk["student"]["valid"]["MAE"])
+        assert np.isclose(r["per_fold"]["retention_non0_acc2"][i],
+                          blk["student"]["valid"]["Non0_acc_2"] / blk["teacher"]["valid"]["Non0_acc_2"])
+    ret = r["retention_non0_acc2"]
+    assert np.isclose(ret["mean"], np.mean(r["per_fold"]["retention_non0_acc2"])) and ret["n"] == 2
+    lo, hi = ret["ci95"]
+    assert lo <= ret["mean"] <= hi
+    d = r["student_minus_teacher"]["MAE"]["mean"]
+    assert np.isclose(d, np.mean([s_["MAE"] - t["MAE"] for s_, t in zip(r["per_fold"]["student"], r["per_fold"]["teacher"])]))
+    # kept for the same settings (whatever the threads or the progress bar), redone for others
+    lines.clear()
+    s2 = EdgeSettings(layers=1, epochs=1, calib_batches=2, threads=1,
+                      distill={"batch_size": 8, "relation_heads": 4, "progress": True})
+    assert edge_kfold(folder, paths, "1", pkl, s2, lines.append)["per_fold"] == r["per_fold"]
+    assert sum("kept" in x for x in lines) == 2
+    lines.clear()
+    s3 = EdgeSettings(layers=1, epochs=2, calib_batches=2, distill={"batch_size": 8, "relation_heads": 4, "progress": False})
+    edge_kfold(folder, paths, "1", pkl, s3, lines.append)
+    assert not any("kept" in x for x in lines) and any("distilling" in x for x in lines)
+    text = summary({"seeds": [1], "recipe": {"ridge": {}, "timing": {}, "kfold": {"k": 2, "variants": {}, "edge": r}}})
+    assert "k=2 folds: 1-layer int8 student vs its fold's teacher" in text and "retention" in text

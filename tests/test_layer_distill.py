@@ -77,9 +77,13 @@ def test_distill_layers_without_a_transfer_set_and_bad_settings(tmp_path):
     s = LayerDistillSettings(layers=1, epochs=1, batch_size=8, relation_heads=4, progress=False)
     res = distill_layers([ck], data, None, tmp_path / "s", s, log=lambda *_: None)
     assert res["transfer_rows"] == 0 and res["history"][0]["batches"]["transfer"] == 0
-    with pytest.raises(CPSLError, match="relation_heads 5 does not divide"):
-        distill_layers([ck], data, None, tmp_path / "t",
-                       LayerDistillSettings(layers=1, epochs=1, relation_heads=5, progress=False), log=lambda *_: None)
+    lines = []     # 5 relation heads do not divide the width 32: the encoder's own 2 attention heads instead
+    distill_layers([ck], data, None, tmp_path / "t",
+                   LayerDistillSettings(layers=1, epochs=1, batch_size=8, relation_heads=5, progress=False), log=lines.append)
+    assert any("5 does not divide the hidden size 32; using the encoder's 2 attention heads" in x for x in lines)
+    from cpsl.compress.layer_distill import log_relations
+    with pytest.raises(CPSLError, match="relation_heads 5 does not divide the hidden size 32"):
+        log_relations(torch.zeros(1, 3, 32), torch.ones(1, 3, dtype=torch.bool), 5)
     with pytest.raises(CPSLError, match="epochs must be"):
         distill_layers([ck], data, None, tmp_path / "t", LayerDistillSettings(epochs=0), log=lambda *_: None)
 

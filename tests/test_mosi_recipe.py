@@ -102,10 +102,16 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     # --kfold-only: a finished run keeps its training (best.pt untouched) and gains the k-fold block
     best = tmp_path / "out3" / "seed1" / "best.pt"
     before, valid3 = best.stat().st_mtime_ns, json.loads((tmp_path / "out3" / "results.json").read_text())["valid"]
-    log = recipe("--out", tmp_path / "out3", "--encoder", encoder, "--kfold", 2, "--kfold-only", *common, cwd=tmp_path)
+    log = recipe("--out", tmp_path / "out3", "--encoder", encoder, "--kfold", 2, "--kfold-only", *common,
+                 "--edge", "--edge-no-transfer", "--edge-layers", 1, "--edge-epochs", 1, cwd=tmp_path)
     assert "[train] skipped (--kfold-only)" in log and best.stat().st_mtime_ns == before
     r3 = json.loads((tmp_path / "out3" / "results.json").read_text())
     assert r3["recipe"]["kfold"]["k"] == 2 and r3["valid"] == valid3
+    # --edge with --kfold: the standard split's student and one per fold, each against its fold's teacher
+    assert (tmp_path / "out3" / "edge" / "sentiment.onnx").is_file() and r3["student"]["layers"] == 1
+    ke = r3["recipe"]["kfold"]["edge"]
+    assert ke["k"] == 2 and len(ke["per_fold"]["student"]) == 2 and ke["retention_non0_acc2"]["n"] == 2
+    assert "vs its fold's teacher" in log
     # the same folds (same signature) as the first run's k-fold: --kfold-compare pairs them
     assert r3["recipe"]["kfold"]["folds_signature"] == kf["folds_signature"]
     for out in (cpsl("recipe", "kfold-compare", tmp_path / "out" / "results.json", tmp_path / "out3" / "results.json",

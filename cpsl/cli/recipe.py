@@ -31,7 +31,8 @@ def recipe():
 @click.option("--epochs", type=click.IntRange(1), help="Max epochs of the fused model (default: the config's).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="A config override of every run.")
 @click.option("--kfold", type=click.IntRange(0), default=0, help="Also k-fold cross-validate the config over "
-                                                                 "train+valid (video-grouped).")
+                                                                 "train+valid (video-grouped); with --edge, each fold's "
+                                                                 "teacher also gets its edge student, scored against it.")
 @click.option("--kfold-baseline", is_flag=True, help="k-fold the source encoder fine-tuned on MOSI only as well.")
 @click.option("--kfold-only", is_flag=True,
               help="With --kfold: keep OUT's finished training run (its results.json) and only add the k-fold.")

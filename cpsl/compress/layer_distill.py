@@ -51,7 +51,7 @@ class LayerDistillSettings:
     w_kd: float = 1.0
     w_kd_transfer: float = 1.0          # prediction KD on the transfer transcripts (other modalities: their mean)
     w_task: float = 0.5
-    relation_heads: int = 12
+    relation_heads: int = 12                # MiniLM-v2; the encoder's attention heads where 12 does not divide its width
     warmup: float = 0.06                # share of the steps with a linear warm-up
     freeze_word_embeddings: bool = True
     text_only: bool = False             # a student without the other modalities (text_only_student)
@@ -294,6 +294,12 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
     check_layers(teacher, s.layers)
     teacher.eval()
     n_t = len(teacher.text_backbone.encoder.encoder.layer)
+    enc_cfg = teacher.text_backbone.encoder.config
+    rel_heads = s.relation_heads
+    if enc_cfg.hidden_size % rel_heads:        # e.g. a small encoder: its own attention heads instead
+        rel_heads = int(enc_cfg.num_attention_heads)
+        log(f"relation heads: {s.relation_heads} does not divide the hidden size {enc_cfg.hidden_size}; "
+            f"using the encoder's {rel_heads} attention heads")
     vocab = int(teacher.text_backbone.encoder.config.vocab_size)
     if transfer is not None and len(transfer) and int(transfer[:, 0].max()) >= vocab:
         raise CPSLError(f"the transfer set has token ids up to {int(transfer[:, 0].max())} but the teacher's "
@@ -340,7 +346,7 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
                 loss = 0.0
                 if batches is not None:
                     tb = next(batches).to(device)
-                    hid, rel, h, ht, mask = layer_losses(s_tap, t_tap, tb, lmap, s.relation_heads)
+                    hid, rel, h, ht, mask = layer_losses(s_tap, t_tap, tb, lmap, rel_heads)
                     loss = s.w_hidden * hid + s.w_rel * rel
                     if s.w_kd_transfer:
                         with torch.no_grad():
@@ -355,7 +361,7 @@ def distill_layers(teachers, data, transfer, out, s: LayerDistillSettings, devic
                     counts["transfer"] += 1
                 if batches is None or step % s.mosi_every == 0:
                     b = next(mosi_it).to(device)
-                    hid, rel, h, _, mask = layer_losses(s_tap, t_tap, b.text_bert, lmap, s.relation_heads)
+                    hid, rel, h, _, mask = layer_losses(s_tap, t_tap, b.text_bert, lmap, rel_heads)
                     pred = fused_prediction(student, b, h, mask)
                     idx = torch.as_tensor(b.index, device=device)
                     kd = torch.nn.functional.mse_loss(pred, ens_t[idx])

@@ -71,7 +71,7 @@ def student_stage(teachers, mosi: Path, mosei: Path | None, out: Path, s: EdgeSe
     ds = LayerDistillSettings(layers=s.layers, epochs=s.epochs, transfer_rows=s.transfer_rows,
                               text_only=not s.audio, **s.distill)
     tag = content_tag([str(t) for t in teachers], [Path(t).stat().st_mtime for t in teachers], str(mosi),
-               str(mosei) if s.transfer else None, asdict(ds))
+               str(mosei) if s.transfer else None, {k: v for k, v in asdict(ds).items() if k != "progress"})
     d = out / "edge_work" / f"student_L{s.layers}{'' if s.audio else '_text'}_{tag}"
     if (d / "results.json").is_file() and (d / "best.pt").is_file():
         say(f"[edge] student: cached {d}")
@@ -162,3 +162,62 @@ def run_edge(out: Path, seeds: str, mosi: Path, mosei: Path | None, s: EdgeSetti
                                                                             "mosi_train_rows", "settings") if k in res},
                      "timing": {"distill_s": t1 - t0, "export_s": t2 - t1, "score_s": time.perf_counter() - t2}}
     return block
+
+
+FOLD_EDGE = "edge_results.json"
+_RUN_ONLY = ("threads",)      # settings that change how fast a fold runs, not what it gives
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    def norm(x):
+        x = {k: v for k, v in x.items() if k not in _RUN_ONLY}
+        x["distill"] = {k: v for k, v in (x.get("distill") or {}).items() if k != "progress"}
+        return x
+    return norm(a) == norm(b)
+
+
+def edge_fold(fold_dir: Path, seed: str, pkl: Path, mosei: Path | None, s: EdgeSettings, say) -> dict:
+    """:func:`run_edge` on one k-fold run (its teacher ``fold_dir/seed<seed>/best.pt``, its fold pickle:
+    transfer set = the fold's train rows + the MOSEI transcripts, scores on the fold's valid rows);
+    the block is kept in ``fold_dir/edge_results.json`` and reused for the same settings."""
+    f = fold_dir / FOLD_EDGE
+    if f.is_file():
+        blk = json.loads(f.read_text())
+        if _same_settings(blk["edge"]["settings"], asdict(s)):
+            say(f"[kfold edge] {fold_dir.name}: kept {f}")
+            return blk
+    t0 = time.perf_counter()
+    blk = run_edge(fold_dir, seed, pkl, mosei, s, say)
+    blk["edge"]["timing"]["fold_edge_s"] = time.perf_counter() - t0
+    f.write_text(json.dumps(blk, indent=1))
+    return blk
+
+
+def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s: EdgeSettings, say) -> dict:
+    """The edge student of every k-fold teacher (``folder/fold<i>``), each scored on its fold's valid
+    rows as a device runs it, paired with its own teacher: per fold and as the mean with its 95 %
+    t-interval over folds — the int8 student's Non0_acc_2 retention and MAE change, the metrics of
+    both, and student − teacher per metric."""
+    from ..ablate import mean_interval
+    from ..kfold import paired
+    blocks = []
+    for i, p in enumerate(paths):
+        say(f"[kfold edge] fold {i + 1}/{len(paths)}")
+        blocks.append(edge_fold(folder / f"fold{i}", seed, p, mosei, s, say))
+    teacher = [b["teacher"]["valid"] for b in blocks]
+    student = [b["student"]["valid"] for b in blocks]
+    fp32 = [b["student_fp32"]["valid"] for b in blocks]
+    ret = [b["student"]["retention_non0_acc2"]["valid"] for b in blocks]
+    mae = [b["student"]["mae_vs_teacher"]["valid"] for b in blocks]
+    return {"k": len(paths), "seed": int(seed), "layers": s.layers, "precision": s.precision, "audio": s.audio,
+            "retention_non0_acc2": mean_interval(ret), "mae_vs_teacher": mean_interval(mae),
+            "student_minus_teacher": paired(student, teacher), "fp32_minus_teacher": paired(fp32, teacher),
+            "teacher": {m: mean_interval([t[m] for t in teacher]) for m in teacher[0]},
+            "student": {m: mean_interval([t[m] for t in student]) for m in student[0]},
+            "per_fold": {"teacher": teacher, "student": student, "student_fp32": fp32, "retention_non0_acc2": ret,
+                         "mae_vs_teacher": mae, "bytes": [b["student"]["bytes"] for b in blocks],
+                         "latency_b1_p50_ms": [b["student"]["latency_b1_p50_ms"] for b in blocks],
+                         "best_epoch": [b["student"]["best_epoch"] for b in blocks],
+                         "edge_s": [sum(b["edge"]["timing"][k] for k in ("distill_s", "export_s", "score_s"))
+                                    for b in blocks]},
+            "selection": "each fold's teacher checkpoint and student epoch kept on that fold's valid rows"}

@@ -185,8 +185,11 @@ def keep_trained(out: Path, s: RecipeSettings, encoder: Path, timing: dict) -> d
     return results
 
 
-def kfold(pkl: Path, s: RecipeSettings, variants: dict, cache: Path, out: Path, timing: dict) -> dict:
-    """Each variant (name -> encoder) trained on the k video-grouped folds of train + valid (first seed)."""
+def kfold(pkl: Path, s: RecipeSettings, variants: dict, cache: Path, out: Path, timing: dict,
+          edge=None, mosei: Path | None = None) -> dict:
+    """Each variant (name -> encoder) trained on the k video-grouped folds of train + valid (first seed);
+    with ``edge`` (:class:`cpsl.recipes.edge.EdgeSettings`) also the first variant's edge student per
+    fold (:func:`cpsl.recipes.edge.edge_kfold`, under the result's ``edge`` key)."""
     from ..kfold import FoldVariant, fold_pickles, train_folds
     paths = fold_pickles(pkl, s.kfold, cache)
     seed = s.seeds.split(",")[0]
@@ -196,7 +199,13 @@ def kfold(pkl: Path, s: RecipeSettings, variants: dict, cache: Path, out: Path, 
         run_tag = tag(Path(s.config).read_text(), encoder, pkl.name, seed, s.epochs, s.sets)
         runs.append(FoldVariant(name, out / "kfold" / f"{name}_{run_tag}",
                                 lambda p, d, e=encoder: train_args(p, d, s, e, seed, True), {"encoder": encoder}))
-    return train_folds(paths, runs, int(seed), s.threads, timing, log=say)
+    res = train_folds(paths, runs, int(seed), s.threads, timing, log=say)
+    if edge is not None:
+        from .edge import edge_kfold
+        t0 = time.time()
+        res["edge"] = edge_kfold(runs[0].folder, paths, seed, mosei, edge, say)
+        timing["kfold_edge_s"] = time.time() - t0
+    return res
 
 
 def prepare_encoder(s: RecipeSettings, data: Path, cache: Path, max_len: int, settings: dict, timing: dict) -> Path:
@@ -231,14 +240,16 @@ def run_recipe(s: RecipeSettings) -> dict:
         run_cpsl(train_args(mosi, out, s, str(encoder), s.seeds, s.quiet) + mode, out / "train.log", s.quiet, s.threads)
         timing["train_s"] = time.time() - t0
         results = json.loads((out / "results.json").read_text())
+    edge, mosei = None, None
     if s.edge:
         from .edge import EdgeSettings, run_edge
         t_edge = time.time()
         mosei = build("mosei", data, cache, s.source_encoder, max_len, s.threads, s.quiet, timing) \
             if s.edge_transfer else None
-        results.update(run_edge(out, s.seeds, mosi, mosei, EdgeSettings(
-            layers=s.edge_layers, epochs=s.edge_epochs, transfer=s.edge_transfer,
-            transfer_rows=s.edge_transfer_rows, audio=s.edge_audio, threads=s.threads, distill={"progress": not s.quiet}), say))
+        edge = EdgeSettings(layers=s.edge_layers, epochs=s.edge_epochs, transfer=s.edge_transfer,
+                            transfer_rows=s.edge_transfer_rows, audio=s.edge_audio, threads=s.threads,
+                            distill={"progress": not s.quiet})
+        results.update(run_edge(out, s.seeds, mosi, mosei, edge, say))
         timing["edge_s"] = time.time() - t_edge
     card = encoder / "transfer.json"
     rec = {"encoder": str(encoder), "source_encoder": s.source_encoder, "config": str(s.config),
@@ -250,7 +261,7 @@ def run_recipe(s: RecipeSettings) -> dict:
         variants = {"transferred": str(encoder)}
         if s.kfold_baseline:
             variants["mosi_only"] = s.source_encoder
-        rec["kfold"] = kfold(mosi, s, variants, cache, out, timing)
+        rec["kfold"] = kfold(mosi, s, variants, cache, out, timing, edge, mosei)
     # --kfold-only / --edge-only keep the run's total
     timing["kfold_only_total_s" if s.kfold_only else "edge_only_total_s" if s.edge_only else "total_s"] = \
         time.time() - t_all
@@ -291,6 +302,15 @@ def summary(r: dict) -> str:
                 if key == "fused_minus_text_head" or key.startswith("minus_"):
                     s += f"  {'  ' + name + (' ' + key.replace('_', ' ')):34s} " + "  ".join(
                         f"Δ{m} {format_delta(d[m])}" for m in ("Non0_acc_2", "MAE", "Corr")) + "\n"
+    ke = (rec.get("kfold") or {}).get("edge")
+    if ke:
+        def ci(d, scale=1.0):
+            lo, hi = d["ci95"] or (d["mean"], d["mean"])
+            return f"{d['mean'] * scale:+.1f} % [{lo * scale:+.1f}, {hi * scale:+.1f}]"
+        ret = ke["retention_non0_acc2"]
+        rlo, rhi = ret["ci95"] or (ret["mean"], ret["mean"])
+        s += (f"  k={ke['k']} folds: {ke['layers']}-layer {ke['precision']} student vs its fold's teacher: Non0_acc_2 "
+              f"retention {ret['mean']:.1%} [{rlo:.1%}, {rhi:.1%}], MAE {ci(ke['mae_vs_teacher'], 100)}\n")
     if r.get("student"):
         st = r["student"]
         first = r["seeds"][0] if isinstance(r["seeds"], list) else str(r["seeds"]).split(",")[0]
