@@ -64,3 +64,22 @@ def plot_distill_curve(res: dict, path: Path) -> None:
     for a in ax.flat:
         a.set_xlabel("epoch"); a.set_xticks(ep); a.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+
+
+def plot_kfold_edge(ke: dict, path: Path) -> None:
+    """The edge student of every k-fold teacher (cpsl.recipes.edge.edge_kfold): per fold, MAE and
+    Non0_acc_2 of the teacher, the int8 student and its fp32 twin on the fold's valid rows."""
+    pf = ke["per_fold"]
+    folds = list(range(1, len(pf["teacher"]) + 1))
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    for a, m in zip(ax, ("MAE", "Non0_acc_2")):
+        for key, style, label in (("teacher", "ko--", "teacher"), ("student_fp32", "s:", "student fp32"),
+                                  ("student", "o-", f"{ke['layers']}-layer {ke['precision']} student")):
+            a.plot(folds, [r[m] for r in pf[key]], style, label=label)
+        a.set_xlabel("fold"); a.set_ylabel(f"fold valid {m}"); a.set_xticks(folds); a.grid(alpha=0.3)
+    ax[0].legend(fontsize=8)
+    ret = ke["retention_non0_acc2"]
+    ax[1].set_title(f"Non0_acc_2 retention {ret['mean']:.1%}", fontsize=9)
+    ax[0].set_title(f"MAE change {ke['mae_vs_teacher']['mean']:+.1%}", fontsize=9)
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+

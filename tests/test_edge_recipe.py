@@ -100,6 +100,7 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     lines = []
     r = edge_kfold(folder, paths, "1", pkl, s, lines.append)
     assert r["k"] == 2 and len(r["per_fold"]["student"]) == 2
+    assert (folder / "edge_kfold.png").stat().st_size > 0 and r["plot"] == str(folder / "edge_kfold.png")
     for i in range(2):
         blk = json.loads((folder / f"fold{i}" / "edge_results.json").read_text())
         valid = load_mmsa(paths[i])["valid"]          # scored on the fold's own valid rows, from raw text

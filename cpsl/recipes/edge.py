@@ -200,6 +200,7 @@ def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s
     both, and student − teacher per metric."""
     from ..ablate import mean_interval
     from ..kfold import paired
+    from ..plots import plot_kfold_edge
     blocks = []
     for i, p in enumerate(paths):
         say(f"[kfold edge] fold {i + 1}/{len(paths)}")
@@ -209,7 +210,7 @@ def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s
     fp32 = [b["student_fp32"]["valid"] for b in blocks]
     ret = [b["student"]["retention_non0_acc2"]["valid"] for b in blocks]
     mae = [b["student"]["mae_vs_teacher"]["valid"] for b in blocks]
-    return {"k": len(paths), "seed": int(seed), "layers": s.layers, "precision": s.precision, "audio": s.audio,
+    res = {"k": len(paths), "seed": int(seed), "layers": s.layers, "precision": s.precision, "audio": s.audio,
             "retention_non0_acc2": mean_interval(ret), "mae_vs_teacher": mean_interval(mae),
             "student_minus_teacher": paired(student, teacher), "fp32_minus_teacher": paired(fp32, teacher),
             "teacher": {m: mean_interval([t[m] for t in teacher]) for m in teacher[0]},
@@ -220,4 +221,7 @@ def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s
                          "best_epoch": [b["student"]["best_epoch"] for b in blocks],
                          "edge_s": [sum(b["edge"]["timing"][k] for k in ("distill_s", "export_s", "score_s"))
                                     for b in blocks]},
-            "selection": "each fold's teacher checkpoint and student epoch kept on that fold's valid rows"}
+            "selection": "each fold's teacher checkpoint and student epoch kept on that fold's valid rows",
+            "plot": str(folder / "edge_kfold.png")}
+    plot_kfold_edge(res, folder / "edge_kfold.png")
+    return res
