@@ -78,10 +78,17 @@ def test_config_show_prints_every_key_with_help_and_marks_changed_defaults():
     assert len(rows) == len(lines) and all(r["help"] for r in rows)
 
 
-def test_a_packaged_config_is_found_by_name():
+def test_a_packaged_config_is_found_by_name(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["config", "show", "--config", "mosi_best"])
     assert r.exit_code == 0, r.output
     assert "train.modulation = 'none'" in r.output and "[default 'cp']" in r.output
+    monkeypatch.chdir(tmp_path)             # a run folder named like the config does not hide it
+    (tmp_path / "mosi_best").mkdir()
+    r = CliRunner().invoke(main, ["config", "show", "--config", "mosi_best"])
+    assert r.exit_code == 0 and "train.modulation = 'none'" in r.output, r.output
+    (tmp_path / "mine.yaml").write_text("train:\n  lr: 0.005\n")           # a local file is still read as a file
+    r = CliRunner().invoke(main, ["config", "show", "--config", "mine.yaml"])
+    assert r.exit_code == 0 and "train.lr = 0.005" in r.output, r.output
     r = CliRunner().invoke(main, ["config", "show", "--config", "no_such_config"])
     assert r.exit_code == 2 and "not found" in r.output
 

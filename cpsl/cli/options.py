@@ -109,9 +109,10 @@ def settings_from(cls, values: dict):
 data_option = click.option("--data", "data_path", default=_default(_field(type(Config().data), "path")),
                            show_default=True, help="MMSA .pkl file, or 'synth' for the embedded synthetic data.")
 def packaged_config(value):
-    """``--config NAME``: a file path, or the name of a config shipped in cpsl/configs (e.g. mosi_best)."""
+    """``--config NAME``: a file path, or the name of a config shipped in cpsl/configs (e.g. mosi_best);
+    a folder of that name in the working directory (a run called mosi_best) does not hide the shipped one."""
     from pathlib import Path
-    if value is None or Path(value).exists():
+    if value is None or Path(value).is_file():
         return value
     shipped = Path(__file__).resolve().parents[1] / "configs" / f"{Path(value).stem}.yaml"
     return str(shipped) if shipped.is_file() and Path(value).parent == Path(".") else value
