@@ -82,4 +82,3 @@ def plot_kfold_edge(ke: dict, path: Path) -> None:
     ax[1].set_title(f"Non0_acc_2 retention {ret['mean']:.1%}", fontsize=9)
     ax[0].set_title(f"MAE change {ke['mae_vs_teacher']['mean']:+.1%}", fontsize=9)
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
-

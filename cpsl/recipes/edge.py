@@ -29,6 +29,12 @@ from ..errors import CPSLError
 from ..fileutil import content_tag
 
 EDGE_MODEL = "sentiment.onnx"
+_RUN_ONLY = ("threads",)              # EdgeSettings that change how fast a run goes, not what it gives
+_RUN_ONLY_DISTILL = ("progress",)     # the same among LayerDistillSettings
+
+
+def _result_only(settings: dict, run_only: tuple) -> dict:
+    return {k: v for k, v in settings.items() if k not in run_only}
 
 
 @dataclass
@@ -71,7 +77,7 @@ def student_stage(teachers, mosi: Path, mosei: Path | None, out: Path, s: EdgeSe
     ds = LayerDistillSettings(layers=s.layers, epochs=s.epochs, transfer_rows=s.transfer_rows,
                               text_only=not s.audio, **s.distill)
     tag = content_tag([str(t) for t in teachers], [Path(t).stat().st_mtime for t in teachers], str(mosi),
-               str(mosei) if s.transfer else None, {k: v for k, v in asdict(ds).items() if k != "progress"})
+               str(mosei) if s.transfer else None, _result_only(asdict(ds), _RUN_ONLY_DISTILL))
     d = out / "edge_work" / f"student_L{s.layers}{'' if s.audio else '_text'}_{tag}"
     if (d / "results.json").is_file() and (d / "best.pt").is_file():
         say(f"[edge] student: cached {d}")
@@ -165,14 +171,12 @@ def run_edge(out: Path, seeds: str, mosi: Path, mosei: Path | None, s: EdgeSetti
 
 
 FOLD_EDGE = "edge_results.json"
-_RUN_ONLY = ("threads",)      # settings that change how fast a fold runs, not what it gives
 
 
 def _same_settings(a: dict, b: dict) -> bool:
+    """The same :class:`EdgeSettings` (as dicts) but for what changes only how a run goes."""
     def norm(x):
-        x = {k: v for k, v in x.items() if k not in _RUN_ONLY}
-        x["distill"] = {k: v for k, v in (x.get("distill") or {}).items() if k != "progress"}
-        return x
+        return {**_result_only(x, _RUN_ONLY), "distill": _result_only(x.get("distill") or {}, _RUN_ONLY_DISTILL)}
     return norm(a) == norm(b)
 
 

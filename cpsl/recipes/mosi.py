@@ -304,13 +304,11 @@ def summary(r: dict) -> str:
                         f"Δ{m} {format_delta(d[m])}" for m in ("Non0_acc_2", "MAE", "Corr")) + "\n"
     ke = (rec.get("kfold") or {}).get("edge")
     if ke:
-        def ci(d, scale=1.0):
+        def ci(d, fmt):
             lo, hi = d["ci95"] or (d["mean"], d["mean"])
-            return f"{d['mean'] * scale:+.1f} % [{lo * scale:+.1f}, {hi * scale:+.1f}]"
-        ret = ke["retention_non0_acc2"]
-        rlo, rhi = ret["ci95"] or (ret["mean"], ret["mean"])
+            return f"{d['mean']:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
         s += (f"  k={ke['k']} folds: {ke['layers']}-layer {ke['precision']} student vs its fold's teacher: Non0_acc_2 "
-              f"retention {ret['mean']:.1%} [{rlo:.1%}, {rhi:.1%}], MAE {ci(ke['mae_vs_teacher'], 100)}\n")
+              f"retention {ci(ke['retention_non0_acc2'], '.1%')}, MAE {ci(ke['mae_vs_teacher'], '+.1%')}\n")
     if r.get("student"):
         st = r["student"]
         first = r["seeds"][0] if isinstance(r["seeds"], list) else str(r["seeds"]).split(",")[0]
