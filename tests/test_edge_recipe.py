@@ -96,6 +96,10 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     for i in range(2):
         (folder / f"fold{i}" / "seed1").mkdir(parents=True)
         shutil.copyfile(ck, folder / f"fold{i}" / "seed1" / "best.pt")
+    logs = [[0.9, 0.5, 0.7, 0.8], [0.8, 0.6, 0.65]]          # the teachers' valid MAE per epoch, as cpsl train logs it
+    for i, maes in enumerate(logs):
+        (folder / f"fold{i}" / "seed1" / "log.jsonl").write_text(
+            "".join(json.dumps({"epoch": e, "train": {}, "valid": {"MAE": m}}) + "\n" for e, m in enumerate(maes)))
     s = EdgeSettings(layers=1, epochs=1, calib_batches=2, distill={"batch_size": 8, "relation_heads": 4, "progress": False})
     lines = []
     r = edge_kfold(folder, paths, "1", pkl, s, lines.append)
@@ -122,7 +126,22 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     assert sum("kept" in x for x in lines) == 2
     lines.clear()
     s3 = EdgeSettings(layers=1, epochs=2, calib_batches=2, distill={"batch_size": 8, "relation_heads": 4, "progress": False})
-    edge_kfold(folder, paths, "1", pkl, s3, lines.append)
+    r3 = edge_kfold(folder, paths, "1", pkl, s3, lines.append)
     assert not any("kept" in x for x in lines) and any("distilling" in x for x in lines)
+    # how much the kept checkpoints gain from being chosen on the scored rows: median of epochs 2.. − kept
+    assert r["selection_optimism"] is None                       # one student epoch: nothing to compare
+    so, pf = r3["selection_optimism"], r3["per_fold"]
+    assert pf["teacher_valid_mae_by_epoch"] == logs and [len(e) for e in pf["student_valid_mae_by_epoch"]] == [2, 2]
+    assert np.allclose(so["teacher_median_mae"], [0.7, 0.625])
+    kept_t = [t["MAE"] for t in pf["teacher"]]
+    assert np.isclose(so["teacher"]["mean"], np.mean([0.7 - kept_t[0], 0.625 - kept_t[1]]))
+    s_med = [e[1] for e in pf["student_valid_mae_by_epoch"]]        # two epochs: the median of epochs 2.. is the last
+    assert np.allclose(so["student_fp32_median_mae"], s_med)
+    assert np.isclose(so["mae_vs_teacher_median_epochs"]["mean"], np.mean([s_med[0] / 0.7 - 1, s_med[1] / 0.625 - 1]))
+    (folder / "fold1" / "seed1" / "log.jsonl").unlink()           # a fold without its teacher's log: no estimate
+    assert edge_kfold(folder, paths, "1", pkl, s3, lines.append)["selection_optimism"] is None
     text = summary({"seeds": [1], "recipe": {"ridge": {}, "timing": {}, "kfold": {"k": 2, "variants": {}, "edge": r}}})
     assert "k=2 folds: 1-layer int8 student vs its fold's teacher" in text and "retention" in text
+    assert "median epoch minus kept" not in text
+    text = summary({"seeds": [1], "recipe": {"ridge": {}, "timing": {}, "kfold": {"k": 2, "variants": {}, "edge": r3}}})
+    assert "median epoch minus kept" in text

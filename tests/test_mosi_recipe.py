@@ -111,6 +111,7 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert (tmp_path / "out3" / "edge" / "sentiment.onnx").is_file() and r3["student"]["layers"] == 1
     ke = r3["recipe"]["kfold"]["edge"]
     assert ke["k"] == 2 and len(ke["per_fold"]["student"]) == 2 and ke["retention_non0_acc2"]["n"] == 2
+    assert all(len(e) >= 1 for e in ke["per_fold"]["teacher_valid_mae_by_epoch"])     # read from the folds' own logs
     assert "vs its fold's teacher" in log
     # the same folds (same signature) as the first run's k-fold: --kfold-compare pairs them
     assert r3["recipe"]["kfold"]["folds_signature"] == kf["folds_signature"]

@@ -197,6 +197,39 @@ def edge_fold(fold_dir: Path, seed: str, pkl: Path, mosei: Path | None, s: EdgeS
     return blk
 
 
+def _epoch_maes(fold_dir: Path, seed: str, blk: dict) -> tuple[list[float], list[float]]:
+    """Valid MAE after every epoch of the fold's teacher (its ``log.jsonl``; empty where absent) and of
+    its student (PyTorch fp32, the distillation's history)."""
+    log = fold_dir / f"seed{seed}" / "log.jsonl"
+    teacher = []
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if "MAE" in (rec.get("valid") or {}):
+                teacher.append(float(rec["valid"]["MAE"]))
+    student = [float(h["valid"]["MAE"]) for h in blk["edge"]["distill"].get("history", [])]
+    return teacher, student
+
+
+def selection_optimism(teacher_epochs: list[list[float]], student_epochs: list[list[float]],
+                       teacher_kept: list[float], student_kept: list[float]) -> dict | None:
+    """How much of the fold figures is the choice of checkpoint on the rows they are scored on: per
+    model, the median valid MAE over its epochs after the first (a checkpoint taken without looking
+    at those rows, typically) minus the kept one's; and the student's change against the teacher
+    compared median to median. None where a fold lacks a teacher log or has under 2 epochs."""
+    from ..ablate import mean_interval
+    if any(len(t) < 2 for t in teacher_epochs) or any(len(s) < 2 for s in student_epochs):
+        return None
+    t_med = [float(np.median(t[1:])) for t in teacher_epochs]
+    s_med = [float(np.median(s[1:])) for s in student_epochs]
+    return {"teacher": mean_interval([m - k for m, k in zip(t_med, teacher_kept)]),
+            "student": mean_interval([m - k for m, k in zip(s_med, student_kept)]),
+            "teacher_median_mae": t_med, "student_fp32_median_mae": s_med,
+            "mae_vs_teacher_median_epochs": mean_interval([s / t - 1 for s, t in zip(s_med, t_med)]),
+            "note": "median valid MAE over epochs 2.. minus the kept checkpoint's (PyTorch fp32); "
+                    "an indication of best-of-N optimism, not an unbiased estimate"}
+
+
 def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s: EdgeSettings, say) -> dict:
     """The edge student of every k-fold teacher (``folder/fold<i>``), each scored on its fold's valid
     rows as a device runs it, paired with its own teacher: per fold and as the mean with its 95 %
@@ -214,6 +247,7 @@ def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s
     fp32 = [b["student_fp32"]["valid"] for b in blocks]
     ret = [b["student"]["retention_non0_acc2"]["valid"] for b in blocks]
     mae = [b["student"]["mae_vs_teacher"]["valid"] for b in blocks]
+    epochs = [_epoch_maes(folder / f"fold{i}", seed, b) for i, b in enumerate(blocks)]
     res = {"k": len(paths), "seed": int(seed), "layers": s.layers, "precision": s.precision, "audio": s.audio,
             "retention_non0_acc2": mean_interval(ret), "mae_vs_teacher": mean_interval(mae),
             "student_minus_teacher": paired(student, teacher), "fp32_minus_teacher": paired(fp32, teacher),
@@ -223,9 +257,14 @@ def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s
                          "mae_vs_teacher": mae, "bytes": [b["student"]["bytes"] for b in blocks],
                          "latency_b1_p50_ms": [b["student"]["latency_b1_p50_ms"] for b in blocks],
                          "best_epoch": [b["student"]["best_epoch"] for b in blocks],
+                         "teacher_valid_mae_by_epoch": [e[0] for e in epochs],
+                         "student_valid_mae_by_epoch": [e[1] for e in epochs],
                          "edge_s": [sum(b["edge"]["timing"][k] for k in ("distill_s", "export_s", "score_s"))
                                     for b in blocks]},
             "selection": "each fold's teacher checkpoint and student epoch kept on that fold's valid rows",
+            "selection_optimism": selection_optimism(
+                [e[0] for e in epochs], [e[1] for e in epochs], [t["MAE"] for t in teacher],
+                [(b["student"].get("distill_valid_pytorch") or {}).get("MAE", float("nan")) for b in blocks]),
             "plot": str(folder / "edge_kfold.png")}
     plot_kfold_edge(res, folder / "edge_kfold.png")
     return res

@@ -309,6 +309,11 @@ def summary(r: dict) -> str:
             return f"{d['mean']:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
         s += (f"  k={ke['k']} folds: {ke['layers']}-layer {ke['precision']} student vs its fold's teacher: Non0_acc_2 "
               f"retention {ci(ke['retention_non0_acc2'], '.1%')}, MAE {ci(ke['mae_vs_teacher'], '+.1%')}\n")
+        so = ke.get("selection_optimism")
+        if so:
+            s += (f"    checkpoints kept on the scored rows: median epoch minus kept, MAE teacher "
+                  f"{ci(so['teacher'], '+.3f')}, student {ci(so['student'], '+.3f')}; student fp32 vs teacher, "
+                  f"median epochs: MAE {ci(so['mae_vs_teacher_median_epochs'], '+.1%')}\n")
     if r.get("student"):
         st = r["student"]
         first = r["seeds"][0] if isinstance(r["seeds"], list) else str(r["seeds"]).split(",")[0]
