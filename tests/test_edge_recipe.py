@@ -139,7 +139,17 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     assert np.allclose(so["student_fp32_median_mae"], s_med)
     assert np.isclose(so["mae_vs_teacher_median_epochs"]["mean"], np.mean([s_med[0] / 0.7 - 1, s_med[1] / 0.625 - 1]))
     (folder / "fold1" / "seed1" / "log.jsonl").unlink()           # a fold without its teacher's log: no estimate
+    lines.clear()
     assert edge_kfold(folder, paths, "1", pkl, s3, lines.append)["selection_optimism"] is None
+    assert sum("kept" in x for x in lines) == 2
+    # a block made under another default (its recorded distillation settings differ): redone, not kept
+    f = folder / "fold0" / "edge_results.json"
+    blk = json.loads(f.read_text())
+    blk["edge"]["distill"]["settings"]["w_kd_transfer"] += 1.0
+    f.write_text(json.dumps(blk))
+    lines.clear()
+    edge_kfold(folder, paths, "1", pkl, s3, lines.append)
+    assert sum("kept" in x for x in lines) == 1 and "fold1: kept" in " ".join(lines)
     text = summary({"seeds": [1], "recipe": {"ridge": {}, "timing": {}, "kfold": {"k": 2, "variants": {}, "edge": r}}})
     assert "k=2 folds: 1-layer int8 student vs its fold's teacher" in text and "retention" in text
     assert "median epoch minus kept" not in text

@@ -43,7 +43,7 @@ def recipe():
               help="Keep OUT's finished training run (its results.json and seed checkpoints) and only add --edge.")
 @click.option("--edge-layers", type=click.IntRange(1, 6), default=2, show_default=True,
               help="--edge: encoder layers of the student (the teacher's first N, distilled).")
-@click.option("--edge-epochs", type=click.IntRange(1), default=4, show_default=True,
+@click.option("--edge-epochs", type=click.IntRange(1), default=6, show_default=True,
               help="--edge: distillation epochs over the transfer set.")
 @click.option("--edge-transfer/--edge-no-transfer", default=True, show_default=True,
               help="--edge: the MOSEI transcripts join MOSI train in the transfer set.")

@@ -40,7 +40,7 @@ from .text_distill import check_layers, fused_prediction, shallow_student
 @dataclass
 class LayerDistillSettings:
     layers: int = 2
-    epochs: int = 4
+    epochs: int = 6
     lr: float = 1e-4                    # student encoder layers
     head_lr: float = 5e-5               # the rest (AME encoders, fusion, heads)
     batch_size: int = 32
@@ -49,7 +49,7 @@ class LayerDistillSettings:
     w_hidden: float = 1.0
     w_rel: float = 1.0
     w_kd: float = 1.0
-    w_kd_transfer: float = 1.0          # prediction KD on the transfer transcripts (other modalities: their mean)
+    w_kd_transfer: float = 3.0          # prediction KD on the transfer transcripts (other modalities: their mean)
     w_task: float = 0.5
     relation_heads: int = 12                # MiniLM-v2; the encoder's attention heads where 12 does not divide its width
     warmup: float = 0.06                # share of the steps with a linear warm-up

@@ -41,7 +41,7 @@ def _result_only(settings: dict, run_only: tuple) -> dict:
 class EdgeSettings:
     """The ``--edge-*`` options of ``cpsl recipe mosi``."""
     layers: int = 2
-    epochs: int = 4
+    epochs: int = 6
     transfer: bool = True              # MOSEI transcripts in the transfer set (else MOSI train only)
     transfer_rows: int = 0             # 0: all of them
     audio: bool = False                # True: the student reads the audio vector too (False: text only, the
@@ -67,15 +67,21 @@ def _labelled_splits(data) -> list[str]:
     return [s for s in ("valid", "test") if s in data.splits and len(data[s])]
 
 
+def distill_settings(s: EdgeSettings):
+    """The :class:`~cpsl.compress.layer_distill.LayerDistillSettings` the edge stage distils with."""
+    from ..compress.layer_distill import LayerDistillSettings
+    return LayerDistillSettings(layers=s.layers, epochs=s.epochs, transfer_rows=s.transfer_rows,
+                                text_only=not s.audio, **s.distill)
+
+
 def student_stage(teachers, mosi: Path, mosei: Path | None, out: Path, s: EdgeSettings, say) -> tuple[Path, dict]:
     """The distilled student (``OUT/edge_work/student_L<layers>_<tag>``; reused when teachers, data and
     settings are the same)."""
     import torch
 
-    from ..compress.layer_distill import LayerDistillSettings, distill_layers, transfer_ids
+    from ..compress.layer_distill import distill_layers, transfer_ids
     from ..data.mmsa import load_mmsa
-    ds = LayerDistillSettings(layers=s.layers, epochs=s.epochs, transfer_rows=s.transfer_rows,
-                              text_only=not s.audio, **s.distill)
+    ds = distill_settings(s)
     tag = content_tag([str(t) for t in teachers], [Path(t).stat().st_mtime for t in teachers], str(mosi),
                str(mosei) if s.transfer else None, _result_only(asdict(ds), _RUN_ONLY_DISTILL))
     d = out / "edge_work" / f"student_L{s.layers}{'' if s.audio else '_text'}_{tag}"
@@ -173,11 +179,15 @@ def run_edge(out: Path, seeds: str, mosi: Path, mosei: Path | None, s: EdgeSetti
 FOLD_EDGE = "edge_results.json"
 
 
-def _same_settings(a: dict, b: dict) -> bool:
-    """The same :class:`EdgeSettings` (as dicts) but for what changes only how a run goes."""
-    def norm(x):
-        return {**_result_only(x, _RUN_ONLY), "distill": _result_only(x.get("distill") or {}, _RUN_ONLY_DISTILL)}
-    return norm(a) == norm(b)
+def _same_settings(blk: dict, s: EdgeSettings) -> bool:
+    """A kept edge block was made with the settings ``s`` would use, but for what changes only how a
+    run goes: the same :class:`EdgeSettings` and the same effective distillation settings (those the
+    block recorded, defaults resolved, so a later change of a default is not mistaken for a match)."""
+    def edge(x):
+        return {k: v for k, v in _result_only(x, _RUN_ONLY).items() if k != "distill"}
+    ran = (blk["edge"].get("distill") or {}).get("settings")
+    return (edge(blk["edge"]["settings"]) == edge(asdict(s)) and ran is not None
+            and _result_only(ran, _RUN_ONLY_DISTILL) == _result_only(asdict(distill_settings(s)), _RUN_ONLY_DISTILL))
 
 
 def edge_fold(fold_dir: Path, seed: str, pkl: Path, mosei: Path | None, s: EdgeSettings, say) -> dict:
@@ -187,7 +197,7 @@ def edge_fold(fold_dir: Path, seed: str, pkl: Path, mosei: Path | None, s: EdgeS
     f = fold_dir / FOLD_EDGE
     if f.is_file():
         blk = json.loads(f.read_text())
-        if _same_settings(blk["edge"]["settings"], asdict(s)):
+        if _same_settings(blk, s):
             say(f"[kfold edge] {fold_dir.name}: kept {f}")
             return blk
     t0 = time.perf_counter()

@@ -60,7 +60,7 @@ class RecipeSettings:
     edge: bool = False
     edge_only: bool = False
     edge_layers: int = 2
-    edge_epochs: int = 4
+    edge_epochs: int = 6
     edge_transfer: bool = True
     edge_transfer_rows: int = 0
     edge_audio: bool = False
