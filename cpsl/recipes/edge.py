@@ -210,13 +210,9 @@ def edge_fold(fold_dir: Path, seed: str, pkl: Path, mosei: Path | None, s: EdgeS
 def _epoch_maes(fold_dir: Path, seed: str, blk: dict) -> tuple[list[float], list[float]]:
     """Valid MAE after every epoch of the fold's teacher (its ``log.jsonl``; empty where absent) and of
     its student (PyTorch fp32, the distillation's history)."""
-    log = fold_dir / f"seed{seed}" / "log.jsonl"
-    teacher = []
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            if "MAE" in (rec.get("valid") or {}):
-                teacher.append(float(rec["valid"]["MAE"]))
+    from ..ablate import read_history
+    teacher = [float(rec["valid"]["MAE"]) for rec in read_history(fold_dir / f"seed{seed}")
+               if "MAE" in (rec.get("valid") or {})]
     student = [float(h["valid"]["MAE"]) for h in blk["edge"]["distill"].get("history", [])]
     return teacher, student
 
