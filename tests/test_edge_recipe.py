@@ -99,7 +99,8 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     logs = [[0.9, 0.5, 0.7, 0.8], [0.8, 0.6, 0.65]]          # the teachers' valid MAE per epoch, as cpsl train logs it
     for i, maes in enumerate(logs):
         (folder / f"fold{i}" / "seed1" / "log.jsonl").write_text(
-            "".join(json.dumps({"epoch": e, "train": {}, "valid": {"MAE": m}}) + "\n" for e, m in enumerate(maes)))
+            "".join(json.dumps({"epoch": e, "train": {}, "valid": {"MAE": m, "Non0_acc_2": 0.8}}) + "\n"
+                    for e, m in enumerate(maes)))
     s = EdgeSettings(layers=1, epochs=1, calib_batches=2, distill={"batch_size": 8, "relation_heads": 4, "progress": False})
     lines = []
     r = edge_kfold(folder, paths, "1", pkl, s, lines.append)
@@ -138,9 +139,14 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     s_med = [e[1] for e in pf["student_valid_mae_by_epoch"]]        # two epochs: the median of epochs 2.. is the last
     assert np.allclose(so["student_fp32_median_mae"], s_med)
     assert np.isclose(so["mae_vs_teacher_median_epochs"]["mean"], np.mean([s_med[0] / 0.7 - 1, s_med[1] / 0.625 - 1]))
+    cf = r3["cross_fold_epochs"]                                   # epochs chosen on the other fold's curve
+    assert cf["teacher_epoch"] == [2, 2] and np.allclose(cf["teacher_mae"], [0.5, 0.6])
+    assert np.isclose(cf["mae_vs_teacher"]["mean"], np.mean([a / b - 1 for a, b in zip(cf["student_fp32_mae"], [0.5, 0.6])]))
+    assert cf["retention_non0_acc2"]["n"] == 2
     (folder / "fold1" / "seed1" / "log.jsonl").unlink()           # a fold without its teacher's log: no estimate
     lines.clear()
-    assert edge_kfold(folder, paths, "1", pkl, s3, lines.append)["selection_optimism"] is None
+    r4 = edge_kfold(folder, paths, "1", pkl, s3, lines.append)
+    assert r4["selection_optimism"] is None and r4["cross_fold_epochs"] is None
     assert sum("kept" in x for x in lines) == 2
     # a block made under another default (its recorded distillation settings differ): redone, not kept
     f = folder / "fold0" / "edge_results.json"
@@ -155,3 +161,22 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     assert "median epoch minus kept" not in text
     text = summary({"seeds": [1], "recipe": {"ridge": {}, "timing": {}, "kfold": {"k": 2, "variants": {}, "edge": r3}}})
     assert "median epoch minus kept" in text
+
+
+def test_cross_fold_epochs_choose_each_fold_s_epoch_on_the_other_folds():
+    from cpsl.recipes.edge import cross_fold_epochs
+
+    def curve(maes, acc):
+        return [{"MAE": m, "Non0_acc_2": acc} for m in maes]
+    teacher = [curve([.9, .5, .7, .8], .8), curve([.8, .6, .65], .8), curve([.7, .72, .5, .6, .6], .8)]
+    student = [curve([.8, .7], .78), curve([.75, .7], .78), curve([.6, .66], .78)]
+    r = cross_fold_epochs(teacher, student)
+    # fold 1: the others' mean over their 3 common epochs is [.75, .66, .575] -> the 3rd epoch; fold 2: [.8, .61, .6, .7]
+    # -> the 3rd, its own last; fold 3: [.85, .55, .675] -> the 2nd (its own best, the 3rd, is not chosen)
+    assert r["teacher_epoch"] == [3, 3, 2] and r["teacher_mae"] == [.7, .65, .72]
+    assert r["student_epoch"] == [1, 2, 2] and r["student_fp32_mae"] == [.8, .7, .66]
+    assert np.isclose(r["mae_vs_teacher"]["mean"], np.mean([.8 / .7 - 1, .7 / .65 - 1, .66 / .72 - 1]))
+    assert np.isclose(r["retention_non0_acc2"]["mean"], .78 / .8) and r["mae_vs_teacher"]["n"] == 3
+    no_acc = [[{"MAE": e["MAE"]} for e in c] for c in teacher]
+    assert cross_fold_epochs(no_acc, student)["retention_non0_acc2"] is None
+    assert cross_fold_epochs(teacher[:1], student[:1]) is None and cross_fold_epochs([[], *teacher[1:]], student) is None

@@ -113,6 +113,8 @@ def test_recipe_one_command(tmp_path, shared_data_dir):
     assert ke["k"] == 2 and len(ke["per_fold"]["student"]) == 2 and ke["retention_non0_acc2"]["n"] == 2
     assert all(len(e) >= 1 for e in ke["per_fold"]["teacher_valid_mae_by_epoch"])     # read from the folds' own logs
     assert "vs its fold's teacher" in log
+    cf = ke["cross_fold_epochs"]              # 1-epoch students: each fold's only epoch; the teachers' from the other fold
+    assert cf["student_epoch"] == [1, 1] and cf["mae_vs_teacher"]["n"] == 2 and "epochs chosen on the other folds" in log
     # the same folds (same signature) as the first run's k-fold: --kfold-compare pairs them
     assert r3["recipe"]["kfold"]["folds_signature"] == kf["folds_signature"]
     for out in (cpsl("recipe", "kfold-compare", tmp_path / "out" / "results.json", tmp_path / "out3" / "results.json",

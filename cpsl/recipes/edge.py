@@ -207,14 +207,47 @@ def edge_fold(fold_dir: Path, seed: str, pkl: Path, mosei: Path | None, s: EdgeS
     return blk
 
 
-def _epoch_maes(fold_dir: Path, seed: str, blk: dict) -> tuple[list[float], list[float]]:
-    """Valid MAE after every epoch of the fold's teacher (its ``log.jsonl``; empty where absent) and of
-    its student (PyTorch fp32, the distillation's history)."""
+def _epoch_curves(fold_dir: Path, seed: str, blk: dict) -> tuple[list[dict], list[dict]]:
+    """Valid MAE and Non0_acc_2 after every epoch of the fold's teacher (its ``log.jsonl``; empty
+    where absent) and of its student (PyTorch fp32, the distillation's history)."""
     from ..ablate import read_history
-    teacher = [float(rec["valid"]["MAE"]) for rec in read_history(fold_dir / f"seed{seed}")
-               if "MAE" in (rec.get("valid") or {})]
-    student = [float(h["valid"]["MAE"]) for h in blk["edge"]["distill"].get("history", [])]
+
+    def pick(v):
+        return {k: float(v[k]) for k in ("MAE", "Non0_acc_2") if k in v}
+    teacher = [pick(rec["valid"]) for rec in read_history(fold_dir / f"seed{seed}") if "MAE" in (rec.get("valid") or {})]
+    student = [pick(h["valid"]) for h in blk["edge"]["distill"].get("history", [])]
     return teacher, student
+
+
+def cross_fold_epochs(teacher_curves: list[list[dict]], student_curves: list[list[dict]]) -> dict | None:
+    """The student against its teacher with neither checkpoint chosen on the rows it is scored on:
+    for fold i each model takes the epoch with the lowest mean valid MAE over the *other* folds
+    (among the epochs all of them reached; the fold's own last epoch where it stopped earlier), and
+    both are read off fold i's curves at those epochs. Returns per fold the epochs (1-based) and
+    MAEs, and the student's MAE change and Non0_acc_2 retention as means with 95 % t-intervals;
+    None with under 2 folds or where a fold lacks a curve."""
+    from ..ablate import mean_interval
+    k = len(teacher_curves)
+    if k < 2 or len(student_curves) != k or any(not c for c in teacher_curves + student_curves):
+        return None
+
+    def epoch(curves, i):
+        others = [c for j, c in enumerate(curves) if j != i]
+        n = min(len(c) for c in others)
+        mean = np.mean([[e["MAE"] for e in c[:n]] for c in others], axis=0)
+        return min(int(np.argmin(mean)), len(curves[i]) - 1)
+    te = [epoch(teacher_curves, i) for i in range(k)]
+    se = [epoch(student_curves, i) for i in range(k)]
+    t = [teacher_curves[i][e] for i, e in enumerate(te)]
+    s = [student_curves[i][e] for i, e in enumerate(se)]
+    has_acc = all("Non0_acc_2" in x for x in t + s)
+    return {"teacher_epoch": [e + 1 for e in te], "student_epoch": [e + 1 for e in se],
+            "teacher_mae": [x["MAE"] for x in t], "student_fp32_mae": [x["MAE"] for x in s],
+            "mae_vs_teacher": mean_interval([b["MAE"] / a["MAE"] - 1 for a, b in zip(t, s)]),
+            "retention_non0_acc2": (mean_interval([b["Non0_acc_2"] / a["Non0_acc_2"] for a, b in zip(t, s)])
+                                    if has_acc else None),
+            "note": "each model's epoch chosen on the other folds' valid rows (lowest mean MAE), scored on this "
+                    "fold's; the student fp32 (PyTorch), distilled from the teacher checkpoint kept on this fold"}
 
 
 def selection_optimism(teacher_epochs: list[list[float]], student_epochs: list[list[float]],
@@ -253,7 +286,8 @@ def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s
     fp32 = [b["student_fp32"]["valid"] for b in blocks]
     ret = [b["student"]["retention_non0_acc2"]["valid"] for b in blocks]
     mae = [b["student"]["mae_vs_teacher"]["valid"] for b in blocks]
-    epochs = [_epoch_maes(folder / f"fold{i}", seed, b) for i, b in enumerate(blocks)]
+    curves = [_epoch_curves(folder / f"fold{i}", seed, b) for i, b in enumerate(blocks)]
+    epochs = [([e["MAE"] for e in t], [e["MAE"] for e in s_]) for t, s_ in curves]
     res = {"k": len(paths), "seed": int(seed), "layers": s.layers, "precision": s.precision, "audio": s.audio,
             "retention_non0_acc2": mean_interval(ret), "mae_vs_teacher": mean_interval(mae),
             "student_minus_teacher": paired(student, teacher), "fp32_minus_teacher": paired(fp32, teacher),
@@ -271,6 +305,7 @@ def edge_kfold(folder: Path, paths: list[Path], seed: str, mosei: Path | None, s
             "selection_optimism": selection_optimism(
                 [e[0] for e in epochs], [e[1] for e in epochs], [t["MAE"] for t in teacher],
                 [(b["student"].get("distill_valid_pytorch") or {}).get("MAE", float("nan")) for b in blocks]),
+            "cross_fold_epochs": cross_fold_epochs([c[0] for c in curves], [c[1] for c in curves]),
             "plot": str(folder / "edge_kfold.png")}
     plot_kfold_edge(res, folder / "edge_kfold.png")
     return res

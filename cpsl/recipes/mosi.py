@@ -314,6 +314,12 @@ def summary(r: dict) -> str:
             s += (f"    checkpoints kept on the scored rows: median epoch minus kept, MAE teacher "
                   f"{ci(so['teacher'], '+.3f')}, student {ci(so['student'], '+.3f')}; student fp32 vs teacher, "
                   f"median epochs: MAE {ci(so['mae_vs_teacher_median_epochs'], '+.1%')}\n")
+        cf = ke.get("cross_fold_epochs")
+        if cf:
+            s += (f"    epochs chosen on the other folds (neither model on the rows it is scored on): student fp32 "
+                  f"vs teacher MAE {ci(cf['mae_vs_teacher'], '+.1%')}"
+                  + (f", Non0_acc_2 retention {ci(cf['retention_non0_acc2'], '.1%')}" if cf["retention_non0_acc2"] else "")
+                  + "\n")
     if r.get("student"):
         st = r["student"]
         first = r["seeds"][0] if isinstance(r["seeds"], list) else str(r["seeds"]).split(",")[0]
