@@ -138,6 +138,9 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     assert np.isclose(so["teacher"]["mean"], np.mean([0.7 - kept_t[0], 0.625 - kept_t[1]]))
     s_med = [e[1] for e in pf["student_valid_mae_by_epoch"]]        # two epochs: the median of epochs 2.. is the last
     assert np.allclose(so["student_fp32_median_mae"], s_med)
+    kept_s = [json.loads((folder / f"fold{i}" / "edge_results.json").read_text())["student"]["distill_valid_pytorch"]["MAE"]
+              for i in range(2)]                                    # the student's kept epoch, PyTorch fp32
+    assert np.isclose(so["student"]["mean"], np.mean([m - k for m, k in zip(s_med, kept_s)]))
     assert np.isclose(so["mae_vs_teacher_median_epochs"]["mean"], np.mean([s_med[0] / 0.7 - 1, s_med[1] / 0.625 - 1]))
     cf = r3["cross_fold_epochs"]                                   # epochs chosen on the other fold's curve
     assert cf["teacher_epoch"] == [2, 2] and np.allclose(cf["teacher_mae"], [0.5, 0.6])
