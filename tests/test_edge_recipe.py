@@ -183,3 +183,13 @@ def test_cross_fold_epochs_choose_each_fold_s_epoch_on_the_other_folds():
     no_acc = [[{"MAE": e["MAE"]} for e in c] for c in teacher]
     assert cross_fold_epochs(no_acc, student)["retention_non0_acc2"] is None
     assert cross_fold_epochs(teacher[:1], student[:1]) is None and cross_fold_epochs([[], *teacher[1:]], student) is None
+
+
+def test_edge_defaults_agree_between_the_cli_the_recipe_and_the_library():
+    from cpsl.cli.recipe import mosi
+    from cpsl.compress.layer_distill import LayerDistillSettings
+    from cpsl.recipes.mosi import RecipeSettings
+    opts, rs = {p.name: p.default for p in mosi.params}, RecipeSettings(data_dir="d", out="o")
+    for name in ("layers", "epochs"):
+        assert opts[f"edge_{name}"] == getattr(rs, f"edge_{name}") == getattr(EdgeSettings(), name) \
+            == getattr(LayerDistillSettings(), name), name

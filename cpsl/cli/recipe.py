@@ -41,7 +41,7 @@ def recipe():
                    "in OUT/edge/ (teacher, ensemble and student metrics + batch-1 latency in OUT/results.json).")
 @click.option("--edge-only", is_flag=True,
               help="Keep OUT's finished training run (its results.json and seed checkpoints) and only add --edge.")
-@click.option("--edge-layers", type=click.IntRange(1, 6), default=2, show_default=True,
+@click.option("--edge-layers", type=click.IntRange(1, 6), default=3, show_default=True,
               help="--edge: encoder layers of the student (the teacher's first N, distilled).")
 @click.option("--edge-epochs", type=click.IntRange(1), default=6, show_default=True,
               help="--edge: distillation epochs over the transfer set.")

@@ -39,7 +39,7 @@ from .text_distill import check_layers, fused_prediction, shallow_student
 
 @dataclass
 class LayerDistillSettings:
-    layers: int = 2
+    layers: int = 3
     epochs: int = 6
     lr: float = 1e-4                    # student encoder layers
     head_lr: float = 5e-5               # the rest (AME encoders, fusion, heads)

@@ -59,7 +59,7 @@ class RecipeSettings:
     sets: list = field(default_factory=list)
     edge: bool = False
     edge_only: bool = False
-    edge_layers: int = 2
+    edge_layers: int = 3
     edge_epochs: int = 6
     edge_transfer: bool = True
     edge_transfer_rows: int = 0
