@@ -146,6 +146,7 @@ def test_edge_kfold_pairs_each_fold_student_with_its_teacher(tmp_path):
     assert cf["teacher_epoch"] == [2, 2] and np.allclose(cf["teacher_mae"], [0.5, 0.6])
     assert np.isclose(cf["mae_vs_teacher"]["mean"], np.mean([a / b - 1 for a, b in zip(cf["student_fp32_mae"], [0.5, 0.6])]))
     assert cf["retention_non0_acc2"]["n"] == 2
+    assert cf["student_fp32_mae"] == [c[e - 1] for c, e in zip(pf["student_valid_mae_by_epoch"], cf["student_epoch"])]
     (folder / "fold1" / "seed1" / "log.jsonl").unlink()           # a fold without its teacher's log: no estimate
     lines.clear()
     r4 = edge_kfold(folder, paths, "1", pkl, s3, lines.append)
