@@ -186,12 +186,17 @@ def _models(a, pkl, data, work, say) -> dict[int, Path]:
 
 
 def _export_all(models, pkl, work, say) -> dict:
+    """Every model at every precision, calibrated as ``cpsl recipe mosi --edge`` calibrates its shipped
+    int8 artefact (the same number of training batches), so that the int8 rows measure what ships."""
     from cpsl.deploy import ExportSettings, export_artifact
+    from cpsl.recipes.edge import EdgeSettings
+    calib = EdgeSettings().calib_batches
     arts = {}
     for L, ck in models.items():
         for p in PRECISIONS:
             t0 = time.perf_counter()
-            m = export_artifact(ck, work / f"e2e_L{L}_{p}.onnx", ExportSettings(precision=p, data=str(pkl), e2e=True, calib_batches=8))
+            m = export_artifact(ck, work / f"e2e_L{L}_{p}.onnx", ExportSettings(precision=p, data=str(pkl), e2e=True,
+                                                                                  calib_batches=calib))
             arts[(L, p)] = m
             say(f"exported {L}-layer {p}: {m.files[m.model]['bytes'] / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)")
     return arts
