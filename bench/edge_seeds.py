@@ -1,7 +1,7 @@
 """The edge student's seed spread on the recipe's k-fold: the same fold teachers, students of several
 distillation seeds, so that the student-vs-teacher figures carry seeds as well as folds.
 
-    python bench/edge_seeds.py --run OUT [--seeds 1,2] [--data-dir DATA] [--threads 1] [--out DIR]
+    python bench/edge_seeds.py --run OUT [--seeds 1,2] [--data-dir DATA] [--threads 1] [--out DIR] [--quiet]
 
 OUT is a finished ``cpsl recipe mosi --kfold K --edge`` run: its fold teachers
 (``OUT/kfold/transferred_*/fold<i>/seed<t>``) and their seed-1 students are reused. The students of
@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the distillation (default 1)")
     ap.add_argument("--out", help="report folder (default runs/bench/edge_seeds)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed report under bench/results")
+    ap.add_argument("--quiet", action="store_true", help="no distillation progress bar (the stage lines stay)")
     a = ap.parse_args(argv)
     from cpsl.kfold import fold_pickles
     from cpsl.recipes.edge import FOLD_EDGE, EdgeSettings, edge_kfold
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
     say = lambda m: print(m, flush=True)  # noqa: E731
     per_seed, t0 = {}, time.time()
     for s in seeds:
-        distill = {**kept.get("distill", {}), "seed": s, "progress": False}
+        distill = {**kept.get("distill", {}), "seed": s, "progress": not a.quiet}
         settings = EdgeSettings(**{**kept, "threads": a.threads, "distill": distill})
         if s == kept_seed:
             f = folder

@@ -98,7 +98,8 @@ def test_a_second_seed_is_distilled_beside_the_kept_teachers(tmp_path):
                                                              "transfer_config": "unused", "source_encoder": "unused"}}))
     kept = [(folder / f"fold{i}" / "edge_results.json").read_text() for i in range(2)]
     out = tmp_path / "report"
-    assert edge_seeds.main(["--run", str(run), "--seeds", "1,2", "--cache", str(cache), "--out", str(out)]) == 0
+    assert edge_seeds.main(["--run", str(run), "--seeds", "1,2", "--cache", str(cache), "--out", str(out),
+                            "--quiet"]) == 0
     assert [(folder / f"fold{i}" / "edge_results.json").read_text() for i in range(2)] == kept   # seed 1 kept
     res = json.loads((out / "edge_seeds.json").read_text())
     for i in range(2):
