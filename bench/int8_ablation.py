@@ -267,6 +267,8 @@ def main(argv=None) -> int:
     unknown = [v for v in names if v not in VARIANTS and v not in MODELOPT]
     if unknown:
         raise BenchError(f"unknown variants {unknown} (choose from {', '.join([*VARIANTS, *MODELOPT])})")
+    if a.calib_batches < 1 or a.iters < 1:
+        raise BenchError("--calib-batches and --iters must be >= 1")
     if any(n in MODELOPT for n in names):
         modelopt_quantize()                      # before any export: a missing package is said at once
     info = machine_info("cpu", 1)

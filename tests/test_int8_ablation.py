@@ -24,6 +24,8 @@ def test_unknown_variant_is_one_error_line_naming_the_choices(tmp_path, capsys):
     assert int8_ablation.main(["--ckpt", "x.pt", "--data", "x.pkl", "--out", str(tmp_path), "--variants", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown variants") and "modelopt_matmul" in err[0]
+    assert int8_ablation.main(["--ckpt", "x.pt", "--data", "x.pkl", "--out", str(tmp_path), "--calib-batches", "0"]) == 2
+    assert "--calib-batches" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("modelopt") is not None, reason="Model Optimizer is installed here")
