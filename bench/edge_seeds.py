@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,10 +88,7 @@ def combine(per_seed: dict[int, dict]) -> dict:
 
 
 def _sd(v: list[float]) -> float:
-    if len(v) < 2:
-        return 0.0
-    m = sum(v) / len(v)
-    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return statistics.stdev(v) if len(v) > 1 else 0.0
 
 
 def _cross(blk: dict) -> dict | None:
@@ -250,8 +248,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "edge_seeds.json").write_text(json.dumps(res, indent=1))
     plot(res, out / "edge_seeds.png")
-    (out / "edge_seeds.md").write_text(markdown(res))
-    say(markdown(res))
+    md = markdown(res)
+    (out / "edge_seeds.md").write_text(md)
+    say(md)
     say(f"wrote {out / 'edge_seeds.md'}, edge_seeds.json and edge_seeds.png")
     return 0
 
